@@ -1,0 +1,1 @@
+"""Benchmarks: measure and report (JSON + markdown), never assert."""

@@ -1,0 +1,125 @@
+"""`cdm bench gmm`: MLGD-F, MLGD, best-of-N and D-Flow on the 2D, 5D and 10D Gaussian-mixture problems."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cdm_dist.baselines import BestOfNConfig, DFlowConfig
+from cdm_dist.bench.report import environment, markdown_table, write_report
+from cdm_dist.config import MLGDConfig, ZetaConfig
+from cdm_dist.methods import METHODS, run_method
+from cdm_dist.mlgd import Chains
+from cdm_dist.problems import gmm_problem
+from cdm_dist.profiling import track_peak_memory
+
+SUCCESS_L2 = 0.01
+REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "gmm_2d_cond_1d.json"
+
+
+def settings(dim: int, quick: bool) -> dict[str, Any]:
+    """The benchmark's method settings: the paper's published ones (100 steps, n_c = 250, 3 or 5 guesses)."""
+    n_c = 32 if quick else 250
+    steps = 10 if quick else 100
+    mlgd = MLGDConfig(
+        num_steps=steps,
+        n_c=n_c,
+        target_batch=n_c,
+        n_guess=3 if dim == 2 else 5,
+        grad="identity",
+    )
+    zeta = ZetaConfig(kind="linear", scale=3.0, final=0.1)
+    return {
+        "mlgd": mlgd,
+        "zeta": zeta,
+        "full_chain_steps": 10 if quick else 100,
+        "best_of_n": BestOfNConfig(n=8 if quick else 256, num_steps=steps),
+        "dflow": DFlowConfig(num_steps=5 if quick else 20, iterations=2 if quick else 10),
+    }
+
+
+def _row(method: str, dim: int, n: int, seconds: float, peak_mb: float, result: Any, unique: bool) -> dict[str, Any]:
+    ok = ~result.failed
+    l2 = result.metrics["l2_gmm"][ok]
+    x_err = result.metrics["x_err"][ok]
+    return {
+        "method": method,
+        "dim": dim,
+        "chains": n,
+        "seconds_per_chain": seconds / n,
+        "peak_memory_mb": peak_mb,
+        "l2_gmm_mean": float(l2.mean()) if len(l2) else None,
+        "l2_gmm_median": float(l2.median()) if len(l2) else None,
+        "x_err_median": float(x_err.median()) if unique and len(x_err) else None,
+        "success_rate": float((result.metrics["l2_gmm"] <= SUCCESS_L2).float().mean()),
+        "heldout_loss_median": float(result.final_loss[ok].median()) if len(l2) else None,
+        "failed": int(result.failed.sum()),
+    }
+
+
+def bench_gmm(
+    json_path: str | None,
+    dims: tuple[int, ...] = (2, 5, 10),
+    methods: tuple[str, ...] = METHODS,
+    chains: int = 25,
+    quick: bool = False,
+    device: str = "cpu",
+    out_dir: str | None = None,
+) -> dict[str, Any]:
+    """Run every method on every problem and write the rows; problem parameters are saved next to the JSON."""
+    dev = torch.device(device)
+    rows = []
+    params_dir = Path(out_dir or (Path(json_path).parent if json_path else "."))
+    with tqdm(total=len(dims) * len(methods), desc="bench gmm", unit="run") as bar:
+        for dim in dims:
+            s = settings(dim, quick)
+            problem = gmm_problem(f"gmm{dim}d", full_chain_steps=s["full_chain_steps"])
+            if json_path:
+                params_dir.mkdir(parents=True, exist_ok=True)
+                (params_dir / f"gmm{dim}d_params.json").write_text(json.dumps(problem.params, indent=1))
+            for method in methods:
+                bar.set_postfix(dim=dim, method=method)
+                batch = Chains.make(range(chains), s["zeta"])
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                start = time.perf_counter()
+                with track_peak_memory(dev) as peak:
+                    result = run_method(problem, method, batch, s["mlgd"], dev, s["best_of_n"], s["dflow"])
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                seconds = time.perf_counter() - start
+                row = _row(method, dim, chains, seconds, peak.mb, result, problem.x_star_unique)
+                row["memory_method"] = peak.method
+                rows.append(row)
+                bar.update()
+    payload = {
+        "rows": rows,
+        "settings": {str(d): {k: _dump(v) for k, v in settings(d, quick).items()} for d in dims},
+        "environment": environment(dev),
+        "quick": quick,
+        "published": json.loads(REFERENCE.read_text()).get("published_results") if REFERENCE.is_file() else None,
+    }
+    columns = [
+        "method",
+        "dim",
+        "chains",
+        "seconds_per_chain",
+        "peak_memory_mb",
+        "l2_gmm_mean",
+        "l2_gmm_median",
+        "x_err_median",
+        "success_rate",
+        "heldout_loss_median",
+        "failed",
+    ]
+    write_report(payload, json_path, markdown_table(rows, columns))
+    return payload
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump() if hasattr(value, "model_dump") else value

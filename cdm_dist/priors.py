@@ -1,0 +1,59 @@
+"""The prior P(X): a diffusers scheduler plus a noise model eps(x_t, t) (epsilon prediction)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from cdm_dist.diffusion import DiffusionSchedule, Scheduler, make_scheduler
+from cdm_dist.mixtures import GaussianMixture, mixture_score
+
+
+class DiffusionPrior(ABC):
+    """A diffusion prior over x of shape event_shape; implementations provide predict_noise."""
+
+    def __init__(self, scheduler: Scheduler, event_shape: tuple[int, ...]) -> None:
+        self.scheduler = scheduler
+        self.event_shape = event_shape
+
+    @abstractmethod
+    def predict_noise(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
+        """ε̂(x_t, t): x_t (N, *event_shape) -> (N, *event_shape), differentiable in x_t."""
+
+    def schedule(self, num_inference_steps: int) -> DiffusionSchedule:
+        """The reverse-time grid for this many steps."""
+        return DiffusionSchedule.from_scheduler(self.scheduler, num_inference_steps)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> DiffusionPrior:
+        """Move the model; the closed-form prior keeps float64 tables and casts on the fly."""
+        return self
+
+
+class GaussianMixturePrior(DiffusionPrior):
+    """The exact prior of a Gaussian mixture: ε̂ = -sqrt(1-ᾱ_t) ∇ log p_t(x_t), p_t the noised mixture."""
+
+    def __init__(self, mixture: GaussianMixture, scheduler: Scheduler | None = None) -> None:
+        super().__init__(scheduler or make_scheduler(num_train_timesteps=100), (mixture.dim,))
+        self.mixture = mixture.to(torch.float64)
+        self._tables: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+
+    def _noised_tables(self, timestep: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = (timestep, like.dtype, like.device)
+        if key not in self._tables:
+            alpha_bar = float(self.scheduler.alphas_cumprod[timestep])
+            noised = self.mixture.noised(alpha_bar)
+            precisions, logdets = noised.precisions_and_logdets()
+            tables = (
+                torch.log(noised.weights),
+                noised.means,
+                precisions,
+                logdets,
+                torch.tensor(1 - alpha_bar, dtype=torch.float64).sqrt(),
+            )
+            self._tables[key] = tuple(t.to(dtype=like.dtype, device=like.device) for t in tables)
+        return self._tables[key]
+
+    def predict_noise(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
+        log_w, means, precisions, logdets, sigma = self._noised_tables(timestep, x_t)
+        return -sigma * mixture_score(x_t, log_w, means, precisions, logdets)

@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+
+from cdm_dist.errors import InputError
+from cdm_dist.losses import energy_distance, log_mean_exp_loss, make_loss, mmd2, sliced_wasserstein
+
+
+def _loop_mmd2(x, y, scale, mults, unbiased):
+    """Float64 double loops over pairs."""
+
+    def k(a, b):
+        d2 = float(((a - b) ** 2).sum())
+        return sum(math.exp(-d2 / (c * scale)) for c in mults)
+
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if not unbiased or i != j)
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if not unbiased or i != j)
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m))
+    nn, mm = (n * (n - 1), m * (m - 1)) if unbiased else (n * n, m * m)
+    return xx / nn + yy / mm - 2 * xy / (n * m)
+
+
+def _pairwise_d2(a, b):
+    return [float(((ai - bj) ** 2).sum()) for ai in a for bj in b]
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("bandwidth", ["median", "mean", 0.7])
+def test_mmd2_equals_double_loops(dim, unbiased, bandwidth):
+    gen = torch.Generator().manual_seed(dim)
+    y = torch.randn(3, 9, dim, generator=gen, dtype=torch.float64)
+    target = torch.randn(11, dim, generator=gen, dtype=torch.float64) + 0.5
+    mults = (0.5, 1.0, 2.0)
+    got = mmd2(y, target, bandwidth, mults, unbiased)
+    for b in range(3):
+        if bandwidth == "median":
+            d2 = sorted(_pairwise_d2(y[b], target))
+            scale = d2[(len(d2) - 1) // 2]  # torch.median takes the lower middle
+        elif bandwidth == "mean":
+            pooled = torch.cat([y[b], target])
+            d2 = [v for i, v in enumerate(_pairwise_d2(pooled, pooled)) if i // len(pooled) != i % len(pooled)]
+            scale = sum(d2) / len(d2)
+        else:
+            scale = 2 * bandwidth**2
+        assert got[b].item() == pytest.approx(_loop_mmd2(y[b], target, scale, mults, unbiased), rel=1e-10, abs=1e-12)
+
+
+def test_unbiased_mmd_matches_the_gaussian_closed_form():
+    """X ~ N(0, s1² I), Y ~ N(mu, s2² I), k = exp(-|a-b|²/(2h²)): E k(X, Y) = (h²/(h²+s1²+s2²))^{d/2} exp(...)."""
+    d, h, s1, s2 = 2, 1.3, 0.8, 1.1
+    mu = torch.tensor([0.9, -0.4], dtype=torch.float64)
+
+    def ek(va, vb, delta2):
+        return (h**2 / (h**2 + va + vb)) ** (d / 2) * math.exp(-delta2 / (2 * (h**2 + va + vb)))
+
+    exact = ek(s1**2, s1**2, 0) + ek(s2**2, s2**2, 0) - 2 * ek(s1**2, s2**2, float(mu @ mu))
+    gen = torch.Generator().manual_seed(0)
+    x = s1 * torch.randn(40, 200, d, generator=gen, dtype=torch.float64)
+    y = mu + s2 * torch.randn(40, 200, d, generator=gen, dtype=torch.float64)
+    estimates = mmd2(x, y, h, (1.0,), unbiased=True)  # 40 independent U-statistics
+    standard_error = estimates.std() / 40**0.5
+    assert abs(estimates.mean().item() - exact) < 4 * standard_error.item()
+
+
+def test_energy_distance_equals_loops_and_is_zero_in_law():
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 7, 2, generator=gen, dtype=torch.float64)
+    t = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    got = energy_distance(y, t)
+    for b in range(2):
+        xy = sum(float((a - c).norm()) for a in y[b] for c in t) / (7 * 6)
+        xx = sum(float((y[b][i] - y[b][j]).norm()) for i in range(7) for j in range(7) if i != j) / 42
+        tt = sum(float((t[i] - t[j]).norm()) for i in range(6) for j in range(6) if i != j) / 30
+        assert got[b].item() == pytest.approx(2 * xy - xx - tt, rel=1e-10)
+
+
+def test_sliced_wasserstein_in_1d_is_the_sorted_w2():
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(3, 50, 1, generator=gen, dtype=torch.float64)
+    t = torch.randn(50, 1, generator=gen, dtype=torch.float64) * 2 + 1
+    got = sliced_wasserstein(y, t, n_projections=4)
+    expected = ((torch.sort(y[..., 0], 1).values - torch.sort(t[:, 0]).values) ** 2).mean(1)
+    torch.testing.assert_close(got, expected)
+
+
+def test_sliced_wasserstein_with_unequal_sizes_uses_target_quantiles():
+    y = torch.tensor([[[0.0], [1.0]]], dtype=torch.float64)
+    t = torch.tensor([[0.0], [0.0], [1.0], [1.0]], dtype=torch.float64)  # quantiles at 1/4 and 3/4: 0 and 1
+    assert sliced_wasserstein(y, t, n_projections=1).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mmd", "energy", "sliced_wasserstein"])
+def test_losses_are_batched_and_differentiable(name):
+    loss = make_loss(name, bandwidth=1.0)
+    y = torch.randn(4, 16, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(20, 2, dtype=torch.float64)
+    out = loss(y, t)
+    assert out.shape == (4,)
+    (grad,) = torch.autograd.grad(out.sum(), y, retain_graph=True)
+    assert torch.isfinite(grad).all()
+    # each chain's loss depends on its own samples only
+    assert torch.autograd.grad(out[1], y)[0][[0, 2, 3]].abs().max() == 0
+    # a per-chain target gives the same numbers as a shared one
+    torch.testing.assert_close(loss(y, t.expand(4, -1, -1)), out)
+
+
+def test_mmd_gradient_matches_finite_differences():
+    loss = make_loss("mmd", bandwidth=0.8, multipliers=[0.5, 2.0])
+    y = torch.randn(1, 6, 2, dtype=torch.float64)
+    t = torch.randn(8, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: loss(v, t), (y.requires_grad_(True),))
+
+
+def test_sqrt_option_and_log_mean_exp():
+    y, t = torch.randn(2, 10, 1, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    plain, rooted = make_loss("mmd", unbiased=False)(y, t), make_loss("mmd", unbiased=False, sqrt=True)(y, t)
+    torch.testing.assert_close(rooted, torch.sqrt(plain.clamp_min(0) + 1e-8))
+    losses = torch.tensor([[0.1, 0.5, 2.0]], dtype=torch.float64)
+    expected = -math.log(sum(math.exp(-v) for v in (0.1, 0.5, 2.0)) / 3)
+    assert log_mean_exp_loss(losses).item() == pytest.approx(expected)
+
+
+def test_bad_loss_inputs_are_named():
+    with pytest.raises(InputError, match="n_c >= 2"):
+        make_loss("mmd")(torch.zeros(1, 1, 1), torch.zeros(5, 1))
+    with pytest.raises(InputError, match=r"loss\.name"):
+        make_loss("kl")
+    with pytest.raises(InputError, match=r"loss\.bandwidth"):
+        make_loss("mmd", bandwidth="silverman")
