@@ -39,12 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     gmm.add_argument("--methods", default="mlgd_f,mlgd,best_of_n,dflow")
     gmm.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     gmm.add_argument("--device", type=_device, default="cpu")
+    gmm.add_argument("--n-c", type=int, default=None, help="conditional samples per guess (default 250)")
 
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     batching.add_argument("--json")
     batching.add_argument("--chains", type=int, default=256)
     batching.add_argument("--quick", action="store_true")
     batching.add_argument("--device", type=_device, default="cpu")
+    batching.add_argument("--n-c", type=int, default=None, help="conditional samples per guess (default 250)")
     return parser
 
 
@@ -53,6 +55,8 @@ def _check_bench(args: argparse.Namespace) -> None:
 
     if args.chains < 1:
         raise InputError(f"--chains: must be >= 1, got {args.chains}")
+    if args.n_c is not None and args.n_c < 2:
+        raise InputError(f"--n-c: must be >= 2 (the unbiased MMD), got {args.n_c}")
     if args.bench == "gmm":
         unknown = [m for m in args.methods.split(",") if m not in METHODS]
         if unknown:
@@ -70,11 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.bench == "gmm":
                 from cdm_dist.bench.gmm import bench_gmm
 
-                bench_gmm(args.json, args.dims, tuple(args.methods.split(",")), args.chains, args.quick, args.device)
+                bench_gmm(
+                    args.json,
+                    args.dims,
+                    tuple(args.methods.split(",")),
+                    args.chains,
+                    args.quick,
+                    args.device,
+                    n_c=args.n_c,
+                )
             else:
                 from cdm_dist.bench.batching import bench_batching
 
-                bench_batching(args.json, args.chains, args.quick, args.device)
+                bench_batching(args.json, args.chains, args.quick, args.device, args.n_c)
     except InputError as exc:
         print(f"cdm: error: {exc}", file=sys.stderr)
         return 2

@@ -16,11 +16,11 @@ from cdm_dist.problems import gmm_problem
 
 
 def bench_batching(
-    json_path: str | None, chains: int = 256, quick: bool = False, device: str = "cpu"
+    json_path: str | None, chains: int = 256, quick: bool = False, device: str = "cpu", n_c: int | None = None
 ) -> dict[str, Any]:
     """Throughput of B chains batched vs sequential on the 2D problem; also checks both give the same x."""
     dev = torch.device(device)
-    s = settings(2, quick)
+    s = settings(2, quick, n_c)
     problem = gmm_problem("gmm2d")
     batch = Chains.make(range(chains), s["zeta"])
 

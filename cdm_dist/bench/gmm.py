@@ -22,9 +22,9 @@ SUCCESS_L2 = 0.01
 REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "gmm_2d_cond_1d.json"
 
 
-def settings(dim: int, quick: bool) -> dict[str, Any]:
-    """The benchmark's method settings: the paper's published ones (100 steps, n_c = 250, 3 or 5 guesses)."""
-    n_c = 32 if quick else 250
+def settings(dim: int, quick: bool, n_c: int | None = None) -> dict[str, Any]:
+    """The benchmark's method settings: by default the paper's (100 steps, n_c = 250, 3 or 5 guesses)."""
+    n_c = n_c or (32 if quick else 250)
     steps = 10 if quick else 100
     mlgd = MLGDConfig(
         num_steps=steps,
@@ -70,6 +70,7 @@ def bench_gmm(
     quick: bool = False,
     device: str = "cpu",
     out_dir: str | None = None,
+    n_c: int | None = None,
 ) -> dict[str, Any]:
     """Run every method on every problem and write the rows; problem parameters are saved next to the JSON."""
     dev = torch.device(device)
@@ -77,7 +78,7 @@ def bench_gmm(
     params_dir = Path(out_dir or (Path(json_path).parent if json_path else "."))
     with tqdm(total=len(dims) * len(methods), desc="bench gmm", unit="run") as bar:
         for dim in dims:
-            s = settings(dim, quick)
+            s = settings(dim, quick, n_c)
             problem = gmm_problem(f"gmm{dim}d", full_chain_steps=s["full_chain_steps"])
             if json_path:
                 params_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ def bench_gmm(
                 bar.update()
     payload = {
         "rows": rows,
-        "settings": {str(d): {k: _dump(v) for k, v in settings(d, quick).items()} for d in dims},
+        "settings": {str(d): {k: _dump(v) for k, v in settings(d, quick, n_c).items()} for d in dims},
         "environment": environment(dev),
         "quick": quick,
         "published": json.loads(REFERENCE.read_text()).get("published_results") if REFERENCE.is_file() else None,
