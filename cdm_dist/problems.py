@@ -7,7 +7,6 @@ Y = the last, target G = P(Y | X = x*) of the joint itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +14,10 @@ import torch
 
 from cdm_dist.errors import InputError
 from cdm_dist.mixtures import ConditionalMixture, GaussianMixture, l2_squared
+from cdm_dist.mlgd import MetricsFn
 from cdm_dist.priors import DiffusionPrior, GaussianMixturePrior
 from cdm_dist.samplers import ConditionalSampler, MixtureDiffusionSampler, MixtureInverseCDFSampler
 from cdm_dist.targets import Target
-
-MetricsFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 @dataclass
