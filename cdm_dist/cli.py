@@ -33,21 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark (writes JSON + markdown)")
     benches = bench.add_subparsers(dest="bench", required=True)
     gmm = benches.add_parser("gmm", help="MLGD-F, MLGD, best-of-N, D-Flow on the 2D/5D/10D Gaussian mixtures")
-    gmm.add_argument("--json", help="output JSON path (a .md table is written beside it)")
-    gmm.add_argument("--chains", type=int, default=25)
+    _bench_arguments(gmm, chains=25)
     gmm.add_argument("--dims", type=_int_list, default=(2, 5, 10))
     gmm.add_argument("--methods", default="mlgd_f,mlgd,best_of_n,dflow")
-    gmm.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
-    gmm.add_argument("--device", type=_device, default="cpu")
-    gmm.add_argument("--n-c", type=int, default=None, help="conditional samples per guess (default 250)")
 
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
-    batching.add_argument("--json")
-    batching.add_argument("--chains", type=int, default=256)
-    batching.add_argument("--quick", action="store_true")
-    batching.add_argument("--device", type=_device, default="cpu")
-    batching.add_argument("--n-c", type=int, default=None, help="conditional samples per guess (default 250)")
+    _bench_arguments(batching, chains=256)
     return parser
+
+
+def _bench_arguments(parser: argparse.ArgumentParser, chains: int) -> None:
+    """The flags every benchmark takes."""
+    parser.add_argument("--json", help="output JSON path (a .md table is written beside it)")
+    parser.add_argument("--chains", type=int, default=chains)
+    parser.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+    parser.add_argument("--device", type=_device, default="cpu")
+    parser.add_argument("--n-c", type=int, default=None, help="conditional samples per guess (default 250)")
 
 
 def _check_bench(args: argparse.Namespace) -> None:

@@ -75,10 +75,12 @@ def bench_gmm(
     """Run every method on every problem and write the rows; problem parameters are saved next to the JSON."""
     dev = torch.device(device)
     rows = []
+    used: dict[str, dict[str, Any]] = {}
     params_dir = Path(out_dir or (Path(json_path).parent if json_path else "."))
     with tqdm(total=len(dims) * len(methods), desc="bench gmm", unit="run") as bar:
         for dim in dims:
             s = settings(dim, quick, n_c)
+            used[str(dim)] = {k: _dump(v) for k, v in s.items()}
             problem = gmm_problem(f"gmm{dim}d", full_chain_steps=s["full_chain_steps"])
             if json_path:
                 params_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,7 @@ def bench_gmm(
                 bar.update()
     payload = {
         "rows": rows,
-        "settings": {str(d): {k: _dump(v) for k, v in settings(d, quick, n_c).items()} for d in dims},
+        "settings": used,
         "environment": environment(dev),
         "quick": quick,
         "published": json.loads(REFERENCE.read_text()).get("published_results") if REFERENCE.is_file() else None,
