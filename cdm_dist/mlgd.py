@@ -65,6 +65,17 @@ class ChainState:
 
 
 @dataclass
+class Denoised:
+    """The prior's half of step `step`: ε̂ and x̂0, plus the graph x_t -> x̂0 for the VJP when grad is 'full'."""
+
+    step: int
+    eps: torch.Tensor  # (B, *event)
+    x0: torch.Tensor  # (B, *event), detached
+    x_in: torch.Tensor | None = None  # x_t as a leaf of the graph
+    x0_graph: torch.Tensor | None = None  # x̂0 still attached to x_in
+
+
+@dataclass
 class ChainResult:
     """Final x* per chain with its held-out loss and exact metrics."""
 
@@ -156,45 +167,75 @@ class GuidedChains:
         y = self.sampler.sample(x0.reshape(b * g, *x0.shape[2:]), eta)  # (B*G, n_c, d_y)
         return self.loss_fn(y, self._target_batch(step, g)).reshape(b, g)
 
-    def guidance(self, x_t: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ε̂, x̂0, the smoothed loss (B,) and its gradient w.r.t. x_t at step i (Alg. 1, lines 1-3)."""
+    def denoise(self, state: ChainState) -> Denoised:
+        """The prior's half of a step: ε̂ and x̂0 (Tweedie) at x_t, keeping the graph when grad is 'full'."""
+        i, x = state.step, state.x
+        ab = self.schedule.alpha_bar[i].item()
+        if self.guided[i] and self.config.grad == "full":
+            x_in = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                eps = self.prior.predict_noise(x_in, self.schedule.timesteps[i])
+                x0 = tweedie_x0(x_in, eps, ab)
+            return Denoised(i, eps.detach(), x0.detach(), x_in, x0)
+        with torch.no_grad():
+            eps = self.prior.predict_noise(x, self.schedule.timesteps[i])
+        return Denoised(i, eps, tweedie_x0(x, eps, ab))
+
+    def matching_grad(self, x0: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampler's half: the smoothed loss (B,) at x̂0 (B, *event) and dL/dx̂0 (Alg. 2 with LGD guesses)."""
         cfg = self.config
-        x_in = x_t.detach().requires_grad_(True)
+        x0 = x0.detach().to(self.device, self.dtype).requires_grad_(True)
+        noise_step = 0 if cfg.common_random_numbers else i
         with torch.enable_grad():
-            eps = self.prior.predict_noise(x_in, self.schedule.timesteps[i])
-            x0 = tweedie_x0(x_in, eps, self.schedule.alpha_bar[i].item())
-            wrt = x_in
-            if cfg.grad == "identity":  # d x̂0 / d x_t ≈ I: no backprop through the prior
-                x0 = wrt = x0.detach().requires_grad_(True)
-            noise_step = 0 if cfg.common_random_numbers else i
             guesses = x0.unsqueeze(1)  # (B, 1, *event)
             if cfg.n_guess > 1:  # loss-guided diffusion: guesses x̂0 + r_t ξ (Song et al. 2023)
                 xi = self._normal(Stream.GUESS, noise_step, (cfg.n_guess, *x0.shape[1:]))
                 guesses = guesses + self.radius[i] * xi
             loss = log_mean_exp_loss(self.sample_loss(guesses, noise_step, Stream.SAMPLER))  # (B,)
-            (grad,) = torch.autograd.grad(loss.sum(), wrt)
-        return eps.detach(), x0.detach(), loss.detach(), grad
+            (grad,) = torch.autograd.grad(loss.sum(), x0)
+        return loss.detach(), grad
 
-    def step(self, state: ChainState) -> ChainState:
-        """One reverse step for every chain: denoise, then correct by -zeta_t ∇L (Alg. 1, line 4)."""
+    def advance(
+        self,
+        state: ChainState,
+        denoised: Denoised,
+        loss: torch.Tensor | None = None,
+        grad_x0: torch.Tensor | None = None,
+    ) -> ChainState:
+        """The prior's second half: dL/dx_t (a VJP through Tweedie, or identity), then x_{t-1} (Alg. 1, line 4)."""
         i, x = state.step, state.x
+        if denoised.step != i:
+            raise ValueError(f"denoised step {denoised.step} does not match state step {i}")
         ab, ab_prev = self.schedule.alpha_bar[i].item(), self.schedule.alpha_bar_prev[i].item()
         nan = torch.full_like(state.loss, float("nan"))
         if self.guided[i]:
-            eps, x0, loss, grad = self.guidance(x, i)
+            if loss is None or grad_x0 is None:
+                raise ValueError(f"step {i} is guided: advance needs the loss and dL/dx0")
+            grad = grad_x0.to(self.device, self.dtype)
+            if denoised.x0_graph is not None:  # full gradient: through Tweedie and the prior's noise model
+                (grad,) = torch.autograd.grad(denoised.x0_graph, denoised.x_in, grad)
             trust = self.trust * (1 - ab) ** 0.5
             correction = apply_step_rule(grad, self.zeta[:, i], self.normalize, trust)
-            grad_norm = grad.flatten(1).norm(dim=1)
-            zeta = self.zeta[:, i]
+            loss, grad_norm, zeta = loss.to(self.device, self.dtype), grad.flatten(1).norm(dim=1), self.zeta[:, i]
         else:
-            with torch.no_grad():
-                eps = self.prior.predict_noise(x, self.schedule.timesteps[i])
-            x0, loss, grad_norm, zeta, correction = tweedie_x0(x, eps, ab), nan, nan, torch.zeros_like(nan), 0.0
+            loss, grad_norm, zeta, correction = nan, nan, torch.zeros_like(nan), 0.0
         noise = self._normal(Stream.REVERSE, i, tuple(x.shape[1:])) if self.sigma[i] > 0 else None
-        x_next = ddim_step(x, eps, ab, ab_prev, self.sigma[i], noise) - correction
+        x_next = ddim_step(x, denoised.eps, ab, ab_prev, self.sigma[i], noise) - correction
         failed = state.failed | ~torch.isfinite(x_next.flatten(1)).all(1)
         x_next = torch.where(failed.view(-1, *[1] * (x.dim() - 1)), torch.zeros_like(x_next), x_next)
-        return ChainState(i + 1, x_next.detach(), failed, loss, grad_norm, zeta, x0)
+        return ChainState(i + 1, x_next.detach(), failed, loss, grad_norm, zeta, denoised.x0)
+
+    def step(self, state: ChainState) -> ChainState:
+        """One reverse step for every chain: denoise, then correct by -zeta_t ∇L (Alg. 1)."""
+        denoised = self.denoise(state)
+        if not self.guided[state.step]:
+            return self.advance(state, denoised)
+        loss, grad_x0 = self.matching_grad(denoised.x0, state.step)
+        return self.advance(state, denoised, loss, grad_x0)
+
+    def is_guided(self, step: int) -> bool:
+        """Whether reverse step `step` gets loss guidance."""
+        return bool(self.guided[step])
 
     def states(self, start: ChainState | None = None) -> Iterator[ChainState]:
         """Yield the state after every reverse step until x_0 (guided-diffusion style progressive loop)."""
