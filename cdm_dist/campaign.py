@@ -1,0 +1,236 @@
+"""Design campaigns: the typed campaign config (YAML + --set overrides), the chain table and micro-batches."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from cdm_dist.config import MLGDConfig, NonNegative, Positive, StrictModel, ZetaConfig, parse
+from cdm_dist.errors import InputError
+from cdm_dist.mlgd import Chains
+from cdm_dist.problems import GMM_PROBLEMS, CDMProblem, gmm_problem
+from cdm_dist.targets import Target
+
+PositiveInt = Annotated[int, Field(ge=1)]
+EXECUTORS = ("local", "ray_colocated", "ray_split")
+
+
+class ProblemConfig(StrictModel):
+    """Which CDM problem: a benchmark by name, optionally with the user's own target samples."""
+
+    name: Literal["gmm2d", "gmm5d", "gmm10d"] = "gmm2d"
+    target_file: str | None = None  # .npy / .csv / .safetensors samples replacing the benchmark's target
+    target_size: PositiveInt = 1000
+    target_seed: int = 0
+    joint_seed: int = 1  # 5D / 10D joints
+    full_chain_steps: PositiveInt = 100  # steps of the MLGD full-chain sampler
+
+
+class MethodConfig(MLGDConfig):
+    """The guided method and its knobs (every MLGDConfig field)."""
+
+    name: Literal["mlgd_f", "mlgd"] = "mlgd_f"
+
+    def mlgd(self) -> MLGDConfig:
+        """The knobs without the method name."""
+        return MLGDConfig(**self.model_dump(exclude={"name"}))
+
+
+class ChainsConfig(StrictModel):
+    """The campaign's chains: chain k has seed base_seed + k and zeta schedule k modulo the list (or grid)."""
+
+    count: PositiveInt = 8
+    base_seed: Annotated[int, Field(ge=0)] = 0
+    zeta: list[ZetaConfig] = Field(
+        default_factory=lambda: [ZetaConfig(kind="linear", scale=3.0, final=0.1)], min_length=1
+    )
+    zeta_grid: dict[str, list[Any]] | None = None  # cartesian product of ZetaConfig fields; replaces `zeta`
+
+    @model_validator(mode="after")
+    def _grid_fields(self) -> ChainsConfig:
+        if self.zeta_grid is not None:
+            unknown = sorted(set(self.zeta_grid) - set(ZetaConfig.model_fields))
+            if unknown:
+                known = sorted(ZetaConfig.model_fields)
+                raise ValueError(f"zeta_grid: unknown zeta fields {unknown}; expected some of {known}")
+            empty = [k for k, v in self.zeta_grid.items() if not v]
+            if empty:
+                raise ValueError(f"zeta_grid: {empty} have no values")
+        return self
+
+    def schedules(self) -> list[ZetaConfig]:
+        """The zeta schedules chains cycle through."""
+        if self.zeta_grid is None:
+            return list(self.zeta)
+        keys = sorted(self.zeta_grid)
+        combos = itertools.product(*(self.zeta_grid[k] for k in keys))
+        return [parse(ZetaConfig, dict(zip(keys, values, strict=True)), "chains.zeta_grid") for values in combos]
+
+
+class ResourcesConfig(StrictModel):
+    """Where chains run: in-process or on Ray actors, split (prior | sampler) or colocated (both)."""
+
+    executor: Literal["local", "ray"] = "ray"
+    placement: Literal["colocated", "split"] = "colocated"
+    replicas: PositiveInt = 1  # colocated replicas, or prior/sampler pairs when split
+    num_gpus: NonNegative = 0.0  # per actor (logical GPUs are fine for pinning tests)
+    num_cpus: Positive = 1.0  # per actor
+    threads: PositiveInt = 1  # torch threads per actor (and in-process)
+    micro_batch: PositiveInt = 8  # chains per micro-batch
+    in_flight: PositiveInt = 2  # micro-batches in flight per actor (pipeline depth)
+    checkpoint_every: PositiveInt = 10  # steps between chain checkpoints
+    max_restarts: Annotated[int, Field(ge=0)] = 3  # Ray restarts of a dead actor
+    max_retries: Annotated[int, Field(ge=0)] = 3  # restarts of a micro-batch from its checkpoint
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where the actor has a GPU
+
+    @property
+    def executor_name(self) -> str:
+        return "local" if self.executor == "local" else f"ray_{self.placement}"
+
+
+class TrackingConfig(StrictModel):
+    """MLflow: the run store and experiment."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///out/mlflow.db"
+    experiment: str = Field("cdm", min_length=1)
+    artifact_location: str = "out/mlartifacts"  # for experiments this campaign creates
+    log_every: PositiveInt = 1  # loss metric every k steps
+
+
+class CampaignConfig(StrictModel):
+    """A design campaign: a problem, a method, many chains, resources, tracking and an output folder."""
+
+    name: str = Field("campaign", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    problem: ProblemConfig = Field(default_factory=ProblemConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    chains: ChainsConfig = Field(default_factory=ChainsConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output: str = "out/campaigns"
+    topk: PositiveInt = 5
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), executor: str | None = None) -> CampaignConfig:
+    """Read a campaign YAML (safe_load), apply `key=value` overrides and validate everything up front."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        data = read_yaml(path)
+    for item in overrides:
+        set_dotted(data, item)
+    if executor is not None:
+        if executor not in EXECUTORS:
+            raise InputError(f"--executor: unknown {executor!r}; expected one of {list(EXECUTORS)}")
+        resources = data.setdefault("resources", {})
+        resources["executor"] = "local" if executor == "local" else "ray"
+        if executor != "local":
+            resources["placement"] = executor.removeprefix("ray_")
+    return parse(CampaignConfig, data, source)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with the file named in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def set_dotted(data: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 3 is an int, [1, 2] a list)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set {item!r}: expected key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise InputError(f"--set {key}: value {text!r} is not valid YAML") from None
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise InputError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def dump_config(config: CampaignConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# -- chains and micro-batches ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """A slice of the campaign's chains that runs as one batch: chain ids [start, stop)."""
+
+    index: int
+    start: int
+    chains: Chains
+
+    @property
+    def chain_ids(self) -> range:
+        return range(self.start, self.start + len(self.chains))
+
+
+def campaign_chains(config: CampaignConfig) -> Chains:
+    """Every chain of the campaign: seeds base_seed + k, schedules cycled."""
+    schedules = config.chains.schedules()
+    count, base = config.chains.count, config.chains.base_seed
+    return Chains.make(range(base, base + count), [schedules[k % len(schedules)] for k in range(count)])
+
+
+def micro_batches(config: CampaignConfig) -> list[MicroBatch]:
+    """The campaign's chains cut into micro-batches of resources.micro_batch chains."""
+    chains, size = campaign_chains(config), config.resources.micro_batch
+    return [MicroBatch(i, start, chains[start : start + size]) for i, start in enumerate(range(0, len(chains), size))]
+
+
+def build_problem(config: ProblemConfig) -> CDMProblem:
+    """The problem a campaign runs on, with the user's target file in place of the benchmark target."""
+    if config.name not in GMM_PROBLEMS:
+        raise InputError(f"problem.name: unknown {config.name!r}")
+    problem = gmm_problem(
+        config.name,
+        target_size=config.target_size,
+        target_seed=config.target_seed,
+        joint_seed=config.joint_seed,
+        full_chain_steps=config.full_chain_steps,
+    )
+    if config.target_file is not None:
+        target = Target.from_file(config.target_file)
+        if target.dim != problem.fast_sampler.y_dim:
+            raise InputError(
+                f"{config.target_file}: target samples have dimension {target.dim}; "
+                f"problem {config.name} has d_y = {problem.fast_sampler.y_dim}"
+            )
+        problem.target = target
+        problem.params["target_file"] = config.target_file
+    return problem
+
+
+def check_config(config: CampaignConfig) -> None:
+    """Checks that need the problem: the target file loads and matches; the method has its sampler."""
+    problem = build_problem(config.problem)
+    problem.sampler(config.method.name)
