@@ -105,7 +105,10 @@ def _run(args: argparse.Namespace) -> int:
 
     executor = make_executor(config, args.address)
     store = store or CampaignStore.create(config)
-    report = run_campaign(config, executor, store, progress=not args.quiet)
+    try:
+        report = run_campaign(config, executor, store, progress=not args.quiet)
+    finally:
+        executor.close()
     summary = report.to_json()
     print(
         f"campaign {report.campaign_run_id or store.root.name}: {summary['chains_ok']}/{summary['chains_total']} "

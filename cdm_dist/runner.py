@@ -46,6 +46,7 @@ class Executor(Protocol):
     name: str
 
     def execute(self, jobs: list[Job], sink: Sink) -> None: ...
+    def close(self) -> None: ...
 
 
 def chunk_end(step: int, every: int, num_steps: int) -> int:
@@ -73,6 +74,9 @@ class LocalExecutor:
                 sink.on_chunk(job.batch, chunk)
                 checkpoint, step = chunk.checkpoint, int(chunk.checkpoint["step"])
             sink.on_result(job.batch, self.worker.finish(job.batch, checkpoint))
+
+    def close(self) -> None:
+        """Nothing to release in-process."""
 
 
 @dataclass

@@ -1,0 +1,244 @@
+"""The Ray coordinator: many micro-batches of chains through prior/sampler actors, pipelined, fault tolerant.
+
+colocated: each replica actor holds both models and runs whole chunks of steps for the micro-batches it is given.
+split: per replica a prior actor and a sampler actor, each pinned to its own GPU; per guided step and micro-batch,
+    prior.denoise -> x̂0,  sampler.matching_grad -> (loss, dL/dx̂0),  prior.advance -> x_{t-1}.
+    Each stage is submitted when the previous one finishes (ObjectRefs go actor to actor, not via the driver), so
+    with two or more micro-batches in flight one actor works on one micro-batch while the other works on the next.
+
+A micro-batch whose actor dies (or whose prior lost a half-done step) restarts from its last checkpoint; Ray
+restarts the actor (max_restarts). After resources.max_retries restarts its chains are marked failed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.workers import RemoteWorker
+from cdm_dist.campaign import CampaignConfig
+from cdm_dist.errors import InputError
+from cdm_dist.runner import Job, Sink, chunk_end
+from cdm_dist.schedules import guided_mask
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def connect(address: str | None = None, **init_kwargs: Any) -> None:
+    """Join `address` (or RAY_ADDRESS), or start a fresh local Ray; nothing to do when already connected."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is None:  # "local": a new cluster, never a stale one recorded by an earlier `ray start`
+        address = "local"
+        init_kwargs.setdefault("include_dashboard", False)
+    ray.init(address=address, log_to_driver=True, **init_kwargs)
+
+
+@dataclass
+class Replica:
+    """The actors of one replica: (worker,) when colocated, (prior, sampler) when split."""
+
+    index: int
+    group: Any
+    prior: Any
+    sampler: Any
+    active: int = 0  # micro-batches assigned
+
+    @property
+    def actors(self) -> list[Any]:
+        return [self.prior] if self.prior is self.sampler else [self.prior, self.sampler]
+
+
+@dataclass
+class Flight:
+    """A micro-batch on its way through the actors."""
+
+    job: Job
+    replica: Replica
+    step: int
+    stage: str = ""
+    retries: int = 0
+
+
+class RayExecutor:
+    """Runs a campaign's micro-batches on Ray actors, colocated or split."""
+
+    def __init__(self, config: CampaignConfig, address: str | None = None) -> None:
+        self.config = config
+        self.resources = config.resources
+        self.split = config.resources.placement == "split"
+        self.name = config.resources.executor_name
+        self.num_steps = config.method.num_steps
+        self.guided = guided_mask(self.num_steps, config.method.guidance_start, config.method.guidance_stop).tolist()
+        connect(address)
+        self._check_capacity()
+        self.replicas = [self._start_replica(r) for r in range(self.resources.replicas)]
+        self.busy_fraction: dict[str, float] = {}
+        self.wall_seconds = 0.0
+
+    # -- actors -----------------------------------------------------------------------------------------
+    def _bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.resources.num_cpus}
+        if self.resources.num_gpus > 0:
+            bundle["GPU"] = self.resources.num_gpus
+        return bundle
+
+    def _check_capacity(self) -> None:
+        per_replica = 2 if self.split else 1
+        available = ray.cluster_resources()
+        for resource, amount in self._bundle().items():
+            need = amount * per_replica * self.resources.replicas
+            if need > available.get(resource, 0.0) + 1e-9:
+                field = "num_gpus" if resource == "GPU" else "num_cpus"
+                raise InputError(
+                    f"resources.{field}: {self.resources.replicas} replica(s) x {per_replica} actor(s) x {amount} "
+                    f"{resource} = {need:g}, but the Ray cluster has {available.get(resource, 0.0):g} {resource}"
+                )
+
+    def _start_replica(self, index: int) -> Replica:
+        """A placement group (one node) holding the replica's actors, each on its own bundle."""
+        roles = ["prior", "sampler"] if self.split else ["both"]
+        group = placement_group([self._bundle() for _ in roles], strategy="STRICT_PACK")
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            raise InputError(
+                f"resources: no node can hold replica {index} ({len(roles)} x {self._bundle()}) within "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s"
+            ) from None
+        actors = [
+            RemoteWorker.options(
+                num_cpus=self.resources.num_cpus,
+                num_gpus=self.resources.num_gpus,
+                max_restarts=self.resources.max_restarts,
+                max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b),
+            ).remote(self.config, role)
+            for b, role in enumerate(roles)
+        ]
+        return Replica(index, group, actors[0], actors[-1])
+
+    def actor_info(self) -> list[dict[str, Any]]:
+        """Per actor: role, pid, device, node id and pinned GPU ids (blocks until the actors are up)."""
+        return ray.get([a.info.remote() for r in self.replicas for a in r.actors])
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            for actor in replica.actors:
+                ray.kill(actor, no_restart=True)
+            remove_placement_group(replica.group)
+        self.replicas = []
+
+    # -- the event loop ---------------------------------------------------------------------------------
+    def execute(self, jobs: list[Job], sink: Sink) -> None:
+        """Run every job to its result, at most `in_flight` micro-batches per replica at a time."""
+        waiting = list(jobs)
+        in_flight: dict[ray.ObjectRef, Flight] = {}
+        capacity = self.resources.in_flight
+        busy_before = self._busy()
+        tic = time.perf_counter()
+        while waiting or in_flight:
+            for replica in self.replicas:
+                while waiting and replica.active < capacity:
+                    job = waiting.pop(0)
+                    replica.active += 1
+                    flight = Flight(job, replica, _step_of(job.checkpoint))
+                    in_flight[self._submit(flight)] = flight
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            flight = in_flight.pop(done[0])
+            try:
+                value = ray.get(done[0])
+            except ray.exceptions.RayError as exc:
+                nxt = self._recover(flight, sink, exc)
+            else:
+                nxt = self._advance(flight, value, sink)
+            if nxt is None:
+                flight.replica.active -= 1
+            else:
+                in_flight[nxt] = flight
+        self.wall_seconds = time.perf_counter() - tic
+        busy_after = self._busy()
+        self.busy_fraction = {
+            role: (busy_after[role] - busy_before.get(role, 0.0)) / self.wall_seconds / count
+            for role, count in self._role_counts().items()
+        }
+
+    def _submit(self, flight: Flight) -> ray.ObjectRef:
+        """The next task of a micro-batch, from its current checkpoint."""
+        job, replica, step = flight.job, flight.replica, flight.step
+        every = self.resources.checkpoint_every
+        if step >= self.num_steps:
+            flight.stage = "finish"
+            return replica.sampler.finish.remote(job.batch, job.checkpoint)
+        if not self.split:
+            flight.stage = "run"
+            return replica.prior.run.remote(job.batch, job.checkpoint, chunk_end(step, every, self.num_steps))
+        if not self.guided[step]:  # unguided steps need only the prior: run them up to the next guided one
+            until = step + 1
+            while until < chunk_end(step, every, self.num_steps) and not self.guided[until]:
+                until += 1
+            flight.stage = "run"
+            return replica.prior.run.remote(job.batch, job.checkpoint, until)
+        flight.stage = "denoise"
+        return replica.prior.denoise.remote(job.batch, job.checkpoint)
+
+    def _advance(self, flight: Flight, value: Any, sink: Sink) -> ray.ObjectRef | None:
+        """Hand a finished stage's output on; returns the next task or None when the micro-batch is done."""
+        job, replica = flight.job, flight.replica
+        if flight.stage == "finish":
+            sink.on_result(job.batch, value)
+            return None
+        if flight.stage == "denoise":
+            flight.stage = "grad"
+            x0 = ray.put(value)
+            return replica.sampler.matching_grad.remote(job.batch, flight.step, x0)
+        if flight.stage == "grad":
+            flight.stage = "advance"
+            return replica.prior.advance.remote(job.batch, ray.put(value))
+        sink.on_chunk(job.batch, value)  # "run" or "advance": a chunk of steps is done
+        job.checkpoint, flight.step = value.checkpoint, int(value.checkpoint["step"])
+        return self._submit(flight)
+
+    def _recover(self, flight: Flight, sink: Sink, error: Exception) -> ray.ObjectRef | None:
+        """Restart a micro-batch from its last checkpoint, on the least busy replica, or give it up."""
+        flight.retries += 1
+        if flight.retries > self.resources.max_retries:
+            sink.on_failed(flight.job.batch, f"{type(error).__name__} after {flight.retries - 1} restarts")
+            return None
+        flight.job.checkpoint = sink.restart_point(flight.job.batch)
+        flight.step = _step_of(flight.job.checkpoint)
+        flight.replica.active -= 1
+        others = sorted(self.replicas, key=lambda r: (r.active, r is flight.replica))
+        flight.replica = others[0]
+        flight.replica.active += 1
+        return self._submit(flight)
+
+    def _busy(self) -> dict[str, float]:
+        """Busy seconds summed per role over live actors (an actor that restarted starts again at 0)."""
+        totals: dict[str, float] = {}
+        for replica in self.replicas:
+            for actor, role in zip(replica.actors, self._roles(), strict=True):
+                try:
+                    busy, _ = ray.get(actor.busy_seconds.remote(), timeout=60)
+                except ray.exceptions.RayError:
+                    busy = 0.0
+                totals[role] = totals.get(role, 0.0) + busy
+        return totals
+
+    def _roles(self) -> list[str]:
+        return ["prior", "sampler"] if self.split else ["replica"]
+
+    def _role_counts(self) -> dict[str, int]:
+        return {role: len(self.replicas) for role in self._roles()}
+
+
+def _step_of(checkpoint: dict[str, Any] | None) -> int:
+    return 0 if checkpoint is None else int(checkpoint["step"])
