@@ -14,3 +14,45 @@ def gmm2d():
     from cdm_dist.problems import gmm_problem
 
     return gmm_problem("gmm2d", full_chain_steps=20)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session: 2 CPUs and 2 logical GPUs (for pinning checks; torch stays on CPU)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def small_campaign(tmp_path):
+    """A factory of campaign configs small enough for tests; keyword overrides are dotted keys."""
+    return lambda **overrides: _small_campaign(tmp_path, overrides)
+
+
+def _small_campaign(tmp_path, overrides):
+    from cdm_dist.campaign import load_config
+
+    overrides = {k.replace("__", "."): v for k, v in overrides.items()}
+    items = {
+        "name": "test",
+        "method.num_steps": 12,
+        "method.n_c": 16,
+        "method.target_batch": 16,
+        "method.n_guess": 2,
+        "method.eta": 0.5,
+        "method.guidance_start": 0.25,
+        "method.refine_steps": 2,
+        "chains.count": 6,
+        "chains.zeta": "[{kind: linear, scale: 3.0, final: 0.1}, {kind: rt, normalize: true}]",
+        "resources.micro_batch": 2,
+        "resources.checkpoint_every": 4,
+        "resources.num_cpus": 0.5,
+        "tracking.enabled": False,
+        "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "tracking.artifact_location": str(tmp_path / "artifacts"),
+        "output": str(tmp_path / "campaigns"),
+    } | overrides
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])

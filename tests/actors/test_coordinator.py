@@ -1,0 +1,200 @@
+"""The Ray executors against the in-process one: same chains, same numbers; pinning; faults."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import ray
+import torch
+
+from actors.coordinator import RayExecutor
+from cdm_dist.runner import LocalExecutor, run_campaign
+from cdm_dist.store import CampaignStore
+
+
+def _run(config, executor=None, on_chunk=None):
+    executor = executor or (LocalExecutor(config) if config.resources.executor == "local" else RayExecutor(config))
+    try:
+        return run_campaign(config, executor, CampaignStore.create(config), on_chunk=on_chunk, progress=False)
+    finally:
+        executor.close()
+
+
+def _assert_same_chains(report, reference, atol=1e-5):
+    assert [r.chain for r in report.rows] == [r.chain for r in reference.rows]
+    for got, want in zip(report.rows, reference.rows, strict=True):
+        assert got.failed == want.failed
+        assert got.final_loss == pytest.approx(want.final_loss, abs=atol)
+        for name, value in want.metrics.items():
+            assert got.metrics[name] == pytest.approx(value, abs=atol)
+        x_got, x_want = (torch.from_numpy(__import__("numpy").load(r.x_path)) for r in (got, want))
+        torch.testing.assert_close(x_got, x_want, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    from cdm_dist.campaign import load_config
+
+    root = tmp_path_factory.mktemp("reference")
+    config = load_config(None, [f"output={root}", "resources.executor=local", *_SMALL])
+    return _run(config)
+
+
+_SMALL = [
+    "method.num_steps=12",
+    "method.n_c=16",
+    "method.target_batch=16",
+    "method.n_guess=2",
+    "method.eta=0.5",
+    "method.guidance_start=0.25",
+    "method.refine_steps=2",
+    "chains.count=6",
+    "chains.zeta=[{kind: linear, scale: 3.0, final: 0.1}, {kind: rt, normalize: true}]",
+    "resources.micro_batch=2",
+    "resources.checkpoint_every=4",
+    "resources.num_cpus=0.5",
+    "tracking.enabled=false",
+]
+
+
+@pytest.mark.parametrize(
+    ("executor", "replicas", "in_flight"),
+    [("ray_colocated", 2, 1), ("ray_split", 1, 1), ("ray_split", 1, 3)],
+)
+def test_every_executor_gives_the_same_chains(
+    ray_cluster, small_campaign, local_reference, executor, replicas, in_flight
+):
+    config = small_campaign(
+        resources__executor="ray",
+        resources__placement=executor.removeprefix("ray_"),
+        resources__replicas=replicas,
+        resources__in_flight=in_flight,
+    )
+    report = _run(config)
+    assert report.executor == executor
+    _assert_same_chains(report, local_reference)
+
+
+def test_split_actors_are_pinned_to_different_gpus_and_run_on_cpu(ray_cluster, small_campaign):
+    config = small_campaign(resources__placement="split", resources__num_gpus=1)
+    executor = RayExecutor(config)
+    try:
+        info = {i["role"]: i for i in executor.actor_info()}
+    finally:
+        executor.close()
+    assert len(info["prior"]["gpu_ids"]) == 1 and len(info["sampler"]["gpu_ids"]) == 1
+    assert info["prior"]["gpu_ids"] != info["sampler"]["gpu_ids"]
+    assert info["prior"]["pid"] != info["sampler"]["pid"]
+    assert info["prior"]["node_id"] == info["sampler"]["node_id"]  # one placement group, one node
+    assert info["prior"]["device"] == info["sampler"]["device"] == "cpu"  # no CUDA here: logical GPUs only
+    assert info["prior"]["threads"] == config.resources.threads
+
+
+def test_too_many_actors_for_the_cluster_is_an_input_error(ray_cluster, small_campaign):
+    from cdm_dist.errors import InputError
+
+    config = small_campaign(resources__placement="split", resources__replicas=3, resources__num_cpus=1)
+    with pytest.raises(InputError, match="resources.num_cpus: 3 replica"):
+        RayExecutor(config)
+
+
+def _kill_and_wait(actor):
+    """Kill an actor (Ray restarts it) and wait until the new instance answers; returns its info."""
+    ray.kill(actor, no_restart=False)
+    for _ in range(100):
+        try:
+            return ray.get(actor.info.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            continue
+    raise AssertionError("the actor did not come back")
+
+
+@pytest.mark.parametrize(("placement", "role"), [("colocated", "prior"), ("split", "prior"), ("split", "sampler")])
+def test_killing_an_actor_mid_campaign_loses_no_chain(ray_cluster, small_campaign, local_reference, placement, role):
+    config = small_campaign(resources__placement=placement, resources__in_flight=2)
+    executor = RayExecutor(config)
+    replica = executor.replicas[0]
+    actor = replica.prior if role == "prior" else replica.sampler
+    pid_before = ray.get(actor.info.remote())["pid"]
+    restarted = []
+
+    def kill_once(batch, chunk):
+        if not restarted and batch.index == 1 and int(chunk.checkpoint["step"]) >= 6:
+            restarted.append(_kill_and_wait(actor)["pid"])
+
+    report = _run(config, executor, on_chunk=kill_once)
+    assert restarted and restarted[0] != pid_before, "the actor was not restarted"
+    assert not any(r.failed for r in report.rows)
+    _assert_same_chains(report, local_reference)
+
+
+def test_a_prior_that_lost_a_half_done_step_resumes_from_the_checkpoint(ray_cluster, small_campaign, local_reference):
+    """The prior dies between denoise and advance: the micro-batch restarts from its last checkpoint."""
+    config = small_campaign(resources__placement="split")
+    killed = []
+
+    class KillAfterDenoise(RayExecutor):
+        def _advance(self, flight, value, sink):
+            nxt = super()._advance(flight, value, sink)
+            if not killed and flight.job.batch.index == 1 and flight.stage == "grad" and flight.step == 6:
+                killed.append(_kill_and_wait(flight.replica.prior))
+            return nxt
+
+    report = _run(config, KillAfterDenoise(config))
+    assert killed
+    assert not any(r.failed for r in report.rows)
+    _assert_same_chains(report, local_reference)
+    assert report.chain_steps >= 6 * 12 + 2 * 2  # micro-batch 1 (2 chains) redid steps 4 and 5 at least
+
+
+def test_a_micro_batch_that_keeps_failing_fails_only_its_chains(ray_cluster, small_campaign, local_reference):
+    config = small_campaign(resources__placement="split", resources__max_retries=1)
+
+    class AlwaysKill(RayExecutor):
+        def _advance(self, flight, value, sink):
+            nxt = super()._advance(flight, value, sink)
+            if flight.job.batch.index == 2 and flight.stage == "grad":
+                _kill_and_wait(flight.replica.prior)
+            return nxt
+
+    report = _run(config, AlwaysKill(config))
+    assert [r.failed for r in report.rows] == [False] * 4 + [True] * 2
+    assert all(r.chain not in (4, 5) for r in report.topk)
+    for got, want in zip(report.rows[:4], local_reference.rows[:4], strict=True):
+        assert got.final_loss == pytest.approx(want.final_loss, abs=1e-5)
+
+
+def test_a_two_node_cluster_keeps_each_pair_on_one_node(tmp_path):
+    """A simulated two-node cluster (ray.cluster_utils.Cluster) in its own process: two split replicas."""
+    script = textwrap.dedent(
+        f"""
+        import json, ray
+        from ray.cluster_utils import Cluster
+        from cdm_dist.campaign import load_config
+        from actors.coordinator import RayExecutor
+        from cdm_dist.runner import run_campaign
+        from cdm_dist.store import CampaignStore
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        config = load_config(None, {_SMALL!r} + ["output={tmp_path}", "resources.placement=split",
+                                                 "resources.replicas=2", "resources.num_cpus=1"])
+        executor = RayExecutor(config)
+        info = executor.actor_info()
+        report = run_campaign(config, executor, CampaignStore.create(config), progress=False)
+        executor.close()
+        print("RESULT", json.dumps({{"info": info, "losses": [r.final_loss for r in report.rows]}}))
+        ray.shutdown()
+        cluster.shutdown()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    result = json.loads(out.stdout.split("RESULT", 1)[1])
+    nodes = [i["node_id"] for i in result["info"]]  # replica 0: prior, sampler; replica 1: prior, sampler
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]
+    assert len(result["losses"]) == 6 and all(v < float("inf") for v in result["losses"])
