@@ -95,7 +95,7 @@ def test_too_many_actors_for_the_cluster_is_an_input_error(ray_cluster, small_ca
     from cdm_dist.errors import InputError
 
     config = small_campaign(resources__placement="split", resources__replicas=3, resources__num_cpus=1)
-    with pytest.raises(InputError, match="resources.num_cpus: 3 replica"):
+    with pytest.raises(InputError, match=r"resources\.num_cpus: 3 replica"):
         RayExecutor(config)
 
 
