@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from cdm_dist.config import MLGDConfig, NonNegative, Positive, StrictModel, ZetaConfig, parse
 from cdm_dist.errors import InputError
@@ -61,6 +61,7 @@ class ChainsConfig(StrictModel):
             empty = [k for k, v in self.zeta_grid.items() if not v]
             if empty:
                 raise ValueError(f"zeta_grid: {empty} have no values")
+            self.schedules()
         return self
 
     def schedules(self) -> list[ZetaConfig]:
@@ -68,8 +69,14 @@ class ChainsConfig(StrictModel):
         if self.zeta_grid is None:
             return list(self.zeta)
         keys = sorted(self.zeta_grid)
-        combos = itertools.product(*(self.zeta_grid[k] for k in keys))
-        return [parse(ZetaConfig, dict(zip(keys, values, strict=True)), "chains.zeta_grid") for values in combos]
+        schedules = []
+        for values in itertools.product(*(self.zeta_grid[k] for k in keys)):
+            combination = dict(zip(keys, values, strict=True))
+            try:
+                schedules.append(ZetaConfig.model_validate(combination))
+            except ValidationError as exc:
+                raise ValueError(f"zeta_grid: {combination}: {exc.errors()[0]['msg']}") from None
+        return schedules
 
 
 class ResourcesConfig(StrictModel):

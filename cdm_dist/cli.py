@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="a design campaign: many MLGD-F chains, tracked in MLflow")
-    run.add_argument("config", nargs="?", help="campaign YAML (see examples/)")
+    run.add_argument("config", nargs="?", help="campaign YAML (see examples/); default: the built-in defaults")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--json", help="write the campaign summary and top-k here")
     run.add_argument("--executor", choices=["local", "ray_colocated", "ray_split"], help="override resources")
@@ -96,8 +96,6 @@ def _run(args: argparse.Namespace) -> int:
         store = CampaignStore.open(folder)
         config = load_config(store.config_path, args.overrides, args.executor)
     else:
-        if not args.config:
-            raise InputError("config: give a campaign YAML (or --resume RUN_ID)")
         config = load_config(args.config, args.overrides, args.executor)
         check_config(config)
         store = None

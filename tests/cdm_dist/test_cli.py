@@ -56,3 +56,76 @@ def test_bad_input_exits_2_with_one_clear_line(args, message, capsys):
 def test_console_script_usage_error_exits_2():
     done = subprocess.run([sys.executable, "-m", "cdm_dist.cli", "bench", "nope"], capture_output=True, text=True)
     assert done.returncode == 2
+
+
+# -- cdm run ------------------------------------------------------------------------------------------------
+
+
+def _cdm(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "cdm_dist.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_run_rejects_bad_input_with_status_2_and_starts_nothing(tmp_path):
+    from cdm_dist.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"output: {tmp_path / 'out'}\nmethod:\n  n_c: -3\n")
+    assert main(["run", str(bad)]) == 2
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["run", str(bad), "--set", "method.n_c=8", "--set", "chains.count=x"]) == 2
+    assert main(["run", "--resume", str(tmp_path)]) == 2  # not a campaign folder
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_error_messages_name_the_field(tmp_path, capsys):
+    from cdm_dist.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  n_c: -3\n")
+    main(["run", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cdm: error: {bad}: method.n_c: Input should be greater than or equal to 1"]
+
+
+def test_resume_after_the_driver_was_killed(tmp_path):
+    """SIGKILL `cdm run` once its first micro-batch is done; `cdm run --resume RUN_ID` finishes the campaign."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [
+        "run",
+        *("--executor", "local", "--quiet"),
+        *("--set", "method.num_steps=40", "--set", "method.n_c=32", "--set", "method.target_batch=32"),
+        *("--set", "chains.count=12", "--set", "resources.micro_batch=2", "--set", f"tracking.uri={uri}"),
+        *("--set", f"output={tmp_path / 'campaigns'}", "--set", f"tracking.artifact_location={tmp_path / 'art'}"),
+    ]
+    driver = subprocess.Popen([sys.executable, "-m", "cdm_dist.cli", *args], cwd=tmp_path)
+    deadline = time.time() + 240
+    while (
+        not list(tmp_path.glob("campaigns/*/results/mb00000.pt")) and time.time() < deadline and driver.poll() is None
+    ):
+        time.sleep(0.05)
+    assert driver.poll() is None, "the campaign ended before it could be killed"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    (folder,) = tmp_path.glob("campaigns/*")
+    done_before = {p.name: p.stat().st_mtime_ns for p in (folder / "results").glob("*.pt")}
+    assert 1 <= len(done_before) < 6
+    run_id = json.loads((folder / "tracking.json").read_text())["parent_run_id"]
+
+    out = _cdm("run", "--resume", run_id, "--tracking-uri", uri, "--quiet", "--json", "r.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["campaign_run_id"] == run_id and summary["chains_total"] == 12 and summary["chains_ok"] == 12
+    for name, stamp in done_before.items():
+        assert (folder / "results" / name).stat().st_mtime_ns == stamp
+    assert summary["chain_steps_per_s"] > 0 and len(summary["topk"]) == 5

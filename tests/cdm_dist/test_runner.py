@@ -1,0 +1,114 @@
+"""A campaign end to end in-process: files, MLflow runs, top-k, failed chains, resume after the driver died."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cdm_dist.runner import LocalExecutor, chunk_end, run_campaign, top_k
+from cdm_dist.store import CampaignStore
+from cdm_dist.tracking import client_for
+
+
+def _run(config, store=None, on_chunk=None):
+    return run_campaign(config, LocalExecutor(config), store or CampaignStore.create(config), on_chunk, progress=False)
+
+
+def test_chunks_end_on_checkpoint_boundaries():
+    assert [chunk_end(s, 4, 10) for s in (0, 3, 4, 8, 9)] == [4, 4, 8, 10, 10]
+
+
+@pytest.fixture
+def tracked(small_campaign):
+    """A tracked campaign in which chain 3 diverges (its zeta schedule is absurd)."""
+    good, other = "{kind: linear, scale: 3.0, final: 0.1}", "{kind: rt, normalize: true}"
+    zetas = f"[{good}, {other}, {good}, {{scale: 1.0e+300}}]"
+    config = small_campaign(tracking__enabled=True, chains__zeta=zetas, chains__count=6)
+    return config, _run(config)
+
+
+def test_a_campaign_tracks_a_parent_run_and_one_child_run_per_chain(tracked):
+    config, report = tracked
+    client = client_for(config.tracking.uri)
+    parent = client.get_run(report.campaign_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["method.n_c"] == "16" and parent.data.params["chains.count"] == "6"
+    assert parent.data.metrics["chains_ok"] == 5 and parent.data.metrics["chains_failed"] == 1
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{report.campaign_run_id}'")
+    assert len(children) == 6
+    by_chain = {int(c.data.tags["cdm.chain"]): c for c in children}
+    for row in report.rows:
+        run = by_chain[row.chain]
+        assert run.info.run_id == row.run_id
+        assert run.data.params["seed"] == str(row.seed)
+        assert run.data.tags["status"] == ("failed" if row.failed else "ok")
+        artifacts = sorted(a.path for a in client.list_artifacts(row.run_id))
+        if row.failed:
+            assert "final_loss" not in run.data.metrics and run.info.status == "FAILED"
+            continue
+        assert run.data.metrics["final_loss"] == pytest.approx(row.final_loss)
+        assert run.data.metrics["l2_gmm"] == pytest.approx(row.metrics["l2_gmm"])
+        assert artifacts == [f"chain{row.chain:05d}.npy", f"chain{row.chain:05d}.png"]
+        # the loss of every guided step (steps 3..11 of 12: guidance starts at a quarter) is logged
+        history = client.get_metric_history(row.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(3, 12))
+
+
+def test_failed_chains_never_reach_the_top_k(tracked):
+    _, report = tracked
+    assert [r.chain for r in report.rows if r.failed] == [3]
+    summary = report.to_json()
+    assert (summary["chains_total"], summary["chains_ok"], summary["chains_failed"]) == (6, 5, 1)
+    assert 3 not in [r["chain"] for r in summary["topk"]]
+    losses = [r["final_loss"] for r in summary["topk"]]
+    assert losses == sorted(losses) and len(losses) == 5
+    assert losses[0] == min(r.final_loss for r in report.rows if not r.failed)
+    for entry in summary["topk"]:
+        x = np.load(entry["x_path"])
+        row = next(r for r in report.rows if r.chain == entry["chain"])
+        assert x.shape == (1,) and np.isfinite(x).all() and row.seed == entry["seed"]
+
+
+def test_top_k_orders_by_loss_and_skips_non_finite():
+    from cdm_dist.runner import ChainRow
+
+    rows = [
+        ChainRow(i, i, "z", loss, failed, {}, "", None)
+        for i, (loss, failed) in enumerate([(0.3, False), (math.inf, False), (0.1, False), (0.0, True), (0.2, False)])
+    ]
+    assert [r.chain for r in top_k(rows, 3)] == [2, 4, 0]
+
+
+class DriverDied(Exception):
+    pass
+
+
+def test_resume_after_the_driver_died_redoes_no_finished_chain(small_campaign):
+    config = small_campaign(tracking__enabled=True)
+    reference = _run(small_campaign(tracking__enabled=False, output=config.output + "-ref"))
+
+    def die(batch, chunk):  # micro-batch 0 is finished, micro-batch 1 has a checkpoint at step 8
+        if batch.index == 1 and int(chunk.checkpoint["step"]) == 8:
+            raise DriverDied
+
+    store = CampaignStore.create(config)
+    with pytest.raises(DriverDied):
+        _run(config, store, on_chunk=die)
+    finished = store.root / "results" / "mb00000.pt"
+    stamp = finished.stat().st_mtime_ns
+    parent_id = store.load_tracking()["parent_run_id"]
+    assert store.load_checkpoint(1)[0]["step"] == 8
+
+    resumed = _run(config, CampaignStore.open(store.root))
+    assert finished.stat().st_mtime_ns == stamp  # micro-batch 0 was not redone
+    assert resumed.chain_steps == 2 * (12 - 8) + 2 * 12  # micro-batch 1 from step 8, micro-batch 2 in full
+    assert resumed.campaign_run_id == parent_id
+    for got, want in zip(resumed.rows, reference.rows, strict=True):
+        assert got.final_loss == pytest.approx(want.final_loss, abs=1e-12)
+        torch.testing.assert_close(torch.from_numpy(np.load(got.x_path)), torch.from_numpy(np.load(want.x_path)))
+    client = client_for(config.tracking.uri)
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_id}'")) == 6
