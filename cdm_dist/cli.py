@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     _bench_arguments(batching, chains=256)
+
+    ray_bench = benches.add_parser("ray", help="in-process vs Ray colocated vs Ray split on the same chains")
+    _bench_arguments(ray_bench, chains=64)
     return parser
 
 
@@ -137,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.device,
                     n_c=args.n_c,
                 )
+            elif args.bench == "ray":
+                from actors.bench import bench_ray
+
+                bench_ray(args.json, args.chains, args.quick, args.n_c)
             else:
                 from cdm_dist.bench.batching import bench_batching
 

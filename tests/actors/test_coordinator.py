@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import ray
@@ -100,13 +101,17 @@ def test_too_many_actors_for_the_cluster_is_an_input_error(ray_cluster, small_ca
 
 
 def _kill_and_wait(actor):
-    """Kill an actor (Ray restarts it) and wait until the new instance answers; returns its info."""
+    """Kill an actor (Ray restarts it) and wait until a new instance (another process) answers; its info."""
+    pid = ray.get(actor.info.remote())["pid"]
     ray.kill(actor, no_restart=False)
-    for _ in range(100):
+    for _ in range(600):
         try:
-            return ray.get(actor.info.remote(), timeout=60)
+            info = ray.get(actor.info.remote(), timeout=60)
         except ray.exceptions.RayActorError:
             continue
+        if info["pid"] != pid:
+            return info
+        time.sleep(0.05)  # the kill has not landed yet
     raise AssertionError("the actor did not come back")
 
 

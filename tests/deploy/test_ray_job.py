@@ -41,6 +41,7 @@ def ray_head(tmp_path, auth_env):
             RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2",
             "--node-ip-address=127.0.0.1", f"--port={port}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={_free_port()}",  # not the default 52365: another Ray may hold it
         ],
         stdout=(tmp_path / "head.log").open("w"),
         stderr=subprocess.STDOUT,
@@ -78,13 +79,17 @@ def test_a_campaign_submitted_as_a_ray_job_succeeds_and_is_tracked(ray_head, aut
     ]  # fmt: skip
     entrypoint = [sys.executable, "-m", "deploy.entrypoint", *[f"--set={o}" for o in overrides]]
     entrypoint += ["--json", str(tmp_path / "job.json")]
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head, "--", *entrypoint],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=auth_env,
-    )
+    for _ in range(30):  # the dashboard answers before its job agent is ready: nothing is started until it is
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", ray_head, "--", *entrypoint],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=auth_env,
+        )
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout + submit.stderr
     summary = json.loads((tmp_path / "job.json").read_text())
