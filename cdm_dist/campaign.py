@@ -106,7 +106,7 @@ class TrackingConfig(StrictModel):
     enabled: bool = True
     uri: str = "sqlite:///out/mlflow.db"
     experiment: str = Field("cdm", min_length=1)
-    artifact_location: str = "out/mlartifacts"  # for experiments this campaign creates
+    artifact_location: str = "out/mlartifacts"  # for experiments this campaign creates in a local store
     log_every: PositiveInt = 1  # loss metric every k steps
 
 

@@ -64,6 +64,8 @@ class CampaignTracker:
             found = self.client.get_experiment_by_name(name)
             if found is not None:
                 return found.experiment_id
+            if self.config.tracking.uri.startswith(("http://", "https://")):  # the server stores artifacts
+                return self.client.create_experiment(name)
             location = Path(self.config.tracking.artifact_location).resolve().as_uri()
             return self.client.create_experiment(name, artifact_location=location)
         except Exception as exc:  # a bad URI or an unreachable server
