@@ -65,8 +65,9 @@ def _measure(config: CampaignConfig, root: str, in_flight: int | None = None) ->
 
 def bench_ray(json_path: str | None, chains: int = 64, quick: bool = False, n_c: int | None = None) -> dict[str, Any]:
     """Throughput of every executor on the same chains; Ray overhead = 1 - best Ray / in-process."""
-    cores = os.cpu_count() or 1
-    connect(None, num_cpus=cores)
+    started = not ray.is_initialized()
+    connect(None, num_cpus=os.cpu_count() or 1)
+    cores = int(ray.cluster_resources().get("CPU", 1))
     rows = []
     with tempfile.TemporaryDirectory() as root:
         base = bench_config(root, quick, chains, n_c)
@@ -88,7 +89,8 @@ def bench_ray(json_path: str | None, chains: int = 64, quick: bool = False, n_c:
                 f"resources.num_cpus={cores / 2}",
             )
             rows.append(_measure(split, root, in_flight))
-    ray.shutdown()
+    if started:
+        ray.shutdown()
     local = rows[0]["chain_steps_per_s"]
     best_ray = max(r["chain_steps_per_s"] for r in rows[1:])
     same_threads = rows[1]["chain_steps_per_s"]  # one colocated replica with the in-process thread count
