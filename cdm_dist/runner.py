@@ -65,15 +65,19 @@ class LocalExecutor:
         self.every = config.resources.checkpoint_every
 
     def execute(self, jobs: list[Job], sink: Sink) -> None:
+        """Round-robin: one chunk of every micro-batch in turn, so all reach each checkpoint step together."""
         num_steps = self.worker.num_steps()
-        for job in jobs:
-            checkpoint = job.checkpoint
-            step = 0 if checkpoint is None else int(checkpoint["step"])
-            while step < num_steps:
-                chunk = self.worker.run(job.batch, checkpoint, chunk_end(step, self.every, num_steps))
+        active = list(jobs)
+        while active:
+            for job in list(active):
+                step = 0 if job.checkpoint is None else int(job.checkpoint["step"])
+                if step >= num_steps:
+                    sink.on_result(job.batch, self.worker.finish(job.batch, job.checkpoint))
+                    active.remove(job)
+                    continue
+                chunk = self.worker.run(job.batch, job.checkpoint, chunk_end(step, self.every, num_steps))
                 sink.on_chunk(job.batch, chunk)
-                checkpoint, step = chunk.checkpoint, int(chunk.checkpoint["step"])
-            sink.on_result(job.batch, self.worker.finish(job.batch, checkpoint))
+                job.checkpoint = chunk.checkpoint
 
     def close(self) -> None:
         """Nothing to release in-process."""
@@ -277,8 +281,11 @@ def run_campaign(
     store: CampaignStore,
     on_chunk: Callable[[MicroBatch, Chunk], None] | None = None,
     progress: bool = True,
+    parent_tags: dict[str, str] | None = None,
 ) -> CampaignReport:
-    """Run (or finish, for a store with progress in it) a campaign; returns its report."""
+    """Run (or finish, for a store with progress in it) a campaign; returns its report.
+
+    parent_tags go on the campaign's MLflow run (e.g. mlflow.parentRunId to nest it under a study)."""
     from cdm_dist.campaign import build_problem, campaign_chains
 
     tracker = None
@@ -289,15 +296,15 @@ def run_campaign(
         tracker = CampaignTracker(config)
         chains = campaign_chains(config)
         table = [(k, s, zeta_label(z)) for k, (s, z) in enumerate(zip(chains.seeds, chains.zetas, strict=True))]
-        store.save_tracking(tracker.start(store.load_tracking(), store.root, table))
+        store.save_tracking(tracker.start(store.load_tracking(), store.root, table, parent_tags))
     driver = CampaignDriver(config, store, tracker, target, on_chunk, progress)
     tic = time.perf_counter()
     try:
         jobs = driver.restore()
         executor.execute(jobs, driver)
-    except BaseException:
+    except BaseException as exc:
         if tracker is not None:
-            tracker.abort()
+            tracker.abort("KILLED" if type(exc).__name__ == "TrialPruned" else "FAILED")
         raise
     finally:
         driver.close()

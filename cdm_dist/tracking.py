@@ -72,7 +72,13 @@ class CampaignTracker:
             raise InputError(f"tracking.uri: cannot use MLflow store {self.config.tracking.uri!r} ({exc})") from None
 
     # -- runs -------------------------------------------------------------------------------------------
-    def start(self, state: dict[str, Any], output_dir: Path, chains: list[tuple[int, int, str]]) -> dict[str, Any]:
+    def start(
+        self,
+        state: dict[str, Any],
+        output_dir: Path,
+        chains: list[tuple[int, int, str]],
+        parent_tags: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Create (or, with a saved state, reopen) the parent and one child per chain (id, seed, zeta label)."""
         if state.get("parent_run_id"):
             self.parent_id = state["parent_run_id"]
@@ -81,7 +87,7 @@ class CampaignTracker:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=output_dir.name,
-                tags={"cdm.kind": "campaign", "cdm.output_dir": str(output_dir.resolve())},
+                tags={"cdm.kind": "campaign", "cdm.output_dir": str(output_dir.resolve())} | (parent_tags or {}),
             )
             self.parent_id = run.info.run_id
             params = flatten(self.config.model_dump(mode="json"))
@@ -168,10 +174,10 @@ class CampaignTracker:
         self._batch(self.parent_id, [(k, v, 0) for k, v in summary.items()])
         self.client.set_terminated(self.parent_id, "FINISHED")
 
-    def abort(self) -> None:
-        """Mark the parent failed (the driver is stopping early; --resume can finish it)."""
+    def abort(self, status: str = "FAILED") -> None:
+        """Close the parent early: FAILED (the driver is stopping; --resume can finish it) or KILLED (pruned)."""
         if self.parent_id is not None:
-            self.client.set_terminated(self.parent_id, "FAILED")
+            self.client.set_terminated(self.parent_id, status)
 
 
 def find_campaign(run_id: str, uri: str) -> Path:

@@ -85,25 +85,30 @@ class DriverDied(Exception):
     pass
 
 
-def test_resume_after_the_driver_died_redoes_no_finished_chain(small_campaign):
+def test_resume_after_the_driver_died_redoes_no_finished_chain(small_campaign, monkeypatch):
     config = small_campaign(tracking__enabled=True)
     reference = _run(small_campaign(tracking__enabled=False, output=config.output + "-ref"))
 
-    def die(batch, chunk):  # micro-batch 0 is finished, micro-batch 1 has a checkpoint at step 8
-        if batch.index == 1 and int(chunk.checkpoint["step"]) == 8:
-            raise DriverDied
+    save_result = CampaignStore.save_result
+
+    def die_after_the_first_result(self, result, chain_ids, history):
+        save_result(self, result, chain_ids, history)
+        raise DriverDied
 
     store = CampaignStore.create(config)
-    with pytest.raises(DriverDied):
-        _run(config, store, on_chunk=die)
+    with monkeypatch.context() as patch:
+        patch.setattr(CampaignStore, "save_result", die_after_the_first_result)
+        with pytest.raises(DriverDied):
+            _run(config, store)
     finished = store.root / "results" / "mb00000.pt"
     stamp = finished.stat().st_mtime_ns
     parent_id = store.load_tracking()["parent_run_id"]
-    assert store.load_checkpoint(1)[0]["step"] == 8
+    # round-robin: the others had run all 14 steps (checkpointed at the end) but were not finished
+    assert [store.load_checkpoint(i)[0]["step"] for i in (1, 2)] == [12, 12]
 
     resumed = _run(config, CampaignStore.open(store.root))
     assert finished.stat().st_mtime_ns == stamp  # micro-batch 0 was not redone
-    assert resumed.chain_steps == 2 * (12 - 8) + 2 * 12  # micro-batch 1 from step 8, micro-batch 2 in full
+    assert resumed.chain_steps == 0  # micro-batches 1 and 2 only needed their final evaluation
     assert resumed.campaign_run_id == parent_id
     for got, want in zip(resumed.rows, reference.rows, strict=True):
         assert got.final_loss == pytest.approx(want.final_loss, abs=1e-12)
