@@ -127,6 +127,7 @@ class CampaignReport:
             "output_dir": self.output_dir,
             "executor": self.executor,
             "wall_seconds": self.wall_seconds,
+            "chain_steps": self.chain_steps,
             "chain_steps_per_s": self.chain_steps / self.wall_seconds if self.wall_seconds > 0 else None,
             **self.extra,
         }

@@ -103,7 +103,7 @@ def test_resume_after_the_driver_died_redoes_no_finished_chain(small_campaign, m
     finished = store.root / "results" / "mb00000.pt"
     stamp = finished.stat().st_mtime_ns
     parent_id = store.load_tracking()["parent_run_id"]
-    # round-robin: the others had run all 14 steps (checkpointed at the end) but were not finished
+    # round-robin: the others had run all 12 steps (checkpointed at the end) but were not finished
     assert [store.load_checkpoint(i)[0]["step"] for i in (1, 2)] == [12, 12]
 
     resumed = _run(config, CampaignStore.open(store.root))
