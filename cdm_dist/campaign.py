@@ -110,6 +110,40 @@ class TrackingConfig(StrictModel):
     log_every: PositiveInt = 1  # loss metric every k steps
 
 
+class ParamSpec(StrictModel):
+    """One tunable knob: a float or int range (optionally log-uniform) or a list of choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs choices")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type} needs low < high")
+        elif self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+
+class TuneConfig(StrictModel):
+    """An Optuna study over campaigns: the search space (config paths -> specs), objective and pruning."""
+
+    space: dict[str, ParamSpec] = Field(default_factory=dict)  # e.g. "chains.zeta.0.scale": {type: float, ...}
+    objective: Literal["median", "best", "topk_mean"] = "median"  # over the trial's chains' held-out losses
+    objective_topk: PositiveInt = 5
+    pruner: Literal["none", "median", "successive_halving"] = "median"
+    milestones: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+    multi_objective: bool = False  # (loss, compute = num_steps x n_c); pruning is off then
+    study_name: str | None = None  # default: the campaign name
+    sampler_seed: int = 0
+
+
 class CampaignConfig(StrictModel):
     """A design campaign: a problem, a method, many chains, resources, tracking and an output folder."""
 
@@ -121,6 +155,7 @@ class CampaignConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: str = "out/campaigns"
     topk: PositiveInt = 5
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
 # -- loading ----------------------------------------------------------------------------------------------
@@ -178,6 +213,28 @@ def set_dotted(data: dict[str, Any], item: str) -> None:
             raise InputError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def with_values(config: CampaignConfig, values: dict[str, Any], source: str = "tune.space") -> CampaignConfig:
+    """The config with dotted paths (list items by index, e.g. chains.zeta.0.scale) set and re-validated."""
+    data = config.model_dump(mode="json")
+    for path, value in values.items():
+        node: Any = data
+        parts = path.split(".")
+        for depth, part in enumerate(parts):
+            key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+            exists = (
+                key < len(node)
+                if isinstance(node, list) and isinstance(key, int)
+                else isinstance(node, dict) and key in node
+            )
+            if not exists:
+                raise InputError(f"{source}: {path}: no field {'.'.join(parts[: depth + 1])!r} in the campaign config")
+            if depth == len(parts) - 1:
+                node[key] = value
+            else:
+                node = node[key]
+    return parse(CampaignConfig, data, source)
 
 
 def dump_config(config: CampaignConfig) -> str:

@@ -40,6 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow store to find --resume's run in (default: the config's)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    tune = commands.add_parser("tune", help="an Optuna study over campaigns (the config's tune section)")
+    tune.add_argument("config", help="campaign YAML with a tune.space section")
+    tune.add_argument("--trials", type=int, required=True, help="trials in all (counting earlier ones)")
+    tune.add_argument("--parallel", type=int, default=1, help="trials at once")
+    tune.add_argument("--storage", help="Optuna storage URL (default: a journal file in the output folder)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument("--executor", choices=["local", "ray_colocated", "ray_split"])
+    tune.add_argument("--address", help="Ray cluster to join")
+    tune.add_argument("--json", help="write the study summary here")
+
+    topk = commands.add_parser("topk", help="the best chains by held-out loss across campaigns and trials")
+    topk.add_argument("--experiment", help="only this MLflow experiment (default: all)")
+    topk.add_argument("-k", type=int, default=10)
+    topk.add_argument("--selected", action="store_true", help="the runs tagged cdm.selected = true in the UI")
+    topk.add_argument("--export", metavar="DIR", help="download x* files and write a contact sheet here")
+    topk.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///out/mlflow.db)")
+    topk.add_argument("--json", help="write the rows here")
+
+    ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the run store")
+    ui.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///out/mlflow.db)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+
     bench = commands.add_parser("bench", help="run a benchmark (writes JSON + markdown)")
     benches = bench.add_subparsers(dest="bench", required=True)
     gmm = benches.add_parser("gmm", help="MLGD-F, MLGD, best-of-N, D-Flow on the 2D/5D/10D Gaussian mixtures")
@@ -121,11 +144,77 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    """`cdm tune`: run (or finish) a study of `--trials` trials in all."""
+    from cdm_dist.campaign import load_config
+    from cdm_dist.runner import write_json
+
+    if args.trials < 1 or args.parallel < 1:
+        raise InputError(f"--trials and --parallel: must be >= 1, got {args.trials} and {args.parallel}")
+    config = load_config(args.config, args.overrides, args.executor)
+    from tuning.study import Tuner
+
+    result = Tuner(config, args.storage, args.address).run(args.trials, args.parallel)
+    summary = result.to_json()
+    print(
+        f"study {result.study}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed; "
+        f"best {result.best_value} with {result.best_params}; storage {result.storage}"
+    )
+    for point in result.pareto:
+        print(f"  pareto: trial {point['number']} (loss, compute) = {point['values']} {point['params']}")
+    if args.json:
+        write_json(args.json, summary)
+    return 0
+
+
+def _topk(args: argparse.Namespace) -> int:
+    """`cdm topk`: a table of the best chains; --export downloads x* and writes a contact sheet."""
+    from cdm_dist.campaign import TrackingConfig
+    from cdm_dist.runner import write_json
+    from cdm_dist.selection import export, find_candidates, rows_json
+
+    if args.k < 1:
+        raise InputError(f"-k: must be >= 1, got {args.k}")
+    uri = args.tracking_uri or TrackingConfig().uri
+    candidates = find_candidates(uri, args.experiment, args.k, args.selected)
+    if args.export:
+        print(f"contact sheet: {export(candidates, uri, args.export)}")
+    print("rank  final_loss    chain  run_id                            x")
+    for rank, cand in enumerate(candidates, start=1):
+        print(f"{rank:<5} {cand.final_loss:<13.6g} {cand.chain:<6} {cand.run_id}  {cand.x_path}")
+    if args.json:
+        write_json(args.json, rows_json(candidates))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """`cdm ui`: the MLflow UI on 127.0.0.1 over the run store (blocks until interrupted)."""
+    import subprocess
+
+    from cdm_dist.campaign import TrackingConfig
+    from cdm_dist.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri or TrackingConfig().uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} over {uri}")
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "tune":
+            return _tune(args)
+        if args.command == "topk":
+            return _topk(args)
+        if args.command == "ui":
+            return _ui(args)
         if args.command == "bench":
             _check_bench(args)
             if args.bench == "gmm":

@@ -1,0 +1,364 @@
+"""`cdm tune`: an Optuna study whose trials are small campaigns with the same chain seeds.
+
+- The search space (config paths -> ranges) becomes one define-by-run function that only calls trial.suggest_*.
+- K trials run at once (ask/tell, one thread each); each trial is a campaign whose MLflow run is nested under the
+  study's run, with the trial's chains nested under it.
+- Chains report the median guidance loss at milestone steps; the pruner stops bad trials early, and the compute
+  they did not spend is counted.
+- Storage: a journal file in the output folder by default, or any Optuna storage URL (PostgreSQL for many
+  machines). Restarted with the same study name, the study finishes N trials in all: trials left RUNNING by a
+  dead process are marked failed and their parameters retried.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from cdm_dist.campaign import CampaignConfig, MicroBatch, ParamSpec, with_values
+from cdm_dist.errors import InputError
+from cdm_dist.runner import CampaignReport, make_executor, run_campaign
+from cdm_dist.store import CampaignStore
+from cdm_dist.worker import Chunk
+
+STALE = "cdm.stale"  # user attribute of trials failed because their process died
+PLANNED = "cdm.planned_chain_steps"
+RUN = "cdm.chain_steps"
+
+
+def suggest(trial: optuna.trial.BaseTrial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """The define-by-run search space: one suggest call per knob, no other work."""
+    values: dict[str, Any] = {}
+    for path, spec in space.items():
+        if spec.type == "float":
+            values[path] = trial.suggest_float(path, spec.low, spec.high, log=spec.log)
+        elif spec.type == "int":
+            values[path] = trial.suggest_int(path, int(spec.low), int(spec.high), log=spec.log)
+        else:
+            values[path] = trial.suggest_categorical(path, spec.choices)
+    return values
+
+
+def aggregate(losses: list[float], how: str, k: int) -> float:
+    """The trial objective from its chains' held-out losses (failed chains count as +inf)."""
+    finite = sorted(v for v in losses if math.isfinite(v))
+    if not finite:
+        return math.inf
+    if how == "best":
+        return finite[0]
+    if how == "topk_mean":
+        return sum(finite[:k]) / len(finite[:k])
+    ordered = sorted(losses)  # +inf sorts last, so failed chains push the median up
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def make_storage(url: str | None, folder: Path) -> tuple[Any, str]:
+    """An Optuna storage and its description: a journal file in `folder` by default, else the URL."""
+    if url is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "optuna.journal"
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend), str(path)
+    try:
+        return optuna.storages.get_storage(url), url
+    except Exception as exc:
+        raise InputError(f"--storage: cannot open {url!r} ({exc})") from None
+
+
+def make_pruner(config: CampaignConfig) -> optuna.pruners.BasePruner:
+    tune = config.tune
+    if tune.multi_objective or tune.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return optuna.pruners.SuccessiveHalvingPruner()
+
+
+class MilestoneReporter:
+    """Reports the median guidance loss to the trial once every micro-batch has passed a milestone step."""
+
+    def __init__(self, trial: optuna.Trial, config: CampaignConfig, batches: int) -> None:
+        steps = config.method.num_steps
+        self.trial, self.batches = trial, batches
+        self.milestones = sorted({max(1, round(f * steps)) for f in config.tune.milestones})
+        self.step: dict[int, int] = {}
+        self.losses: dict[int, torch.Tensor] = {}  # micro-batch -> (B,) last guidance loss seen
+        self.reported: set[int] = set()
+
+    def __call__(self, batch: MicroBatch, chunk: Chunk) -> None:
+        self.step[batch.index] = int(chunk.checkpoint["step"])
+        finite = chunk.losses[:, ~torch.isnan(chunk.losses).all(0)]
+        if finite.shape[1]:
+            self.losses[batch.index] = finite[:, -1]
+        if len(self.step) < self.batches:
+            return
+        reached = min(self.step.values())
+        for milestone in self.milestones:
+            if milestone <= reached and milestone not in self.reported and self.losses:
+                self.reported.add(milestone)
+                value = float(torch.cat(list(self.losses.values())).nanmedian())
+                self.trial.report(value, milestone)
+                if self.trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {milestone}: median guidance loss {value:.4g}")
+
+
+@dataclass
+class TuneResult:
+    """What `cdm tune` prints and writes."""
+
+    study: str
+    storage: str
+    complete: int
+    pruned: int
+    failed: int
+    best_value: float | list[float] | None
+    best_params: dict[str, Any]
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    chain_steps_run: int = 0
+    chain_steps_saved: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "study": self.study,
+            "storage": self.storage,
+            "trials_complete": self.complete,
+            "trials_pruned": self.pruned,
+            "trials_failed": self.failed,
+            "best_value": self.best_value,
+            "best_params": self.best_params,
+            "pareto_front": self.pareto,
+            "chain_steps_run": self.chain_steps_run,
+            "chain_steps_saved_by_pruning": self.chain_steps_saved,
+        }
+
+
+class Tuner:
+    """Runs the study: asks trials, runs their campaigns K at a time, tells the results."""
+
+    def __init__(self, config: CampaignConfig, storage_url: str | None = None, address: str | None = None) -> None:
+        if not config.tune.space:
+            raise InputError("tune.space: empty; declare at least one knob to tune")
+        for path, spec in config.tune.space.items():  # every path exists and every range value validates
+            with_values(config, {path: spec.choices[0] if spec.type == "categorical" else spec.low})
+        self.config, self.address = config, address
+        self.name = config.tune.study_name or config.name
+        self.folder = Path(config.output) / f"study-{self.name}"
+        self.storage, self.storage_label = make_storage(storage_url, self.folder)
+        directions = ["minimize", "minimize"] if config.tune.multi_objective else ["minimize"]
+        self.study = optuna.create_study(
+            storage=self.storage,
+            study_name=self.name,
+            sampler=optuna.samplers.TPESampler(seed=config.tune.sampler_seed),
+            pruner=make_pruner(config),
+            directions=directions,
+            load_if_exists=True,
+        )
+        self.lock = threading.Lock()
+        self.study_run_id: str | None = None
+        self.tracker_client: Any = None
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def _finished(self) -> list[optuna.trial.FrozenTrial]:
+        """Trials that count towards N: complete, pruned, or failed for a reason other than a dead process."""
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+        return [t for t in self.study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(STALE)]
+
+    def recover_stale(self) -> int:
+        """Trials a dead process left RUNNING: marked failed (not counted) and their parameters queued again."""
+        stale = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for trial in stale:
+            self.storage.set_trial_user_attr(trial._trial_id, STALE, True)
+            self.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, skip_if_exists=False)
+        return len(stale)
+
+    def _study_run(self) -> None:
+        if not self.config.tracking.enabled:
+            return
+        from cdm_dist.tracking import CampaignTracker
+
+        tracker = CampaignTracker(self.config)
+        self.tracker_client = tracker.client
+        found = tracker.client.search_runs(
+            [tracker.experiment_id], f"tags.`cdm.study` = '{self.name}' and tags.`cdm.kind` = 'study'"
+        )
+        if found:
+            self.study_run_id = found[0].info.run_id
+            tracker.client.update_run(self.study_run_id, status="RUNNING")
+        else:
+            run = tracker.client.create_run(
+                tracker.experiment_id,
+                run_name=f"study-{self.name}",
+                tags={"cdm.kind": "study", "cdm.study": self.name, "cdm.storage": self.storage_label},
+            )
+            self.study_run_id = run.info.run_id
+
+    # -- one trial --------------------------------------------------------------------------------------
+    def _run_trial(self, trial: optuna.Trial) -> tuple[Any, optuna.trial.TrialState]:
+        values = suggest(trial, self.config.tune.space)
+        config = with_values(self.config, values)
+        config = config.model_copy(update={"name": f"{self.name}-trial{trial.number:04d}"})
+        planned = config.chains.count * config.method.num_steps
+        trial.set_user_attr(PLANNED, planned)
+        from cdm_dist.campaign import micro_batches
+
+        reporter = MilestoneReporter(trial, config, len(micro_batches(config)))
+        steps = {"run": 0}
+
+        def on_chunk(batch: MicroBatch, chunk: Chunk) -> None:
+            steps["run"] += len(batch.chains) * chunk.losses.shape[1]
+            if not self.config.tune.multi_objective:
+                reporter(batch, chunk)
+
+        tags = {"cdm.trial": str(trial.number), "cdm.study": self.name}
+        if self.study_run_id:
+            tags["mlflow.parentRunId"] = self.study_run_id
+        executor = make_executor(config, self.address)
+        try:
+            report: CampaignReport = run_campaign(
+                config, executor, CampaignStore.create(config), on_chunk, progress=False, parent_tags=tags
+            )
+        except optuna.TrialPruned:
+            trial.set_user_attr(RUN, steps["run"])
+            return None, optuna.trial.TrialState.PRUNED
+        finally:
+            executor.close()
+        trial.set_user_attr(RUN, steps["run"])
+        trial.set_user_attr("cdm.campaign_run_id", report.campaign_run_id)
+        loss = aggregate(
+            [r.final_loss for r in report.rows], self.config.tune.objective, self.config.tune.objective_topk
+        )
+        if self.tracker_client is not None and report.campaign_run_id:
+            self._log_trial(report.campaign_run_id, trial.number, values, loss)
+        if not math.isfinite(loss):
+            return None, optuna.trial.TrialState.FAIL
+        if self.config.tune.multi_objective:
+            return [loss, float(config.method.num_steps * config.method.n_c)], optuna.trial.TrialState.COMPLETE
+        return loss, optuna.trial.TrialState.COMPLETE
+
+    def _log_trial(self, run_id: str, number: int, values: dict[str, Any], loss: float) -> None:
+        from mlflow.entities import Metric, Param
+
+        with self.lock:
+            params = [Param(f"trial.{k}", str(v)) for k, v in values.items()] + [Param("trial.number", str(number))]
+            self.tracker_client.log_batch(run_id, metrics=[Metric("objective", loss, 0, 0)], params=params)
+
+    # -- the study --------------------------------------------------------------------------------------
+    def run(self, trials: int, parallel: int = 1) -> TuneResult:
+        """Finish `trials` trials in all (counting those already in the storage), `parallel` at a time."""
+        self.recover_stale()
+        self._study_run()
+        todo = max(0, trials - len(self._finished()))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=todo, desc=f"study {self.name}", unit="trial")
+        running: dict[Future, optuna.Trial] = {}
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            while todo > 0 or running:
+                while todo > 0 and len(running) < parallel:
+                    trial = self.study.ask()
+                    running[pool.submit(self._run_trial, trial)] = trial
+                    todo -= 1
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    trial = running.pop(future)
+                    try:
+                        value, state = future.result()
+                    except InputError:
+                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        raise
+                    except Exception as exc:  # a crashing trial fails alone
+                        trial.set_user_attr("cdm.error", f"{type(exc).__name__}: {exc}")
+                        value, state = None, optuna.trial.TrialState.FAIL
+                    if state == optuna.trial.TrialState.COMPLETE:
+                        self.study.tell(trial, value)
+                    else:
+                        self.study.tell(trial, state=state)
+                    bar.update(1)
+        bar.close()
+        result = self.result()
+        self._finish_tracking(result)
+        return result
+
+    def result(self) -> TuneResult:
+        finished = self._finished()
+        by_state = {s: [t for t in finished if t.state == s] for s in optuna.trial.TrialState}
+        complete = by_state[optuna.trial.TrialState.COMPLETE]
+        pareto: list[dict[str, Any]] = []
+        best_value: Any = None
+        best_params: dict[str, Any] = {}
+        if complete and self.config.tune.multi_objective:
+            pareto = [{"number": t.number, "values": t.values, "params": t.params} for t in self.study.best_trials]
+            best = min(self.study.best_trials, key=lambda t: t.values[0])
+            best_value, best_params = best.values, best.params
+        elif complete:
+            best = self.study.best_trial
+            best_value, best_params = best.value, best.params
+        pruned = by_state[optuna.trial.TrialState.PRUNED]
+        return TuneResult(
+            study=self.name,
+            storage=self.storage_label,
+            complete=len(complete),
+            pruned=len(pruned),
+            failed=len(by_state[optuna.trial.TrialState.FAIL]),
+            best_value=best_value,
+            best_params=best_params,
+            pareto=pareto,
+            chain_steps_run=sum(t.user_attrs.get(RUN, 0) for t in finished),
+            chain_steps_saved=sum(t.user_attrs.get(PLANNED, 0) - t.user_attrs.get(RUN, 0) for t in pruned),
+        )
+
+    def _finish_tracking(self, result: TuneResult) -> None:
+        if self.tracker_client is None or self.study_run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        metrics = [
+            Metric("trials_complete", result.complete, 0, 0),
+            Metric("trials_pruned", result.pruned, 0, 0),
+            Metric("chain_steps_saved_by_pruning", result.chain_steps_saved, 0, 0),
+        ]
+        if isinstance(result.best_value, float):
+            metrics.append(Metric("best_value", result.best_value, 0, 0))
+        self.tracker_client.log_batch(self.study_run_id, metrics=metrics)
+        for path in self._plots():
+            self.tracker_client.log_artifact(self.study_run_id, str(path))
+        self.tracker_client.set_terminated(self.study_run_id, "FINISHED")
+
+    def _plots(self) -> list[Path]:
+        """Optimisation history, parameter importances and parallel coordinates as PNGs (where computable)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as plots
+
+        paths = []
+        target = (lambda t: t.values[0]) if self.config.tune.multi_objective else None
+        for name, plot in [
+            ("optimization_history", plots.plot_optimization_history),
+            ("param_importances", plots.plot_param_importances),
+            ("parallel_coordinate", plots.plot_parallel_coordinate),
+        ]:
+            try:
+                with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
+                    warnings.simplefilter("ignore")
+                    axes = plot(self.study, target=target) if target else plot(self.study)
+            except Exception:  # e.g. importances need two or more complete trials with varying parameters
+                continue
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            path = self.folder / f"{name}.png"
+            figure.savefig(path, bbox_inches="tight")
+            plt.close(figure)
+            paths.append(path)
+        return paths
