@@ -1,0 +1,199 @@
+"""cdm tune end to end on the in-process executor, plus candidate selection from the tracking store."""
+
+import json
+import math
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from cdm_dist.campaign import load_config, with_values
+from cdm_dist.errors import InputError
+from cdm_dist.tracking import client_for
+from tuning.study import STALE, MilestoneReporter, Tuner, aggregate, suggest
+
+SPACE = (
+    "tune.space={chains.zeta.0.scale: {type: float, low: 0.3, high: 10, log: true},"
+    " method.n_guess: {type: int, low: 1, high: 3}, chains.zeta.0.kind: {type: categorical, choices: [linear, cosine]}}"
+)
+
+
+@pytest.fixture
+def study_config(small_campaign):
+    def make(**overrides):
+        overrides = {"tracking__enabled": True, "resources__executor": "local", "chains__count": 4} | overrides
+        base = small_campaign(**overrides)
+        return load_config(None, [SPACE]).model_copy(
+            update={k: getattr(base, k) for k in base.model_fields if k != "tune"}
+        )
+
+    return make
+
+
+def test_the_search_space_is_define_by_run_and_only_suggests(study_config):
+    config = study_config()
+    params = {"chains.zeta.0.scale": 2.5, "method.n_guess": 3, "chains.zeta.0.kind": "cosine"}
+    values = suggest(optuna.trial.FixedTrial(params), config.tune.space)
+    assert values == params
+    tuned = with_values(config, values)
+    assert tuned.chains.zeta[0].scale == 2.5 and tuned.chains.zeta[0].kind == "cosine" and tuned.method.n_guess == 3
+    assert tuned.chains.base_seed == config.chains.base_seed  # trials share their chains' seeds
+
+
+def test_bad_spaces_name_the_path(study_config):
+    config = study_config()
+    with pytest.raises(InputError, match=r"tune\.space: chains\.zeta\.3\.scale: no field 'chains\.zeta\.3'"):
+        with_values(config, {"chains.zeta.3.scale": 1.0})
+    with pytest.raises(InputError, match=r"method\.n_guess: Input should be greater than or equal to 1"):
+        with_values(config, {"method.n_guess": 0})
+    with pytest.raises(InputError, match=r"tune\.space: empty"):
+        Tuner(config.model_copy(update={"tune": config.tune.model_copy(update={"space": {}})}))
+
+
+def test_objectives_aggregate_chain_losses():
+    losses = [0.4, 0.1, math.inf, 0.3, 0.2]
+    assert aggregate(losses, "median", 2) == 0.3  # inf (a failed chain) sorts last
+    assert aggregate(losses, "best", 2) == 0.1
+    assert aggregate(losses, "topk_mean", 2) == pytest.approx(0.15)
+    assert aggregate([math.inf, math.inf], "median", 2) == math.inf
+
+
+class _Trial:
+    def __init__(self, prune_at):
+        self.reports, self.prune_at = [], prune_at
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        return self.reports[-1][0] >= self.prune_at
+
+
+def test_milestones_are_reported_once_every_micro_batch_passed_them(small_campaign):
+    from cdm_dist.campaign import micro_batches
+    from cdm_dist.worker import Chunk
+
+    config = small_campaign()  # 12 steps: milestones at 3, 6, 9; 3 micro-batches of 2 chains
+    trial = _Trial(prune_at=6)
+    reporter = MilestoneReporter(trial, config, 3)
+    batches = micro_batches(config)
+
+    def chunk(step, losses):
+        return Chunk({"step": step}, step - 4, torch.tensor(losses, dtype=torch.float64)[:, None].repeat(1, 4))
+
+    reporter(batches[0], chunk(4, [1.0, 2.0]))
+    reporter(batches[1], chunk(4, [3.0, 4.0]))
+    assert trial.reports == []  # micro-batch 2 has not reached step 3 yet
+    reporter(batches[2], chunk(4, [5.0, 6.0]))
+    assert trial.reports == [(3, 3.0)]  # the lower median of the six chains' losses
+    reporter(batches[0], chunk(8, [1.0, 1.0]))
+    reporter(batches[1], chunk(8, [1.0, 1.0]))
+    with pytest.raises(optuna.TrialPruned):
+        reporter(batches[2], chunk(8, [1.0, 1.0]))
+    assert trial.reports == [(3, 3.0), (6, 1.0)]
+
+
+def test_a_study_tracks_trials_under_its_run_and_finishes_n_trials_after_a_crash(study_config):
+    config = study_config()
+    first = Tuner(config).run(trials=2, parallel=2)
+    assert first.complete + first.pruned == 2 and first.failed == 0
+
+    # a process died mid-trial: its trial is still RUNNING in the journal
+    tuner = Tuner(config)
+    orphan = tuner.study.ask({"chains.zeta.0.scale": optuna.distributions.FloatDistribution(0.3, 10, log=True)})
+    result = Tuner(config).run(trials=3, parallel=1)
+    trials = optuna.load_study(study_name=tuner.name, storage=tuner.storage).get_trials()
+    stale = [t for t in trials if t.user_attrs.get(STALE)]
+    assert [t.number for t in stale] == [orphan.number] and stale[0].state == optuna.trial.TrialState.FAIL
+    assert result.complete + result.pruned == 3 and result.failed == 0  # the stale trial does not count
+    retried = [t for t in trials if t.number > orphan.number]
+    assert retried[0].params["chains.zeta.0.scale"] == orphan.params["chains.zeta.0.scale"]
+    assert result.best_value == min(t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    saved = sum(t.user_attrs["cdm.planned_chain_steps"] - t.user_attrs["cdm.chain_steps"] for t in pruned)
+    assert result.chain_steps_saved == saved
+
+    client = client_for(config.tracking.uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    (study_run,) = client.search_runs([experiment], "tags.`cdm.kind` = 'study'")
+    assert study_run.info.status == "FINISHED" and study_run.data.metrics["trials_complete"] == result.complete
+    assert "optimization_history.png" in [a.path for a in client.list_artifacts(study_run.info.run_id)]
+    trial_runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{study_run.info.run_id}'")
+    assert len(trial_runs) == 3  # one per trial that ran to the end or was pruned (the orphan never started)
+    for run in trial_runs:
+        chains = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert sorted(int(c.data.tags["cdm.seed"]) for c in chains) == [0, 1, 2, 3]  # same seeds in every trial
+        if run.info.status == "FINISHED":
+            losses = [c.data.metrics["final_loss"] for c in chains]
+            assert run.data.metrics["objective"] == pytest.approx(aggregate(losses, "median", 5))
+
+
+def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path):
+    from cdm_dist.cli import main
+    from cdm_dist.selection import find_candidates
+
+    config = study_config(chains__count=4)
+    Tuner(config).run(trials=2, parallel=1)
+    uri = config.tracking.uri
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    every = client.search_runs([experiment], "tags.`cdm.kind` = 'chain' and tags.status = 'ok'")
+    expected = sorted(r.data.metrics["final_loss"] for r in every)[:3]
+
+    out = tmp_path / "topk.json"
+    assert main(["topk", "-k", "3", "--tracking-uri", uri, "--export", str(tmp_path / "x"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["final_loss"] for r in rows] == pytest.approx(expected)
+    for row in rows:
+        run = client.get_run(row["run_id"])
+        folder = run.data.tags["cdm.campaign"]
+        x_store = (
+            client.get_run(folder).data.tags["cdm.output_dir"]
+            + f"/chains/chain{int(run.data.tags['cdm.chain']):05d}.npy"
+        )
+        np.testing.assert_array_equal(np.load(row["x_path"]), np.load(x_store))
+    assert (tmp_path / "x" / "contact_sheet.png").stat().st_size > 0
+
+    chosen = rows[-1]["run_id"]
+    client.set_tag(chosen, "cdm.selected", "true")  # what a user does in the MLflow UI
+    assert [c.run_id for c in find_candidates(uri, None, 10, selected=True)] == [chosen]
+
+
+def test_cdm_ui_serves_the_run_store_on_localhost(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(240):
+            try:
+                assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read() == b"OK"
+                break
+            except OSError:
+                assert ui.poll() is None
+                time.sleep(0.5)
+        else:
+            pytest.fail("the UI did not come up")
+    finally:
+        ui.terminate()
+        ui.wait(timeout=60)
+
+
+def test_tune_rejects_bad_input_with_status_2(tmp_path):
+    from cdm_dist.cli import main
+
+    assert main(["tune", str(tmp_path / "none.yaml"), "--trials", "2"]) == 2
+    assert main(["tune", "examples/tune_gmm5d.yaml", "--trials", "0"]) == 2
+    assert main(["tune", "examples/tune_gmm5d.yaml", "--trials", "1", "--set", "tune.space.method.n_c.type=x"]) == 2
