@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ray_bench = benches.add_parser("ray", help="in-process vs Ray colocated vs Ray split on the same chains")
     _bench_arguments(ray_bench, chains=64)
+
+    tune_bench = benches.add_parser("tune", help="tuned vs default configuration on the 5D mixture")
+    tune_bench.add_argument("--json", help="output JSON path (a .md table is written beside it)")
+    tune_bench.add_argument("--trials", type=int, default=12)
+    tune_bench.add_argument("--parallel", type=int, default=2)
+    tune_bench.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     return parser
 
 
@@ -90,6 +96,10 @@ def _bench_arguments(parser: argparse.ArgumentParser, chains: int) -> None:
 def _check_bench(args: argparse.Namespace) -> None:
     from cdm_dist.methods import METHODS
 
+    if args.bench == "tune":
+        if args.trials < 1 or args.parallel < 1:
+            raise InputError(f"--trials and --parallel: must be >= 1, got {args.trials} and {args.parallel}")
+        return
     if args.chains < 1:
         raise InputError(f"--chains: must be >= 1, got {args.chains}")
     if args.n_c is not None and args.n_c < 2:
@@ -229,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.device,
                     n_c=args.n_c,
                 )
+            elif args.bench == "tune":
+                from tuning.bench import bench_tune
+
+                bench_tune(args.json, args.trials, args.parallel, args.quick)
             elif args.bench == "ray":
                 from actors.bench import bench_ray
 
