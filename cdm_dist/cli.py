@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune_bench = benches.add_parser("tune", help="tuned vs default configuration on the 5D mixture")
     tune_bench.add_argument("--json", help="output JSON path (a .md table is written beside it)")
-    tune_bench.add_argument("--trials", type=int, default=12)
+    tune_bench.add_argument("--trials", type=int, default=20)
     tune_bench.add_argument("--parallel", type=int, default=2)
     tune_bench.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     return parser

@@ -39,7 +39,7 @@ def _evaluate(config: CampaignConfig, label: str, chains: int) -> dict[str, Any]
     }
 
 
-def bench_tune(json_path: str | None, trials: int = 12, parallel: int = 2, quick: bool = False) -> dict[str, Any]:
+def bench_tune(json_path: str | None, trials: int = 20, parallel: int = 2, quick: bool = False) -> dict[str, Any]:
     """Default vs tuned on gmm5d (evaluated on fresh seeds); tuning wall time at 1 and `parallel` trials."""
     trials = 4 if quick else trials
     with tempfile.TemporaryDirectory() as root:

@@ -79,7 +79,7 @@ def make_pruner(config: CampaignConfig) -> optuna.pruners.BasePruner:
     if tune.multi_objective or tune.pruner == "none":
         return optuna.pruners.NopPruner()
     if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
     return optuna.pruners.SuccessiveHalvingPruner()
 
 
@@ -253,8 +253,24 @@ class Tuner:
             self.tracker_client.log_batch(run_id, metrics=[Metric("objective", loss, 0, 0)], params=params)
 
     # -- the study --------------------------------------------------------------------------------------
+    def enqueue_baseline(self) -> None:
+        """A new study's first trial is the config as written, so tuning can only improve on it."""
+        if self.study.get_trials(deepcopy=False):
+            return
+        current = self.config.model_dump(mode="json")
+        values = {}
+        for path, spec in self.config.tune.space.items():
+            node: Any = current
+            for part in path.split("."):
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            inside = node in spec.choices if spec.type == "categorical" else spec.low <= node <= spec.high
+            if inside:
+                values[path] = node
+        self.study.enqueue_trial(values)
+
     def run(self, trials: int, parallel: int = 1) -> TuneResult:
         """Finish `trials` trials in all (counting those already in the storage), `parallel` at a time."""
+        self.enqueue_baseline()
         self.recover_stale()
         self._study_run()
         todo = max(0, trials - len(self._finished()))
