@@ -152,6 +152,7 @@ class Tuner:
         self.config, self.address = config, address
         self.name = config.tune.study_name or config.name
         self.folder = Path(config.output) / f"study-{self.name}"
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.storage, self.storage_label = make_storage(storage_url, self.folder)
         directions = ["minimize", "minimize"] if config.tune.multi_objective else ["minimize"]
         self.study = optuna.create_study(

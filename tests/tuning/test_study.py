@@ -197,3 +197,23 @@ def test_tune_rejects_bad_input_with_status_2(tmp_path):
     assert main(["tune", str(tmp_path / "none.yaml"), "--trials", "2"]) == 2
     assert main(["tune", "examples/tune_gmm5d.yaml", "--trials", "0"]) == 2
     assert main(["tune", "examples/tune_gmm5d.yaml", "--trials", "1", "--set", "tune.space.method.n_c.type=x"]) == 2
+
+
+def test_multi_objective_study_on_rdb_storage_reports_a_pareto_front(study_config, tmp_path):
+    config = study_config()
+    config = config.model_copy(update={"tune": config.tune.model_copy(update={"multi_objective": True})})
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    result = Tuner(config, storage).run(trials=3, parallel=1)
+    assert result.storage == storage and result.complete == 3 and result.pruned == 0
+    study = optuna.load_study(study_name=result.study, storage=storage)
+    front = {t.number for t in study.best_trials}
+    assert {p["number"] for p in result.pareto} == front and front
+    for trial in study.get_trials():
+        n_c = trial.params.get("method.n_c", config.method.n_c)
+        assert trial.values[1] == config.method.num_steps * n_c  # compute = steps x n_c
+    # no trial on the front is dominated by another trial
+    values = [t.values for t in study.get_trials()]
+    for point in result.pareto:
+        assert not any(
+            v[0] <= point["values"][0] and v[1] <= point["values"][1] and v != point["values"] for v in values
+        )
