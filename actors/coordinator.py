@@ -49,7 +49,6 @@ class Replica:
     group: Any
     prior: Any
     sampler: Any
-    active: int = 0  # micro-batches assigned
 
     @property
     def actors(self) -> list[Any]:
@@ -66,6 +65,14 @@ class Flight:
     stage: str = ""
     retries: int = 0
 
+    @property
+    def num_steps(self) -> int:
+        return self.job.batch.method.num_steps
+
+    def guided(self, step: int) -> bool:
+        method = self.job.batch.method
+        return bool(guided_mask(method.num_steps, method.guidance_start, method.guidance_stop)[step])
+
 
 class RayExecutor:
     """Runs a campaign's micro-batches on Ray actors, colocated or split."""
@@ -75,8 +82,6 @@ class RayExecutor:
         self.resources = config.resources
         self.split = config.resources.placement == "split"
         self.name = config.resources.executor_name
-        self.num_steps = config.method.num_steps
-        self.guided = guided_mask(self.num_steps, config.method.guidance_start, config.method.guidance_stop).tolist()
         connect(address)
         self._check_capacity()
         self.replicas = [self._start_replica(r) for r in range(self.resources.replicas)]
@@ -139,17 +144,21 @@ class RayExecutor:
 
     # -- the event loop ---------------------------------------------------------------------------------
     def execute(self, jobs: list[Job], sink: Sink) -> None:
-        """Run every job to its result, at most `in_flight` micro-batches per replica at a time."""
+        """Run every job to its result, at most `in_flight` micro-batches per replica at a time.
+
+        Several campaigns (the trials of a study) may call this at once from their own threads: each call keeps
+        its own window of micro-batches in flight, and the actors interleave their tasks."""
         waiting = list(jobs)
         in_flight: dict[ray.ObjectRef, Flight] = {}
+        active = {replica.index: 0 for replica in self.replicas}  # micro-batches of this call per replica
         capacity = self.resources.in_flight
         busy_before = self._busy()
         tic = time.perf_counter()
         while waiting or in_flight:
             for replica in self.replicas:
-                while waiting and replica.active < capacity:
+                while waiting and active[replica.index] < capacity:
                     job = waiting.pop(0)
-                    replica.active += 1
+                    active[replica.index] += 1
                     flight = Flight(job, replica, _step_of(job.checkpoint))
                     in_flight[self._submit(flight)] = flight
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -157,11 +166,11 @@ class RayExecutor:
             try:
                 value = ray.get(done[0])
             except ray.exceptions.RayError as exc:
-                nxt = self._recover(flight, sink, exc)
+                nxt = self._recover(flight, sink, exc, active)
             else:
                 nxt = self._advance(flight, value, sink)
             if nxt is None:
-                flight.replica.active -= 1
+                active[flight.replica.index] -= 1
             else:
                 in_flight[nxt] = flight
         self.wall_seconds = time.perf_counter() - tic
@@ -175,15 +184,16 @@ class RayExecutor:
         """The next task of a micro-batch, from its current checkpoint."""
         job, replica, step = flight.job, flight.replica, flight.step
         every = self.resources.checkpoint_every
-        if step >= self.num_steps:
+        num_steps = flight.num_steps
+        if step >= num_steps:
             flight.stage = "finish"
             return replica.sampler.finish.remote(job.batch, job.checkpoint)
         if not self.split:
             flight.stage = "run"
-            return replica.prior.run.remote(job.batch, job.checkpoint, chunk_end(step, every, self.num_steps))
-        if not self.guided[step]:  # unguided steps need only the prior: run them up to the next guided one
+            return replica.prior.run.remote(job.batch, job.checkpoint, chunk_end(step, every, num_steps))
+        if not flight.guided(step):  # unguided steps need only the prior: run them up to the next guided one
             until = step + 1
-            while until < chunk_end(step, every, self.num_steps) and not self.guided[until]:
+            while until < chunk_end(step, every, num_steps) and not flight.guided(until):
                 until += 1
             flight.stage = "run"
             return replica.prior.run.remote(job.batch, job.checkpoint, until)
@@ -207,7 +217,7 @@ class RayExecutor:
         job.checkpoint, flight.step = value.checkpoint, int(value.checkpoint["step"])
         return self._submit(flight)
 
-    def _recover(self, flight: Flight, sink: Sink, error: Exception) -> ray.ObjectRef | None:
+    def _recover(self, flight: Flight, sink: Sink, error: Exception, active: dict[int, int]) -> ray.ObjectRef | None:
         """Restart a micro-batch from its last checkpoint, on the least busy replica, or give it up."""
         flight.retries += 1
         if flight.retries > self.resources.max_retries:
@@ -215,10 +225,10 @@ class RayExecutor:
             return None
         flight.job.checkpoint = sink.restart_point(flight.job.batch)
         flight.step = _step_of(flight.job.checkpoint)
-        flight.replica.active -= 1
-        others = sorted(self.replicas, key=lambda r: (r.active, r is flight.replica))
+        active[flight.replica.index] -= 1
+        others = sorted(self.replicas, key=lambda r: (active[r.index], r is flight.replica))
         flight.replica = others[0]
-        flight.replica.active += 1
+        active[flight.replica.index] += 1
         return self._submit(flight)
 
     def _busy(self) -> dict[str, float]:

@@ -247,11 +247,18 @@ def dump_config(config: CampaignConfig) -> str:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """A slice of the campaign's chains that runs as one batch: chain ids [start, stop)."""
+    """A slice of a campaign's chains that runs as one batch: chain ids [start, stop), with the method knobs
+    (so workers shared by several campaigns, e.g. the trials of a study, run each batch with its own)."""
 
     index: int
     start: int
     chains: Chains
+    method: MethodConfig
+    campaign: str = ""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.campaign, self.index)
 
     @property
     def chain_ids(self) -> range:
@@ -268,7 +275,10 @@ def campaign_chains(config: CampaignConfig) -> Chains:
 def micro_batches(config: CampaignConfig) -> list[MicroBatch]:
     """The campaign's chains cut into micro-batches of resources.micro_batch chains."""
     chains, size = campaign_chains(config), config.resources.micro_batch
-    return [MicroBatch(i, start, chains[start : start + size]) for i, start in enumerate(range(0, len(chains), size))]
+    return [
+        MicroBatch(i, start, chains[start : start + size], config.method, config.name)
+        for i, start in enumerate(range(0, len(chains), size))
+    ]
 
 
 def build_problem(config: ProblemConfig) -> CDMProblem:

@@ -66,10 +66,10 @@ class LocalExecutor:
 
     def execute(self, jobs: list[Job], sink: Sink) -> None:
         """Round-robin: one chunk of every micro-batch in turn, so all reach each checkpoint step together."""
-        num_steps = self.worker.num_steps()
         active = list(jobs)
         while active:
             for job in list(active):
+                num_steps = job.batch.method.num_steps
                 step = 0 if job.checkpoint is None else int(job.checkpoint["step"])
                 if step >= num_steps:
                     sink.on_result(job.batch, self.worker.finish(job.batch, job.checkpoint))

@@ -59,9 +59,8 @@ class ChainWorker:
         self.config, self.role = config, role
         self.device = torch.device(device) if device else torch.device("cpu")
         self.problem = build_problem(config.problem)
-        self.mlgd = config.method.mlgd()
-        self._runners: dict[int, GuidedChains] = {}
-        self._pending: dict[int, tuple[ChainState, Denoised]] = {}
+        self._runners: dict[tuple[str, int], GuidedChains] = {}
+        self._pending: dict[tuple[str, int], tuple[ChainState, Denoised]] = {}
         self._busy = 0.0
         self._started = time.perf_counter()
 
@@ -75,19 +74,16 @@ class ChainWorker:
         return self._busy, time.perf_counter() - self._started
 
     def _runner(self, batch: MicroBatch) -> GuidedChains:
-        if batch.index not in self._runners:
-            sampler = self.problem.sampler(self.config.method.name)
-            self._runners[batch.index] = GuidedChains(
-                self.problem.prior, sampler, self.problem.target, batch.chains, self.mlgd, self.device
+        if batch.key not in self._runners:
+            sampler = self.problem.sampler(batch.method.name)
+            self._runners[batch.key] = GuidedChains(
+                self.problem.prior, sampler, self.problem.target, batch.chains, batch.method.mlgd(), self.device
             )
-        return self._runners[batch.index]
+        return self._runners[batch.key]
 
     def _state(self, batch: MicroBatch, checkpoint: Checkpoint | None) -> ChainState:
         runner = self._runner(batch)
         return runner.initial_state() if checkpoint is None else runner.resume(checkpoint)
-
-    def num_steps(self) -> int:
-        return self.mlgd.num_steps
 
     # -- colocated / in-process: many steps at once -----------------------------------------------------
     def run(self, batch: MicroBatch, checkpoint: Checkpoint | None, until: int) -> Chunk:
@@ -116,7 +112,7 @@ class ChainWorker:
         ).to(self.device)
         with torch.no_grad():
             y = runner.sampler.sample(result.x, eta).cpu()
-        self._runners.pop(batch.index, None)
+        self._runners.pop(batch.key, None)
         self._busy += time.perf_counter() - tic
         metrics = {k: v.cpu() for k, v in result.metrics.items()}
         return MicroBatchResult(batch.index, result.x.cpu(), result.final_loss.cpu(), result.failed.cpu(), metrics, y)
@@ -127,7 +123,7 @@ class ChainWorker:
         tic = time.perf_counter()
         state = self._state(batch, checkpoint)
         denoised = self._runner(batch).denoise(state)
-        self._pending[batch.index] = (state, denoised)
+        self._pending[batch.key] = (state, denoised)
         self._busy += time.perf_counter() - tic
         return denoised.x0.cpu()
 
@@ -141,9 +137,9 @@ class ChainWorker:
     def advance(self, batch: MicroBatch, loss_and_grad: tuple[torch.Tensor, torch.Tensor]) -> Chunk:
         """Prior: the VJP through Tweedie and the reverse step, for the step `denoise` began."""
         tic = time.perf_counter()
-        if batch.index not in self._pending:
-            raise LostStepError(f"micro-batch {batch.index}: no denoised step pending (worker restarted?)")
-        state, denoised = self._pending.pop(batch.index)
+        if batch.key not in self._pending:
+            raise LostStepError(f"micro-batch {batch.key}: no denoised step pending (worker restarted?)")
+        state, denoised = self._pending.pop(batch.key)
         loss, grad = loss_and_grad
         state = self._runner(batch).advance(state, denoised, loss, grad)
         self._busy += time.perf_counter() - tic

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
+import traceback
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -149,7 +150,11 @@ class Tuner:
             raise InputError("tune.space: empty; declare at least one knob to tune")
         for path, spec in config.tune.space.items():  # every path exists and every range value validates
             with_values(config, {path: spec.choices[0] if spec.type == "categorical" else spec.low})
+        shared = [p for p in config.tune.space if p.split(".")[0] in ("problem", "resources", "tracking", "output")]
+        if shared:
+            raise InputError(f"tune.space: {shared}: trials share one problem and one actor pool; tune method/chains")
         self.config, self.address = config, address
+        self.executor: Any = None  # the actor pool every trial shares (made in run)
         self.name = config.tune.study_name or config.name
         self.folder = Path(config.output) / f"study-{self.name}"
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -223,7 +228,7 @@ class Tuner:
         tags = {"cdm.trial": str(trial.number), "cdm.study": self.name}
         if self.study_run_id:
             tags["mlflow.parentRunId"] = self.study_run_id
-        executor = make_executor(config, self.address)
+        executor = self.executor or make_executor(config, self.address)
         try:
             report: CampaignReport = run_campaign(
                 config, executor, CampaignStore.create(config), on_chunk, progress=False, parent_tags=tags
@@ -232,7 +237,8 @@ class Tuner:
             trial.set_user_attr(RUN, steps["run"])
             return None, optuna.trial.TrialState.PRUNED
         finally:
-            executor.close()
+            if executor is not self.executor:
+                executor.close()
         trial.set_user_attr(RUN, steps["run"])
         trial.set_user_attr("cdm.campaign_run_id", report.campaign_run_id)
         loss = aggregate(
@@ -280,6 +286,21 @@ class Tuner:
 
         bar = tqdm(total=todo, desc=f"study {self.name}", unit="trial")
         running: dict[Future, optuna.Trial] = {}
+        if self.config.resources.executor == "ray" and todo > 0:  # one actor pool for every trial
+            self.executor = make_executor(self.config, self.address)
+        try:
+            self._loop(todo, parallel, running, bar)
+        finally:
+            if self.executor is not None:
+                self.executor.close()
+                self.executor = None
+        bar.close()
+        result = self.result()
+        self._finish_tracking(result)
+        return result
+
+    def _loop(self, todo: int, parallel: int, running: dict[Future, optuna.Trial], bar: Any) -> None:
+        """Ask while fewer than `parallel` trials run; tell each as it ends."""
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             while todo > 0 or running:
                 while todo > 0 and len(running) < parallel:
@@ -295,17 +316,13 @@ class Tuner:
                         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                         raise
                     except Exception as exc:  # a crashing trial fails alone
-                        trial.set_user_attr("cdm.error", f"{type(exc).__name__}: {exc}")
+                        trial.set_user_attr("cdm.error", "".join(traceback.format_exception(exc))[-2000:])
                         value, state = None, optuna.trial.TrialState.FAIL
                     if state == optuna.trial.TrialState.COMPLETE:
                         self.study.tell(trial, value)
                     else:
                         self.study.tell(trial, state=state)
                     bar.update(1)
-        bar.close()
-        result = self.result()
-        self._finish_tracking(result)
-        return result
 
     def result(self) -> TuneResult:
         finished = self._finished()

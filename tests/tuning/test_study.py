@@ -217,3 +217,25 @@ def test_multi_objective_study_on_rdb_storage_reports_a_pareto_front(study_confi
         assert not any(
             v[0] <= point["values"][0] and v[1] <= point["values"][1] and v != point["values"] for v in values
         )
+
+
+def test_parallel_trials_share_one_ray_actor_pool_and_match_in_process_runs(ray_cluster, study_config, monkeypatch):
+    import tuning.study as study_module
+    from cdm_dist.runner import LocalExecutor, run_campaign
+    from cdm_dist.store import CampaignStore
+
+    made = []
+    real = study_module.make_executor
+    monkeypatch.setattr(study_module, "make_executor", lambda *a, **k: made.append(1) or real(*a, **k))
+    config = study_config(resources__executor="ray", resources__placement="split")
+    config = config.model_copy(update={"tune": config.tune.model_copy(update={"pruner": "none"})})
+    tuner = Tuner(config)
+    result = tuner.run(trials=3, parallel=2)
+    assert len(made) == 1 and result.complete == 3  # one actor pool for all the trials
+    for trial in tuner.study.get_trials():
+        local = with_values(config, trial.params).model_copy(
+            update={"resources": config.resources.model_copy(update={"executor": "local"}), "name": "check"}
+        )
+        local = local.model_copy(update={"tracking": local.tracking.model_copy(update={"enabled": False})})
+        report = run_campaign(local, LocalExecutor(local), CampaignStore.create(local), progress=False)
+        assert trial.value == pytest.approx(aggregate([r.final_loss for r in report.rows], "median", 5), abs=1e-5)
