@@ -56,7 +56,9 @@ def bench_tune(json_path: str | None, trials: int = 20, parallel: int = 2, quick
             tic = time.perf_counter()
             result = Tuner(study).run(trials, k)
             timing.append({"parallel": k, "trials": trials, "wall_s": time.perf_counter() - tic,
-                           "pruned": result.pruned, "best_value": result.best_value})  # fmt: skip
+                           "pruned": result.pruned, "best_value": result.best_value,
+                           "chain_steps_run": result.chain_steps_run,
+                           "chain_steps_saved_by_pruning": result.chain_steps_saved})  # fmt: skip
             if k == 1:
                 best = result.best_params
         rows.append(_evaluate(with_values(base, best), "tuned", eval_chains))
@@ -72,6 +74,8 @@ def bench_tune(json_path: str | None, trials: int = 20, parallel: int = 2, quick
     }
     markdown = markdown_table(rows, ["problem", "config", "chains", "median_heldout_loss", "median_l2_gmm",
                                      "chains_per_s"])  # fmt: skip
-    markdown += "\n" + markdown_table(timing, ["parallel", "trials", "wall_s", "pruned", "best_value"])
+    columns = ["parallel", "trials", "wall_s", "pruned", "best_value", "chain_steps_run"]
+    columns.append("chain_steps_saved_by_pruning")
+    markdown += "\n" + markdown_table(timing, columns)
     write_report(payload, json_path, markdown)
     return payload

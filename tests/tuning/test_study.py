@@ -25,7 +25,7 @@ def study_config(small_campaign):
         overrides = {"tracking__enabled": True, "resources__executor": "local", "chains__count": 4} | overrides
         base = small_campaign(**overrides)
         return load_config(None, [SPACE]).model_copy(
-            update={k: getattr(base, k) for k in base.model_fields if k != "tune"}
+            update={k: getattr(base, k) for k in type(base).model_fields if k != "tune"}
         )
 
     return make
