@@ -56,3 +56,51 @@ def _small_campaign(tmp_path, overrides):
         "output": str(tmp_path / "campaigns"),
     } | overrides
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a free TCP port on 127.0.0.1."""
+    return _free_port
+
+
+@pytest.fixture
+def http_service():
+    """Start a command serving HTTP on 127.0.0.1 ('{port}' in it is replaced); returns the port once `path`
+    answers. Every service started is stopped at teardown."""
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    started = []
+
+    def start(command, path="/health"):
+        port = _free_port()
+        process = subprocess.Popen(
+            [str(c).format(port=port) for c in command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        started.append(process)
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2)
+                return port
+            except urllib.error.HTTPError:  # it answers
+                return port
+            except OSError:
+                assert process.poll() is None, f"{command[:4]} exited with {process.returncode}"
+                time.sleep(0.5)
+        pytest.fail(f"{command[:4]} did not answer on port {port}")
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(timeout=60)

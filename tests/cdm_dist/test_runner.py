@@ -119,37 +119,19 @@ def test_resume_after_the_driver_died_redoes_no_finished_chain(small_campaign, m
     assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_id}'")) == 6
 
 
-def test_a_campaign_tracks_to_an_mlflow_server(small_campaign, tmp_path):
+def test_a_campaign_tracks_to_an_mlflow_server(small_campaign, tmp_path, http_service):
     """The same campaign against `mlflow server` on 127.0.0.1 (artifacts proxied by the server)."""
-    import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "srv")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    port = http_service(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", "{port}",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "srv")]
     )  # fmt: skip
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        config = small_campaign(tracking__enabled=True, tracking__uri=f"http://127.0.0.1:{port}", chains__count=2)
-        report = _run(config)
-        client = client_for(config.tracking.uri)
-        assert client.get_run(report.campaign_run_id).data.metrics["chains_ok"] == 2
-        for row in report.rows:
-            run = client.get_run(row.run_id)
-            assert run.data.metrics["final_loss"] == pytest.approx(row.final_loss)
-            assert f"chain{row.chain:05d}.npy" in [a.path for a in client.list_artifacts(row.run_id)]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    config = small_campaign(tracking__enabled=True, tracking__uri=f"http://127.0.0.1:{port}", chains__count=2)
+    report = _run(config)
+    client = client_for(config.tracking.uri)
+    assert client.get_run(report.campaign_run_id).data.metrics["chains_ok"] == 2
+    for row in report.rows:
+        run = client.get_run(row.run_id)
+        assert run.data.metrics["final_loss"] == pytest.approx(row.final_loss)
+        assert f"chain{row.chain:05d}.npy" in [a.path for a in client.list_artifacts(row.run_id)]

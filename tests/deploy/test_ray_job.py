@@ -5,7 +5,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,6 @@ from cdm_dist.tracking import client_for
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def auth_env():
     """Ray's token authentication, with a token of this test's own, for the head and every client."""
@@ -33,15 +26,15 @@ def auth_env():
 
 
 @pytest.fixture
-def ray_head(tmp_path, auth_env):
+def ray_head(tmp_path, auth_env, free_port):
     """`ray start --head --block` on 127.0.0.1; stopping that process stops the cluster it started (only it)."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     head = subprocess.Popen(
         [
             RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2",
             "--node-ip-address=127.0.0.1", f"--port={port}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            f"--dashboard-agent-listen-port={_free_port()}",  # not the default 52365: another Ray may hold it
+            f"--dashboard-agent-listen-port={free_port()}",  # not the default 52365: another Ray may hold it
         ],
         stdout=(tmp_path / "head.log").open("w"),
         stderr=subprocess.STDOUT,

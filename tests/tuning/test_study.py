@@ -160,35 +160,13 @@ def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path)
     assert [c.run_id for c in find_candidates(uri, None, 10, selected=True)] == [chosen]
 
 
-def test_cdm_ui_serves_the_run_store_on_localhost(tmp_path):
-    import socket
-    import subprocess
+def test_cdm_ui_serves_the_run_store_on_localhost(tmp_path, http_service):
     import sys
-    import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(240):
-            try:
-                assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read() == b"OK"
-                break
-            except OSError:
-                assert ui.poll() is None
-                time.sleep(0.5)
-        else:
-            pytest.fail("the UI did not come up")
-    finally:
-        ui.terminate()
-        ui.wait(timeout=60)
+    port = http_service([sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", uri, "--port", "{port}"])
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read() == b"OK"
 
 
 def test_tune_rejects_bad_input_with_status_2(tmp_path):

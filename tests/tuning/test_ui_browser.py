@@ -3,10 +3,8 @@ the campaign's chains listed sorted by final_loss, a screenshot saved."""
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 
@@ -26,37 +24,21 @@ def _browser(url, *args):
     return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
-def test_the_mlflow_ui_lists_the_chains_by_final_loss(small_campaign, tmp_path):
+def test_the_mlflow_ui_lists_the_chains_by_final_loss(small_campaign, tmp_path, http_service):
     config = small_campaign(tracking__enabled=True, tracking__experiment="ui-test")
     report = run_campaign(config, LocalExecutor(config), CampaignStore.create(config), progress=False)
     experiment = client_for(config.tracking.uri).get_experiment_by_name("ui-test").experiment_id
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", config.tracking.uri, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    command = [sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", config.tracking.uri, "--port", "{port}"]
+    port = http_service(command)
+    query = urllib.parse.urlencode(
+        {"searchFilter": "tags.`cdm.kind` = 'chain'", "orderByKey": "metrics.`final_loss`", "orderByAsc": "true"},
+        quote_via=urllib.parse.quote,
     )
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        query = urllib.parse.urlencode(
-            {"searchFilter": "tags.`cdm.kind` = 'chain'", "orderByKey": "metrics.`final_loss`", "orderByAsc": "true"},
-            quote_via=urllib.parse.quote,
-        )
-        url = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?{query}"
-        dom = _browser(url, "--dump-dom").stdout
-        shot = tmp_path / "mlflow_ui.png"
-        _browser(url, f"--screenshot={shot}")
-    finally:
-        ui.terminate()
-        ui.wait(timeout=60)
+    url = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?{query}"
+    dom = _browser(url, "--dump-dom").stdout
+    shot = tmp_path / "mlflow_ui.png"
+    _browser(url, f"--screenshot={shot}")
     listed = list(dict.fromkeys(re.findall(r"chain-\d{5}", dom)))
     by_loss = [f"chain-{r.chain:05d}" for r in sorted(report.rows, key=lambda r: r.final_loss)]
     assert listed == by_loss  # every chain, in order of held-out loss
