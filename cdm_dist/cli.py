@@ -198,7 +198,12 @@ def _topk(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    """`cdm ui`: the MLflow UI on 127.0.0.1 over the run store (blocks until interrupted)."""
+    """`cdm ui`: the MLflow UI on 127.0.0.1 over the run store, until interrupted or terminated.
+
+    MLflow serves through worker processes; they run in their own process group, which is stopped as a whole
+    when `cdm ui` ends (Ctrl-C or SIGTERM), so no server outlives it."""
+    import os
+    import signal
     import subprocess
 
     from cdm_dist.campaign import TrackingConfig
@@ -207,11 +212,27 @@ def _ui(args: argparse.Namespace) -> int:
     uri = resolve_uri(args.tracking_uri or TrackingConfig().uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} over {uri}")
+    print(f"MLflow UI on http://{args.host}:{args.port} over {uri}", flush=True)
+    server = subprocess.Popen(command, start_new_session=True)
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        return subprocess.call(command)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(timeout=20)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,7 +86,10 @@ def http_service():
     def start(command, path="/health"):
         port = _free_port()
         process = subprocess.Popen(
-            [str(c).format(port=port) for c in command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [str(c).format(port=port) for c in command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: the server's workers are stopped with it
         )
         started.append(process)
         for _ in range(240):
@@ -101,6 +104,16 @@ def http_service():
         pytest.fail(f"{command[:4]} did not answer on port {port}")
 
     yield start
+    import os
+    import signal
+
     for process in started:
-        process.terminate()
-        process.wait(timeout=60)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+                process.wait(timeout=30)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
