@@ -202,11 +202,11 @@ def _ui(args: argparse.Namespace) -> int:
 
     MLflow serves through worker processes; they run in their own process group, which is stopped as a whole
     when `cdm ui` ends (Ctrl-C or SIGTERM), so no server outlives it."""
-    import os
     import signal
     import subprocess
 
     from cdm_dist.campaign import TrackingConfig
+    from cdm_dist.processes import stop_process_group
     from cdm_dist.tracking import resolve_uri
 
     uri = resolve_uri(args.tracking_uri or TrackingConfig().uri)
@@ -224,15 +224,7 @@ def _ui(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(timeout=20)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(server)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -104,16 +104,7 @@ def http_service():
         pytest.fail(f"{command[:4]} did not answer on port {port}")
 
     yield start
-    import os
-    import signal
+    from cdm_dist.processes import stop_process_group
 
     for process in started:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(timeout=30)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(process)
