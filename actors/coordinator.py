@@ -12,6 +12,7 @@ restarts the actor (max_restarts). After resources.max_retries restarts its chai
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ class Flight:
 
     def guided(self, step: int) -> bool:
         method = self.job.batch.method
-        return bool(guided_mask(method.num_steps, method.guidance_start, method.guidance_stop)[step])
+        return _guided_steps(method.num_steps, method.guidance_start, method.guidance_stop)[step]
 
 
 class RayExecutor:
@@ -248,6 +249,12 @@ class RayExecutor:
 
     def _role_counts(self) -> dict[str, int]:
         return {role: len(self.replicas) for role in self._roles()}
+
+
+@functools.lru_cache(maxsize=64)
+def _guided_steps(num_steps: int, start: float, stop: float) -> tuple[bool, ...]:
+    """Which steps of a method get guidance (cached: the same few methods are asked about every step)."""
+    return tuple(guided_mask(num_steps, start, stop).tolist())
 
 
 def _step_of(checkpoint: dict[str, Any] | None) -> int:

@@ -304,7 +304,8 @@ def build_problem(config: ProblemConfig) -> CDMProblem:
     return problem
 
 
-def check_config(config: CampaignConfig) -> None:
+def check_config(config: CampaignConfig) -> CDMProblem:
     """Checks that need the problem: the target file loads and matches; the method has its sampler."""
     problem = build_problem(config.problem)
     problem.sampler(config.method.name)
+    return problem

@@ -133,14 +133,14 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(store.config_path, args.overrides, args.executor)
     else:
         config = load_config(args.config, args.overrides, args.executor)
-        check_config(config)
         store = None
+    target = check_config(config).target.samples
     from cdm_dist.runner import format_topk, make_executor, run_campaign, write_json
 
     executor = make_executor(config, args.address)
     store = store or CampaignStore.create(config)
     try:
-        report = run_campaign(config, executor, store, progress=not args.quiet)
+        report = run_campaign(config, executor, store, progress=not args.quiet, target=target)
     finally:
         executor.close()
     summary = report.to_json()

@@ -233,10 +233,6 @@ class GuidedChains:
         loss, grad_x0 = self.matching_grad(denoised.x0, state.step)
         return self.advance(state, denoised, loss, grad_x0)
 
-    def is_guided(self, step: int) -> bool:
-        """Whether reverse step `step` gets loss guidance."""
-        return bool(self.guided[step])
-
     def states(self, start: ChainState | None = None) -> Iterator[ChainState]:
         """Yield the state after every reverse step until x_0 (guided-diffusion style progressive loop)."""
         state = start or self.initial_state()

@@ -283,14 +283,17 @@ def run_campaign(
     on_chunk: Callable[[MicroBatch, Chunk], None] | None = None,
     progress: bool = True,
     parent_tags: dict[str, str] | None = None,
+    target: torch.Tensor | None = None,
 ) -> CampaignReport:
     """Run (or finish, for a store with progress in it) a campaign; returns its report.
 
-    parent_tags go on the campaign's MLflow run (e.g. mlflow.parentRunId to nest it under a study)."""
+    parent_tags go on the campaign's MLflow run (e.g. mlflow.parentRunId to nest it under a study); target is the
+    target samples (S_G, for pictures), built from the config when not given."""
     from cdm_dist.campaign import build_problem, campaign_chains
 
     tracker = None
-    target = build_problem(config.problem).target.samples
+    if target is None:
+        target = build_problem(config.problem).target.samples
     if config.tracking.enabled:
         from cdm_dist.tracking import CampaignTracker
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdm_dist.campaign import CampaignConfig, dump_config, load_config
+from cdm_dist.campaign import CampaignConfig, dump_config
 from cdm_dist.errors import InputError
 from cdm_dist.worker import MicroBatchResult
 
@@ -58,9 +58,6 @@ class CampaignStore:
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"
-
-    def config(self) -> CampaignConfig:
-        return load_config(self.config_path)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _checkpoint_path(self, index: int) -> Path:

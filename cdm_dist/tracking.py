@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cdm_dist.campaign import CampaignConfig, MicroBatch, dump_config
+from cdm_dist.campaign import CampaignConfig, MicroBatch
 from cdm_dist.errors import InputError
 from cdm_dist.worker import MicroBatchResult
 
@@ -92,10 +92,7 @@ class CampaignTracker:
             self.parent_id = run.info.run_id
             params = flatten(self.config.model_dump(mode="json"))
             self._batch(self.parent_id, params=params)
-            config_file = output_dir / "config.yaml"
-            if not config_file.is_file():
-                config_file.write_text(dump_config(self.config))
-            self.client.log_artifact(self.parent_id, str(config_file))
+            self.client.log_artifact(self.parent_id, str(output_dir / "config.yaml"))  # written by CampaignStore
         self.child_ids = {int(k): v for k, v in state.get("child_run_ids", {}).items()}
         for chain, seed, zeta in chains:
             if chain not in self.child_ids:

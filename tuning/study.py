@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 import torch
 
-from cdm_dist.campaign import CampaignConfig, MicroBatch, ParamSpec, with_values
+from cdm_dist.campaign import CampaignConfig, MicroBatch, ParamSpec, check_config, with_values
 from cdm_dist.errors import InputError
 from cdm_dist.runner import CampaignReport, make_executor, run_campaign
 from cdm_dist.store import CampaignStore
@@ -154,6 +154,7 @@ class Tuner:
         if shared:
             raise InputError(f"tune.space: {shared}: trials share one problem and one actor pool; tune method/chains")
         self.config, self.address = config, address
+        self.target = check_config(config).target.samples  # trials share the problem: build it once
         self.executor: Any = None  # the actor pool every trial shares (made in run)
         self.name = config.tune.study_name or config.name
         self.folder = Path(config.output) / f"study-{self.name}"
@@ -231,7 +232,13 @@ class Tuner:
         executor = self.executor or make_executor(config, self.address)
         try:
             report: CampaignReport = run_campaign(
-                config, executor, CampaignStore.create(config), on_chunk, progress=False, parent_tags=tags
+                config,
+                executor,
+                CampaignStore.create(config),
+                on_chunk,
+                progress=False,
+                parent_tags=tags,
+                target=self.target,
             )
         except optuna.TrialPruned:
             trial.set_user_attr(RUN, steps["run"])
