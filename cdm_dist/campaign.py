@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 from cdm_dist.config import MLGDConfig, NonNegative, Positive, StrictModel, ZetaConfig, parse
 from cdm_dist.errors import InputError
 from cdm_dist.mlgd import Chains
-from cdm_dist.problems import GMM_PROBLEMS, CDMProblem, gmm_problem
+from cdm_dist.problems import GMM_PROBLEMS, CDMProblem, digits_problem, gmm_problem, learned_gmm_problem
 from cdm_dist.targets import Target
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -23,12 +23,26 @@ EXECUTORS = ("local", "ray_colocated", "ray_split")
 class ProblemConfig(StrictModel):
     """Which CDM problem: a benchmark by name, optionally with the user's own target samples."""
 
-    name: Literal["gmm2d", "gmm5d", "gmm10d"] = "gmm2d"
+    name: Literal["gmm2d", "gmm5d", "gmm10d", "digits"] = "gmm2d"
     target_file: str | None = None  # .npy / .csv / .safetensors samples replacing the benchmark's target
     target_size: PositiveInt = 1000
     target_seed: int = 0
     joint_seed: int = 1  # 5D / 10D joints
     full_chain_steps: PositiveInt = 100  # steps of the MLGD full-chain sampler
+    models: Literal["exact", "learned"] = "exact"  # mixtures: closed-form or learned models; digits: learned
+    checkpoints: str | None = None  # folder with prior/ and sampler/ (default: the shipped ones)
+    fast_steps: PositiveInt = 4  # Euler steps of the learned fast sampler (MLGD-F)
+    digits_target: Literal["uniform", "bimodal", "unimodal"] = "uniform"
+
+    @model_validator(mode="after")
+    def _models(self) -> ProblemConfig:
+        if self.name == "digits" and self.models != "learned":
+            raise ValueError("models: the digits problem has only learned models; set models: learned")
+        if self.checkpoints is not None and self.models != "learned":
+            raise ValueError("checkpoints: only used with models: learned")
+        if self.models == "learned" and self.joint_seed != 1:
+            raise ValueError("joint_seed: learned mixture models are trained on joint seed 1")
+        return self
 
 
 class MethodConfig(MLGDConfig):
@@ -283,15 +297,21 @@ def micro_batches(config: CampaignConfig) -> list[MicroBatch]:
 
 def build_problem(config: ProblemConfig) -> CDMProblem:
     """The problem a campaign runs on, with the user's target file in place of the benchmark target."""
-    if config.name not in GMM_PROBLEMS:
+    sizes = {"target_size": config.target_size, "target_seed": config.target_seed}
+    if config.name == "digits":
+        problem = digits_problem(
+            config.digits_target, config.checkpoints, config.fast_steps, config.full_chain_steps, **sizes
+        )
+    elif config.name not in GMM_PROBLEMS:
         raise InputError(f"problem.name: unknown {config.name!r}")
-    problem = gmm_problem(
-        config.name,
-        target_size=config.target_size,
-        target_seed=config.target_seed,
-        joint_seed=config.joint_seed,
-        full_chain_steps=config.full_chain_steps,
-    )
+    elif config.models == "learned":
+        problem = learned_gmm_problem(
+            config.name, config.checkpoints, config.fast_steps, config.full_chain_steps, **sizes
+        )
+    else:
+        problem = gmm_problem(
+            config.name, joint_seed=config.joint_seed, full_chain_steps=config.full_chain_steps, **sizes
+        )
     if config.target_file is not None:
         target = Target.from_file(config.target_file)
         if target.dim != problem.fast_sampler.y_dim:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -63,12 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
 
+    train = commands.add_parser("train", help="train a problem's learned prior or fast sampler (accelerate, EMA)")
+    train.add_argument("role", choices=["prior", "sampler"])
+    train.add_argument("--problem", required=True, help="gmm2d, gmm5d, gmm10d or digits")
+    train.add_argument("--out", required=True, help="new checkpoint folder (config, safetensors, manifest.json)")
+    train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the problem's)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="GPU only")
+    train.add_argument("--tiny", action="store_true", help="a tiny network, for smoke tests")
+    train.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+
     bench = commands.add_parser("bench", help="run a benchmark (writes JSON + markdown)")
     benches = bench.add_subparsers(dest="bench", required=True)
     gmm = benches.add_parser("gmm", help="MLGD-F, MLGD, best-of-N, D-Flow on the 2D/5D/10D Gaussian mixtures")
     _bench_arguments(gmm, chains=25)
     gmm.add_argument("--dims", type=_int_list, default=(2, 5, 10))
     gmm.add_argument("--methods", default="mlgd_f,mlgd,best_of_n,dflow")
+    gmm.add_argument("--models", choices=["exact", "learned"], default="exact", help="closed-form or trained models")
+    gmm.add_argument("--checkpoints", help="folder with gmm2d/ gmm5d/ gmm10d/ (default: the shipped checkpoints)")
+
+    digits = benches.add_parser("digits", help="MLGD-F on rotated digits: top-5 x* per target on the circle")
+    _bench_arguments(digits, chains=16)
+    digits.add_argument("--targets", default="uniform,bimodal,unimodal")
+    digits.add_argument("--checkpoints", help="folder with prior/ and sampler/ (default: the shipped digits models)")
 
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     _bench_arguments(batching, chains=256)
@@ -111,6 +129,12 @@ def _check_bench(args: argparse.Namespace) -> None:
         bad = [d for d in args.dims if d not in (2, 5, 10)]
         if bad:
             raise InputError(f"--dims: unknown {bad}; expected some of [2, 5, 10]")
+    if args.bench == "digits":
+        from cdm_dist.digits import TARGETS
+
+        unknown = [t for t in args.targets.split(",") if t not in TARGETS]
+        if unknown:
+            raise InputError(f"--targets: unknown {unknown}; expected some of {list(TARGETS)}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -227,6 +251,26 @@ def _ui(args: argparse.Namespace) -> int:
         stop_process_group(server)
 
 
+def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """`cdm train`: one model, saved with its manifest (which records this exact command)."""
+    import shlex
+    from dataclasses import replace
+
+    from cdm_dist.training import train, training_data
+
+    settings = None
+    training_data(args.problem)  # an unknown problem fails before anything is built
+    if args.mixed_precision:
+        from cdm_dist.training import settings_for
+
+        settings = replace(settings_for(args.problem, args.role), mixed_precision=args.mixed_precision)
+    command = shlex.join(["cdm", *(sys.argv[1:] if argv is None else argv)])
+    manifest = train(args.role, args.problem, args.out, args.steps, args.seed, settings, args.tiny, args.cpu, command)
+    print(f"{args.role} for {args.problem}: final training loss {manifest['final_training_loss']:.5f}; {args.out}")
+    print(json.dumps(manifest["quality"], indent=1))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -238,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _topk(args)
         if args.command == "ui":
             return _ui(args)
+        if args.command == "train":
+            return _train(args, argv)
         if args.command == "bench":
             _check_bench(args)
             if args.bench == "gmm":
@@ -251,7 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.quick,
                     args.device,
                     n_c=args.n_c,
+                    models=args.models,
+                    checkpoints=args.checkpoints,
                 )
+            elif args.bench == "digits":
+                from cdm_dist.bench.digits import bench_digits
+
+                targets = tuple(args.targets.split(","))
+                bench_digits(args.json, targets, args.chains, args.quick, args.device, args.n_c, args.checkpoints)
             elif args.bench == "tune":
                 from tuning.bench import bench_tune
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,6 +140,84 @@ def gmm_problem(
         metrics=metrics,
         x_star=x_star,
         x_star_unique=dim == 2,
+        params=params,
+    )
+
+
+# -- learned models ------------------------------------------------------------------------------------------
+
+SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # <problem>/{prior,sampler}/
+
+
+def _learned_models(folder: Path, fast_steps: int, full_steps: int) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Prior, fast and full-chain samplers from <folder>/prior and <folder>/sampler, and their weights' sha256."""
+    from cdm_dist.models.learned import load_prior, load_sampler, read_manifest
+
+    if not folder.is_dir():
+        raise InputError(f"problem.checkpoints: {folder} is not a folder")
+    prior = load_prior(folder / "prior")
+    fast, full = load_sampler(folder / "sampler", fast_steps), load_sampler(folder / "sampler", full_steps)
+    shas = {role: read_manifest(folder / role)["weights_sha256"] for role in ("prior", "sampler")}
+    return prior, fast, full, {"checkpoints": str(folder), "weights_sha256": shas}
+
+
+def learned_gmm_problem(
+    name: str,
+    checkpoints: str | Path | None = None,
+    fast_steps: int = 4,
+    full_chain_steps: int = 100,
+    target_size: int = 1000,
+    target_seed: int = 0,
+) -> CDMProblem:
+    """A Gaussian-mixture problem with the learned prior and flow sampler in place of the exact ones.
+
+    The target and the exact metrics (l2_gmm, x_err) stay those of the true mixture, so learned and exact
+    models are scored alike. The 5D/10D joints are those the shipped models were trained on (joint seed 1).
+    """
+    problem = gmm_problem(name, target_size, target_seed)
+    folder = Path(checkpoints) if checkpoints else SHIPPED_CHECKPOINTS / name
+    problem.prior, problem.fast_sampler, problem.full_sampler, info = _learned_models(
+        folder, fast_steps, full_chain_steps
+    )
+    if problem.fast_sampler.y_dim != 1 or problem.prior.event_shape != (GMM_PROBLEMS[name] - 1,):
+        raise InputError(f"problem.checkpoints: {folder} does not hold models for {name}")
+    problem.params.update(models="learned", fast_steps=fast_steps, full_chain_steps=full_chain_steps, **info)
+    return problem
+
+
+def digits_problem(
+    target: str = "uniform",
+    checkpoints: str | Path | None = None,
+    fast_steps: int = 4,
+    full_chain_steps: int = 32,
+    target_size: int = 1000,
+    target_seed: int = 0,
+) -> CDMProblem:
+    """Rotated digits (MLGD-F paper, Exp. 1): x = a 16x16 image, Y = (cos, sin) of its rotation, G on the circle."""
+    from cdm_dist.digits import TARGET_SPREAD, target_samples
+
+    folder = Path(checkpoints) if checkpoints else SHIPPED_CHECKPOINTS / "digits"
+    prior, fast, full, info = _learned_models(folder, fast_steps, full_chain_steps)
+    if fast.y_dim != 2 or len(prior.event_shape) != 3:
+        raise InputError(f"problem.checkpoints: {folder} does not hold rotated-digits models")
+    draw = lambda n, seed: target_samples(target, n, seed)  # noqa: E731
+    params = {
+        "problem": "digits",
+        "target": target,
+        "target_spread_rad": TARGET_SPREAD,
+        "target_size": target_size,
+        "target_seed": target_seed,
+        "models": "learned",
+        "fast_steps": fast_steps,
+        "full_chain_steps": full_chain_steps,
+        **info,
+    }
+    return CDMProblem(
+        name="digits",
+        prior=prior,
+        fast_sampler=fast,
+        full_sampler=full,
+        target=Target.from_sampler(draw, target_size, target_seed, source=f"digits {target} target"),
         params=params,
     )
 

@@ -108,3 +108,21 @@ def http_service():
 
     for process in started:
         stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """A function (problem) -> folder with prior/ and sampler/ trained for a few steps on tiny networks (cached)."""
+    from cdm_dist.training import train
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+
+    def make(problem):
+        if problem not in made:
+            for role in ("prior", "sampler"):
+                train(role, problem, root / problem / role, steps=4, tiny=True, progress=False)
+            made[problem] = root / problem
+        return made[problem]
+
+    return make
