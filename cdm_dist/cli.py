@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     gmm.add_argument("--methods", default="mlgd_f,mlgd,best_of_n,dflow")
     gmm.add_argument("--models", choices=["exact", "learned"], default="exact", help="closed-form or trained models")
     gmm.add_argument("--checkpoints", help="folder with gmm2d/ gmm5d/ gmm10d/ (default: the shipped checkpoints)")
+    gmm.add_argument("--full-chain-steps", type=int, default=None, help="steps of MLGD's inner chain (default 100)")
 
     digits = benches.add_parser("digits", help="MLGD-F on rotated digits: top-5 x* per target on the circle")
     _bench_arguments(digits, chains=16)
@@ -123,6 +124,8 @@ def _check_bench(args: argparse.Namespace) -> None:
     if args.n_c is not None and args.n_c < 2:
         raise InputError(f"--n-c: must be >= 2 (the unbiased MMD), got {args.n_c}")
     if args.bench == "gmm":
+        if args.full_chain_steps is not None and args.full_chain_steps < 1:
+            raise InputError(f"--full-chain-steps: must be >= 1, got {args.full_chain_steps}")
         unknown = [m for m in args.methods.split(",") if m not in METHODS]
         if unknown:
             raise InputError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
@@ -299,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     n_c=args.n_c,
                     models=args.models,
                     checkpoints=args.checkpoints,
+                    full_chain_steps=args.full_chain_steps,
                 )
             elif args.bench == "digits":
                 from cdm_dist.bench.digits import bench_digits

@@ -74,6 +74,7 @@ def bench_gmm(
     n_c: int | None = None,
     models: str = "exact",
     checkpoints: str | None = None,
+    full_chain_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run every method on every problem and write the rows; problem parameters are saved next to the JSON.
 
@@ -86,6 +87,8 @@ def bench_gmm(
     with tqdm(total=len(dims) * len(methods), desc="bench gmm", unit="run") as bar:
         for dim in dims:
             s = settings(dim, quick, n_c)
+            if full_chain_steps is not None:
+                s["full_chain_steps"] = full_chain_steps
             used[str(dim)] = {k: _dump(v) for k, v in s.items()}
             name = f"gmm{dim}d"
             if models == "learned":

@@ -66,7 +66,7 @@ class MLPNoiseModel(ModelMixin, ConfigMixin):
         blocks: int = 3,
         embed_dim: int = 64,
         num_train_timesteps: int = 1000,
-        beta_schedule: str = "squaredcos_cap_v2",
+        beta_schedule: str = "linear",
         data_mean: list[float] | None = None,
         data_std: list[float] | None = None,
     ) -> None:

@@ -83,3 +83,17 @@ def test_a_target_file_replaces_the_benchmark_target(tmp_path):
     np.save(tmp_path / "g2.npy", np.zeros((50, 2)))
     with pytest.raises(InputError, match=r"g2\.npy: target samples have dimension 2; problem gmm2d has d_y = 1"):
         build_problem(load_config(None, [f"problem.target_file={tmp_path / 'g2.npy'}"]).problem)
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["problem.name=digits"], "problem.models: .*digits problem has only learned models"),
+        (["problem.checkpoints=somewhere"], "checkpoints: only used with models: learned"),
+        (["problem.models=learned", "problem.joint_seed=3"], "joint_seed: learned mixture models"),
+        (["problem.models=learned", "problem.fast_steps=0"], "problem.fast_steps"),
+    ],
+)
+def test_learned_model_settings_are_checked_up_front(items, message):
+    with pytest.raises(InputError, match=message):
+        load_config(None, items)

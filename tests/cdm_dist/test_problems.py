@@ -37,3 +37,38 @@ def test_2d_problem_matches_the_reference(gmm2d):
 def test_unknown_problem_is_named():
     with pytest.raises(InputError, match="problem: unknown 'gmm3d'"):
         gmm_problem("gmm3d")
+
+
+def test_learned_mixture_problem_keeps_the_exact_target_and_metrics(tiny_checkpoints):
+    from cdm_dist.models.learned import FlowSampler, LearnedPrior
+    from cdm_dist.problems import learned_gmm_problem
+
+    exact = gmm_problem("gmm5d")
+    learned = learned_gmm_problem("gmm5d", tiny_checkpoints("gmm5d"), fast_steps=3, full_chain_steps=9)
+    assert isinstance(learned.prior, LearnedPrior) and isinstance(learned.fast_sampler, FlowSampler)
+    assert (learned.fast_sampler.num_steps, learned.full_sampler.num_steps) == (3, 9)
+    assert torch.equal(learned.target.samples, exact.target.samples)
+    x = exact.x_star[None]
+    assert learned.metrics(x)["l2_gmm"].item() == exact.metrics(x)["l2_gmm"].item()
+    assert learned.params["models"] == "learned" and set(learned.params["weights_sha256"]) == {"prior", "sampler"}
+
+
+def test_learned_problems_reject_the_wrong_checkpoints(tiny_checkpoints, tmp_path):
+    from cdm_dist.problems import digits_problem, learned_gmm_problem
+
+    with pytest.raises(InputError, match="does not hold models for gmm2d"):
+        learned_gmm_problem("gmm2d", tiny_checkpoints("gmm5d"))
+    with pytest.raises(InputError, match="does not hold rotated-digits models"):
+        digits_problem("uniform", tiny_checkpoints("gmm5d"))
+    with pytest.raises(InputError, match="is not a folder"):
+        learned_gmm_problem("gmm2d", tmp_path / "nowhere")
+
+
+def test_digits_problem_has_image_chains_and_circle_targets(tiny_checkpoints):
+    from cdm_dist.problems import digits_problem
+
+    problem = digits_problem("unimodal", tiny_checkpoints("digits"), target_size=300)
+    assert problem.prior.event_shape == (1, 16, 16) and problem.fast_sampler.y_dim == 2
+    assert problem.target.samples.shape == (300, 2)
+    torch.testing.assert_close(problem.target.samples.norm(dim=1), torch.ones(300, dtype=torch.float64))
+    assert problem.metrics is None and problem.x_star is None

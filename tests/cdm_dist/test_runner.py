@@ -135,3 +135,27 @@ def test_a_campaign_tracks_to_an_mlflow_server(small_campaign, tmp_path, http_se
         run = client.get_run(row.run_id)
         assert run.data.metrics["final_loss"] == pytest.approx(row.final_loss)
         assert f"chain{row.chain:05d}.npy" in [a.path for a in client.list_artifacts(row.run_id)]
+
+
+@pytest.mark.parametrize("problem", ["digits", "gmm5d"])
+def test_a_campaign_runs_on_learned_models(small_campaign, tiny_checkpoints, problem):
+    folder = tiny_checkpoints(problem)
+    config = small_campaign(
+        problem__name=problem,
+        problem__models="learned",
+        problem__checkpoints=str(folder),
+        problem__fast_steps=2,
+        problem__digits_target="bimodal",
+        tracking__enabled=True,
+        chains__count=4,
+        method__num_steps=6,
+        method__refine_steps=0,
+    )
+    report = _run(config)
+    event = (1, 16, 16) if problem == "digits" else (4,)
+    assert len(report.rows) == 4 and not any(r.failed for r in report.rows)
+    assert np.load(report.rows[0].x_path).shape == event
+    parent = client_for(config.tracking.uri).get_run(report.campaign_run_id)
+    assert parent.data.params["problem.models"] == "learned"
+    if problem == "gmm5d":  # exact metrics of the true mixture stay available with learned models
+        assert all(math.isfinite(r.metrics["l2_gmm"]) for r in report.rows)

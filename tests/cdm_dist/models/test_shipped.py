@@ -1,0 +1,51 @@
+"""The committed checkpoints: intact, reproducible by name, and measured good against the truth."""
+
+import json
+
+import pytest
+import torch
+
+from cdm_dist.models.learned import load_prior, load_sampler
+from cdm_dist.problems import SHIPPED_CHECKPOINTS
+from cdm_dist.training import digits_sampler_quality, gmm_sampler_quality, prior_quality, sha256, training_data
+
+PROBLEMS = ["gmm2d", "gmm5d", "gmm10d", "digits"]
+
+
+def test_every_checkpoint_has_a_manifest_that_matches_its_weights():
+    total = 0
+    for problem in PROBLEMS:
+        for role in ("prior", "sampler"):
+            folder = SHIPPED_CHECKPOINTS / problem / role
+            manifest = json.loads((folder / "manifest.json").read_text())
+            weights = folder / "diffusion_pytorch_model.safetensors"
+            assert manifest["role"] == role and manifest["problem"] == problem
+            assert manifest["weights_sha256"] == sha256(weights)
+            assert manifest["command"].startswith(f"cdm train {role} --problem {problem} ")
+            assert not manifest["tiny"]
+            total += sum(p.stat().st_size for p in folder.iterdir())
+    assert total <= 25 * 2**20
+
+
+@pytest.mark.parametrize("problem", ["gmm2d", "gmm5d", "gmm10d"])
+def test_mixture_samplers_match_the_exact_conditional(problem):
+    """Wasserstein-1 to the exact P(Y | x), at random x from the prior and at x*, with the fast 4 Euler steps."""
+    sampler = load_sampler(SHIPPED_CHECKPOINTS / problem / "sampler", 4)
+    quality = gmm_sampler_quality(sampler.model, problem, torch.Generator().manual_seed(1), points=16, n=500)
+    assert quality["w1_mean_4_steps"] < W1_MEAN_BOUND
+    assert quality["w1_at_x_star_4_steps"] < W1_X_STAR_BOUND
+    assert quality["w1_mean_32_steps"] <= quality["w1_mean_1_steps"]  # more steps, closer
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_priors_sample_the_data_distribution(problem):
+    prior = load_prior(SHIPPED_CHECKPOINTS / problem / "prior")
+    n = 200 if problem == "digits" else 1000
+    quality = prior_quality(prior, training_data(problem), torch.Generator().manual_seed(2), n=n, steps=50)
+    assert quality["prior_mmd2"] < PRIOR_MMD_BOUND[problem]
+
+
+def test_digits_sampler_reads_the_rotation_angle():
+    sampler = load_sampler(SHIPPED_CHECKPOINTS / "digits" / "sampler", 4)
+    quality = digits_sampler_quality(sampler.model, training_data("digits"), torch.Generator().manual_seed(3), 500)
+    assert quality["median_abs_angle_error_deg_4_steps"] < DIGITS_ANGLE_BOUND_DEG
