@@ -31,7 +31,7 @@ class ProblemConfig(StrictModel):
     full_chain_steps: PositiveInt = 100  # steps of the MLGD full-chain sampler
     models: Literal["exact", "learned"] = "exact"  # mixtures: closed-form or learned models; digits: learned
     checkpoints: str | None = None  # folder with prior/ and sampler/ (default: the shipped ones)
-    fast_steps: PositiveInt = 4  # Euler steps of the learned fast sampler (MLGD-F)
+    fast_steps: PositiveInt = 8  # Euler steps of the learned fast sampler (MLGD-F)
     digits_target: Literal["uniform", "bimodal", "unimodal"] = "uniform"
 
     @model_validator(mode="after")

@@ -164,7 +164,7 @@ def _learned_models(folder: Path, fast_steps: int, full_steps: int) -> tuple[Any
 def learned_gmm_problem(
     name: str,
     checkpoints: str | Path | None = None,
-    fast_steps: int = 4,
+    fast_steps: int = 8,
     full_chain_steps: int = 100,
     target_size: int = 1000,
     target_seed: int = 0,
@@ -188,7 +188,7 @@ def learned_gmm_problem(
 def digits_problem(
     target: str = "uniform",
     checkpoints: str | Path | None = None,
-    fast_steps: int = 4,
+    fast_steps: int = 8,
     full_chain_steps: int = 32,
     target_size: int = 1000,
     target_seed: int = 0,

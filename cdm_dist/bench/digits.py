@@ -141,7 +141,7 @@ def bench_digits(
         )
     payload = {
         "rows": rows,
-        "settings": {"mlgd": config.model_dump(), "zeta": zeta.model_dump(), "fast_steps": 4},
+        "settings": {"mlgd": config.model_dump(), "zeta": zeta.model_dump(), "fast_steps": 8},
         "x_npy_space": "model space: pixels in [-1, 1], shape [5, 16, 16]",
         "nearest_distance": "L2 pixel distance ([0, 1] pixels) to the closest training digit over 36 rotations",
         "environment": environment(dev),

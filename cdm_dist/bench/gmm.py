@@ -38,7 +38,7 @@ def settings(dim: int, quick: bool, n_c: int | None = None) -> dict[str, Any]:
         "mlgd": mlgd,
         "zeta": zeta,
         "full_chain_steps": 10 if quick else 100,
-        "fast_steps": 4,  # Euler steps of the learned fast sampler (models = "learned")
+        "fast_steps": 8,  # Euler steps of the learned fast sampler (models = "learned")
         "best_of_n": BestOfNConfig(n=8 if quick else 256, num_steps=steps),
         "dflow": DFlowConfig(num_steps=5 if quick else 20, iterations=2 if quick else 10),
     }

@@ -66,7 +66,7 @@ def test_sampler_save_load_gives_identical_samples(tmp_path, x_shape):
 def test_loading_checks_roles_and_folders(tmp_path):
     model = MLPNoiseModel(dim=2, width=8, blocks=1)
     model.save_pretrained(tmp_path)
-    with pytest.raises(InputError, match="no manifest.json"):
+    with pytest.raises(InputError, match=r"no manifest\.json"):
         load_prior(tmp_path)
     _manifest(tmp_path, "sampler")
     with pytest.raises(InputError, match="not a prior checkpoint"):

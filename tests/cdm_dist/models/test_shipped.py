@@ -10,6 +10,12 @@ from cdm_dist.problems import SHIPPED_CHECKPOINTS
 from cdm_dist.training import digits_sampler_quality, gmm_sampler_quality, prior_quality, sha256, training_data
 
 PROBLEMS = ["gmm2d", "gmm5d", "gmm10d", "digits"]
+# Bounds sit about 1.5x above what the shipped models measure (their manifests); the mixtures' Y spreads over
+# about 10 units, the exact-sample W1 floor is ~0.06-0.08, and a prior MMD² of 0.005 is a clearly visible misfit.
+W1_MEAN_BOUND = 0.35
+W1_X_STAR_BOUND = 0.35
+PRIOR_MMD_BOUND = {"gmm2d": 0.005, "gmm5d": 0.005, "gmm10d": 0.005, "digits": 0.01}
+DIGITS_ANGLE_BOUND_DEG = 5.0
 
 
 def test_every_checkpoint_has_a_manifest_that_matches_its_weights():
@@ -29,11 +35,11 @@ def test_every_checkpoint_has_a_manifest_that_matches_its_weights():
 
 @pytest.mark.parametrize("problem", ["gmm2d", "gmm5d", "gmm10d"])
 def test_mixture_samplers_match_the_exact_conditional(problem):
-    """Wasserstein-1 to the exact P(Y | x), at random x from the prior and at x*, with the fast 4 Euler steps."""
-    sampler = load_sampler(SHIPPED_CHECKPOINTS / problem / "sampler", 4)
+    """Wasserstein-1 to the exact P(Y | x), at random x from the prior and at x*, with the fast 8 Euler steps."""
+    sampler = load_sampler(SHIPPED_CHECKPOINTS / problem / "sampler", 8)
     quality = gmm_sampler_quality(sampler.model, problem, torch.Generator().manual_seed(1), points=16, n=500)
-    assert quality["w1_mean_4_steps"] < W1_MEAN_BOUND
-    assert quality["w1_at_x_star_4_steps"] < W1_X_STAR_BOUND
+    assert quality["w1_mean_8_steps"] < W1_MEAN_BOUND
+    assert quality["w1_at_x_star_8_steps"] < W1_X_STAR_BOUND
     assert quality["w1_mean_32_steps"] <= quality["w1_mean_1_steps"]  # more steps, closer
 
 
@@ -46,6 +52,6 @@ def test_priors_sample_the_data_distribution(problem):
 
 
 def test_digits_sampler_reads_the_rotation_angle():
-    sampler = load_sampler(SHIPPED_CHECKPOINTS / "digits" / "sampler", 4)
+    sampler = load_sampler(SHIPPED_CHECKPOINTS / "digits" / "sampler", 8)
     quality = digits_sampler_quality(sampler.model, training_data("digits"), torch.Generator().manual_seed(3), 500)
-    assert quality["median_abs_angle_error_deg_4_steps"] < DIGITS_ANGLE_BOUND_DEG
+    assert quality["median_abs_angle_error_deg_8_steps"] < DIGITS_ANGLE_BOUND_DEG
