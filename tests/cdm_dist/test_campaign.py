@@ -88,7 +88,7 @@ def test_a_target_file_replaces_the_benchmark_target(tmp_path):
 @pytest.mark.parametrize(
     ("items", "message"),
     [
-        (["problem.name=digits"], "problem.models: .*digits problem has only learned models"),
+        (["problem.name=digits"], "problem: .*digits problem has only learned models"),
         (["problem.checkpoints=somewhere"], "checkpoints: only used with models: learned"),
         (["problem.models=learned", "problem.joint_seed=3"], "joint_seed: learned mixture models"),
         (["problem.models=learned", "problem.fast_steps=0"], "problem.fast_steps"),
