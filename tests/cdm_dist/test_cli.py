@@ -26,7 +26,8 @@ def test_bench_gmm_quick_writes_the_documented_schema(tmp_path, capsys):
     for row in payload["rows"]:
         assert keys <= set(row)
         assert row["dim"] == 2 and row["chains"] == 2
-    assert (tmp_path / "bench.md").read_text().startswith("| method |")
+    assert (tmp_path / "bench.md").read_text().startswith("| models | method |")
+    assert {r["models"] for r in payload["rows"]} == {"exact"}
     assert (tmp_path / "gmm2d_params.json").is_file()
 
 
@@ -138,3 +139,22 @@ def test_resume_after_the_driver_was_killed(tmp_path):
     for name, stamp in finished.items():
         assert (folder / "results" / name).stat().st_mtime_ns == stamp
     assert len(summary["topk"]) == 5
+
+
+def test_bench_digits_quick_writes_the_documented_schema(tmp_path, tiny_checkpoints):
+    import numpy as np
+
+    out = tmp_path / "digits.json"
+    folder = str(tiny_checkpoints("digits"))
+    argv = ["bench", "digits", "--quick", "--chains", "5", "--targets", "bimodal", "--checkpoints", folder]
+    assert main([*argv, "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["target"] == "bimodal" and row["chains"] == 5
+    assert {"top5_loss_mean", "seconds_per_chain", "grid_png", "circle_png", "x_npy"} <= set(row)
+    assert np.load(row["x_npy"]).shape == (5, 16, 16)
+    assert (tmp_path / "digits_bimodal_top5.png").is_file() and (tmp_path / "digits_bimodal_circle.png").is_file()
+
+
+def test_bench_digits_rejects_an_unknown_target(capsys):
+    assert main(["bench", "digits", "--targets", "uniform,square"]) == 2
+    assert "--targets: unknown ['square']" in capsys.readouterr().err
