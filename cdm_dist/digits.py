@@ -27,8 +27,9 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(data.target)
 
 
+@cache
 def base_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Upright digits in [0, 1] (N, 1, 16, 16) and labels (N,); every 10th digit is held out."""
+    """Upright digits in [0, 1] (N, 1, 16, 16) and labels (N,); every 10th digit is held out (cached: read-only)."""
     images, labels = _digits()
     if split not in ("train", "heldout", "all"):
         raise InputError(f"digits split: unknown {split!r}; expected train, heldout or all")

@@ -151,12 +151,13 @@ SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # <proble
 
 def _learned_models(folder: Path, fast_steps: int, full_steps: int) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Prior, fast and full-chain samplers from <folder>/prior and <folder>/sampler, and their weights' sha256."""
-    from cdm_dist.models.learned import load_prior, load_sampler, read_manifest
+    from cdm_dist.models.learned import FlowSampler, load_prior, load_sampler, read_manifest
 
     if not folder.is_dir():
         raise InputError(f"problem.checkpoints: {folder} is not a folder")
     prior = load_prior(folder / "prior")
-    fast, full = load_sampler(folder / "sampler", fast_steps), load_sampler(folder / "sampler", full_steps)
+    fast = load_sampler(folder / "sampler", fast_steps)
+    full = FlowSampler(fast.model, full_steps)  # one model, more Euler steps
     shas = {role: read_manifest(folder / role)["weights_sha256"] for role in ("prior", "sampler")}
     return prior, fast, full, {"checkpoints": str(folder), "weights_sha256": shas}
 

@@ -156,13 +156,14 @@ def prior_loss(
     model: torch.nn.Module, alphas_cumprod: torch.Tensor, x0: torch.Tensor, gen: torch.Generator
 ) -> torch.Tensor:
     """E ||ε - ε̂(sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, t)||², t uniform on the training grid (Ho et al. 2020)."""
+    from cdm_dist.models.learned import noise_prediction
+
     n = x0.shape[0]
     t = torch.randint(len(alphas_cumprod), (n,), generator=gen).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0)
     ab = alphas_cumprod.to(x0)[t].view(n, *[1] * (x0.dim() - 1))
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-    eps = model(x_t, t)
-    eps = eps.sample if hasattr(eps, "sample") else eps
+    eps = noise_prediction(model, x_t, t)
     return torch.nn.functional.mse_loss(eps.float(), noise.float())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,19 @@ def settings(quick: bool, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfi
     return config, ZetaConfig(kind="linear", scale=0.3, final=0.1, normalize=True)
 
 
+@cache
+def _rotated_training_digits(angles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training digit at `angles` evenly spaced rotations: pixels (angles * N, 256), labels (angles * N,)."""
+    images, labels = base_digits("train")
+    turned = [rotate(images, torch.full((len(images),), 2 * math.pi * k / angles)) for k in range(angles)]
+    return torch.cat(turned).flatten(1), labels.repeat(angles)
+
+
 def nearest_digits(x: torch.Tensor, angles: int = 36) -> tuple[list[int], list[float]]:
     """Label and pixel distance of the closest training digit over rotations: x (N, 1, 16, 16) in [-1, 1]."""
-    images, labels = base_digits("train")
-    pixels = from_model_space(x.float())
-    best = torch.full((len(x),), float("inf"))
-    label = torch.zeros(len(x), dtype=torch.long)
-    for k in range(angles):
-        theta = 2 * math.pi * k / angles
-        turned = rotate(images, torch.full((len(images),), theta)).flatten(1)
-        distance, index = torch.cdist(pixels.flatten(1), turned).min(dim=1)
-        better = distance < best
-        best = torch.where(better, distance, best)
-        label = torch.where(better, labels[index], label)
-    return label.tolist(), best.tolist()
+    bank, labels = _rotated_training_digits(angles)
+    distance, index = torch.cdist(from_model_space(x.float()).flatten(1), bank).min(dim=1)
+    return labels[index].tolist(), distance.tolist()
 
 
 def draw_grid(x: torch.Tensor, labels: list[int], path: Path, title: str) -> Path:

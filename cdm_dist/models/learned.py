@@ -33,6 +33,12 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def noise_prediction(model: torch.nn.Module, x_t: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
+    """ε̂(x_t, t) of either noise model, also when wrapped for training (UNet2DModel returns it as `.sample`)."""
+    eps = model(x_t, timestep)
+    return getattr(eps, "sample", eps)
+
+
 class LearnedPrior(DiffusionPrior):
     """A diffusion prior with a learned noise model (MLPNoiseModel for vectors, UNet2DModel for images)."""
 
@@ -48,10 +54,7 @@ class LearnedPrior(DiffusionPrior):
 
     def predict_noise(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
         model = _follow(self.model, x_t)
-        x_in = x_t.to(_model_dtype(model))
-        eps = model(x_in, timestep)
-        eps = eps.sample if isinstance(model, UNet2DModel) else eps
-        return eps.to(x_t.dtype)
+        return noise_prediction(model, x_t.to(_model_dtype(model)), timestep).to(x_t.dtype)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LearnedPrior:
         self.model.to(device)
