@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cdm_dist.errors import InputError
 
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///out/mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--optuna-storage", help="study journal file or RDB URL for optuna-dashboard "
+                    "(default: the newest out/campaigns/study-*/optuna.journal)")  # fmt: skip
+    ui.add_argument("--dashboard-port", type=int, default=8080, help="optuna-dashboard port")
 
     train = commands.add_parser("train", help="train a problem's learned prior or fast sampler (accelerate, EMA)")
     train.add_argument("role", choices=["prior", "sampler"])
@@ -95,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray_bench = benches.add_parser("ray", help="in-process vs Ray colocated vs Ray split on the same chains")
     _bench_arguments(ray_bench, chains=64)
 
-    tune_bench = benches.add_parser("tune", help="tuned vs default configuration on the 5D mixture")
+    tune_bench = benches.add_parser("tune", help="tuned vs default configuration on the 5D mixture and digits")
+    tune_bench.add_argument("--problems", default="gmm5d,digits", help="comma-separated: gmm5d, digits")
     tune_bench.add_argument("--json", help="output JSON path (a .md table is written beside it)")
     tune_bench.add_argument("--trials", type=int, default=20)
     tune_bench.add_argument("--parallel", type=int, default=2)
@@ -118,6 +123,11 @@ def _check_bench(args: argparse.Namespace) -> None:
     if args.bench == "tune":
         if args.trials < 1 or args.parallel < 1:
             raise InputError(f"--trials and --parallel: must be >= 1, got {args.trials} and {args.parallel}")
+        from tuning.bench import STUDIES
+
+        unknown = sorted(set(args.problems.split(",")) - set(STUDIES))
+        if unknown:
+            raise InputError(f"--problems: unknown {unknown}; expected some of {sorted(STUDIES)}")
         return
     if args.chains < 1:
         raise InputError(f"--chains: must be >= 1, got {args.chains}")
@@ -142,8 +152,6 @@ def _check_bench(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """`cdm run`: validate everything, then launch (or resume) the campaign and print the top-k."""
-    from pathlib import Path
-
     from cdm_dist.campaign import TrackingConfig, check_config, load_config
     from cdm_dist.store import CampaignStore
 
@@ -225,10 +233,10 @@ def _topk(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    """`cdm ui`: the MLflow UI on 127.0.0.1 over the run store, until interrupted or terminated.
+    """`cdm ui`: the MLflow UI (and optuna-dashboard over a study storage, when installed) on 127.0.0.1.
 
-    MLflow serves through worker processes; they run in their own process group, which is stopped as a whole
-    when `cdm ui` ends (Ctrl-C or SIGTERM), so no server outlives it."""
+    Each server runs in its own process group, stopped as a whole when `cdm ui` ends (Ctrl-C or SIGTERM), so no
+    server outlives it."""
     import signal
     import subprocess
 
@@ -239,19 +247,45 @@ def _ui(args: argparse.Namespace) -> int:
     uri = resolve_uri(args.tracking_uri or TrackingConfig().uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} over {uri}", flush=True)
-    server = subprocess.Popen(command, start_new_session=True)
+    commands = {f"MLflow UI on http://{args.host}:{args.port} over {uri}": command}
+    dashboard = _optuna_dashboard_command(args)
+    if dashboard is not None:
+        commands[f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {dashboard[1]}"] = dashboard
+    servers = []
+    for line, command in commands.items():
+        print(line, flush=True)
+        servers.append(subprocess.Popen(command, start_new_session=True))
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        return server.wait()
+        return servers[0].wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        stop_process_group(server)
+        for server in servers:
+            stop_process_group(server)
+
+
+def _optuna_dashboard_command(args: argparse.Namespace) -> list[str] | None:
+    """The optuna-dashboard command over `--optuna-storage` (or the newest study journal), or None with a note."""
+    import shutil
+
+    storage = args.optuna_storage
+    if storage is None:
+        journals = sorted(Path("out/campaigns").glob("study-*/optuna.journal"), key=lambda p: p.stat().st_mtime)
+        if not journals:
+            return None
+        storage = str(journals[-1])
+    elif "://" not in storage and not Path(storage).is_file():
+        raise InputError(f"--optuna-storage: {storage} is not a file or a storage URL")
+    executable = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
+    if not Path(executable).is_file():
+        print("optuna-dashboard is not installed (pip install 'cdm-dist[dashboard]'); MLflow UI only", flush=True)
+        return None
+    return [executable, storage, "--host", args.host, "--port", str(args.dashboard_port), "--quiet"]
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -312,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.bench == "tune":
                 from tuning.bench import bench_tune
 
-                bench_tune(args.json, args.trials, args.parallel, args.quick)
+                bench_tune(args.json, args.trials, args.parallel, args.quick, tuple(args.problems.split(",")))
             elif args.bench == "ray":
                 from actors.bench import bench_ray
 

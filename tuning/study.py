@@ -153,6 +153,9 @@ class Tuner:
         shared = [p for p in config.tune.space if p.split(".")[0] in ("problem", "resources", "tracking", "output")]
         if shared:
             raise InputError(f"tune.space: {shared}: trials share one problem and one actor pool; tune method/chains")
+        if config.method.eval_samples is None:  # one held-out sample size for every trial, whatever its n_c
+            method = config.method.model_copy(update={"eval_samples": config.method.heldout_samples})
+            config = config.model_copy(update={"method": method})
         self.config, self.address = config, address
         self.target = check_config(config).target.samples  # trials share the problem: build it once
         self.executor: Any = None  # the actor pool every trial shares (made in run)

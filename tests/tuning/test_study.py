@@ -2,6 +2,9 @@
 
 import json
 import math
+import shutil
+import sys
+import time
 
 import numpy as np
 import optuna
@@ -217,3 +220,45 @@ def test_parallel_trials_share_one_ray_actor_pool_and_match_in_process_runs(ray_
         local = local.model_copy(update={"tracking": local.tracking.model_copy(update={"enabled": False})})
         report = run_campaign(local, LocalExecutor(local), CampaignStore.create(local), progress=False)
         assert trial.value == pytest.approx(aggregate([r.final_loss for r in report.rows], "median", 5), abs=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("optuna-dashboard") is None, reason="optuna-dashboard is not installed")
+def test_cdm_ui_serves_the_study_in_optuna_dashboard_next_to_mlflow(study_config, http_service, free_port):
+    import urllib.request
+
+    config = study_config(chains__count=2)
+    tuner = Tuner(config)
+    result = tuner.run(trials=2, parallel=1)
+    mlflow_port = free_port()
+    command = [sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", config.tracking.uri]
+    command += ["--port", mlflow_port, "--optuna-storage", tuner.storage_label, "--dashboard-port", "{port}"]
+    port = http_service(command, path="/api/studies")
+
+    def get(url):
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())
+
+    (summary,) = get(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+    assert summary["study_name"] == tuner.name
+    detail = get(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}")
+    assert len(detail["trials"]) == 2
+    if result.complete:
+        assert detail["best_trials"][0]["values"] == [pytest.approx(result.best_value)]
+    for _ in range(240):  # the MLflow UI comes up beside it
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2) as response:
+                assert response.read() == b"OK"
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("the MLflow UI did not answer")
+
+
+def test_every_trial_is_scored_on_the_same_heldout_sample_size(study_config):
+    config = study_config()
+    assert config.method.eval_samples is None
+    tuner = Tuner(config)
+    assert tuner.config.method.eval_samples == 4 * config.method.n_c  # pinned from the config as written
+    trial = with_values(tuner.config, {"method.n_c": 2 * config.method.n_c})
+    assert trial.method.heldout_samples == 4 * config.method.n_c

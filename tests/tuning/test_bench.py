@@ -1,0 +1,34 @@
+"""cdm bench tune: default vs tuned per problem, and the tuning wall time at 1 and K parallel trials."""
+
+import json
+
+import pytest
+
+from cdm_dist.campaign import load_config
+from cdm_dist.cli import main
+from tuning.bench import STUDIES
+
+
+def test_bench_tune_quick_reports_both_problems(tmp_path):
+    out = tmp_path / "tune.json"
+    assert main(["bench", "tune", "--quick", "--parallel", "2", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert [(r["problem"], r["config"]) for r in payload["rows"]] == [
+        ("gmm5d", "default"), ("gmm5d", "tuned"), ("digits", "default"), ("digits", "tuned"),
+    ]  # fmt: skip
+    for problem in STUDIES:
+        default, tuned = (r for r in payload["rows"] if r["problem"] == problem)
+        improvement = 1 - tuned["median_heldout_loss"] / default["median_heldout_loss"]
+        assert payload["heldout_improvement"][problem] == pytest.approx(improvement)
+        space = load_config(STUDIES[problem]).tune.space
+        assert set(payload["best_params"][problem]) <= set(space)
+        timing = [t for t in payload["tuning"] if t["problem"] == problem]
+        assert [(t["parallel"], t["trials"]) for t in timing] == [(1, 4), (2, 4)]
+        assert all(t["chain_steps_run"] > 0 and t["chain_steps_saved_by_pruning"] >= 0 for t in timing)
+    assert payload["rows"][0]["median_l2_gmm"] is not None and payload["rows"][2]["median_l2_gmm"] is None
+    assert (tmp_path / "tune.md").read_text().startswith("| problem | config |")
+
+
+def test_bench_tune_rejects_an_unknown_problem(capsys):
+    assert main(["bench", "tune", "--problems", "gmm5d,gmm7d"]) == 2
+    assert "--problems: unknown ['gmm7d']" in capsys.readouterr().err
