@@ -156,6 +156,9 @@ class TuneConfig(StrictModel):
     multi_objective: bool = False  # (loss, compute = num_steps x n_c); pruning is off then
     study_name: str | None = None  # default: the campaign name
     sampler_seed: int = 0
+    # Trials whose chains' median prior_fit exceeds this limit are infeasible (x* the sampler likes but the prior
+    # does not: adversarial inputs). "auto": the 95% quantile over unguided chains, measured once per study.
+    prior_fit_limit: Literal["auto", "off"] | Positive = "auto"
 
 
 class CampaignConfig(StrictModel):

@@ -205,6 +205,8 @@ def _tune(args: argparse.Namespace) -> int:
         f"study {result.study}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed; "
         f"best {result.best_value} with {result.best_params}; storage {result.storage}"
     )
+    if result.prior_fit_limit is not None:
+        print(f"  {result.infeasible} complete trials broke the prior_fit limit {result.prior_fit_limit:.4g}")
     for point in result.pareto:
         print(f"  pareto: trial {point['number']} (loss, compute) = {point['values']} {point['params']}")
     if args.json:

@@ -15,7 +15,7 @@ from cdm_dist.config import MLGDConfig, ZetaConfig
 from cdm_dist.diffusion import DiffusionSchedule, ddim_step, tweedie_x0
 from cdm_dist.errors import InputError
 from cdm_dist.losses import Loss, log_mean_exp_loss, make_loss
-from cdm_dist.priors import DiffusionPrior
+from cdm_dist.priors import DiffusionPrior, prior_fit
 from cdm_dist.rng import Stream, chain_normal, chain_uniform
 from cdm_dist.samplers import ConditionalSampler
 from cdm_dist.schedules import apply_step_rule, guided_mask, zeta_table
@@ -82,7 +82,7 @@ class ChainResult:
     x: torch.Tensor  # (B, *event)
     final_loss: torch.Tensor  # (B,) held-out loss (inf where failed)
     failed: torch.Tensor  # (B,) bool
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,): exact metrics and prior_fit
     loss_history: torch.Tensor | None = None  # (B, T)
 
 
@@ -267,15 +267,16 @@ class GuidedChains:
         return self.loss_fn(y, target)
 
     def finish(self, state: ChainState, metrics: MetricsFn | None = None) -> ChainResult:
-        """Refine (CDMO), then evaluate the final x on held-out samples and exact metrics."""
+        """Refine (CDMO), then evaluate the final x: held-out loss, exact metrics and the prior fit."""
         x = self.refine(state.x, state.failed)
         failed = state.failed | ~torch.isfinite(x.flatten(1)).all(1)
         x = torch.where(failed.view(-1, *[1] * (x.dim() - 1)), torch.zeros_like(x), x)
         final = self.heldout_loss(x)
         failed = failed | ~torch.isfinite(final)
         final = final.masked_fill(failed, float("inf"))
-        exact = {k: v.masked_fill(failed, float("nan")) for k, v in (metrics(x) if metrics else {}).items()}
-        return ChainResult(x, final, failed, exact)
+        scores = (metrics(x) if metrics else {}) | {"prior_fit": prior_fit(self.prior, x, self.config.eval_seed)}
+        scores = {k: v.masked_fill(failed, float("nan")) for k, v in scores.items()}
+        return ChainResult(x, final, failed, scores)
 
 
 MetricsFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]

@@ -8,6 +8,9 @@ import torch
 
 from cdm_dist.diffusion import DiffusionSchedule, Scheduler, make_scheduler
 from cdm_dist.mixtures import GaussianMixture, mixture_score
+from cdm_dist.rng import Stream, chain_normal
+
+PRIOR_FIT_LEVELS = (0.01, 0.05, 0.1, 0.2)  # noise levels, as fractions of the training timesteps
 
 
 class DiffusionPrior(ABC):
@@ -28,6 +31,26 @@ class DiffusionPrior(ABC):
     def to(self, device: torch.device | str, dtype: torch.dtype) -> DiffusionPrior:
         """Move the model; the closed-form prior keeps float64 tables and casts on the fly."""
         return self
+
+
+@torch.no_grad()
+def prior_fit(prior: DiffusionPrior, x: torch.Tensor, seed: int = 0, draws: int = 2) -> torch.Tensor:
+    """How typical x is under the prior: the mean squared noise-prediction error ||ε̂(x_t, t) - ε||² per
+    coordinate at low noise levels (DDPM's simple loss, Ho et al. 2020), x (B, *event) -> (B,).
+
+    Every x sees the same ε, so values compare across chains and batches. Prior samples score low (about the
+    model's training loss); images that fool the sampler but are no digits score one to two orders higher."""
+    size = prior.scheduler.config.num_train_timesteps
+    same = torch.full((x.shape[0],), seed, dtype=torch.int64, device=x.device)  # (B,): one ε for every row
+    errors = []
+    for level in PRIOR_FIT_LEVELS:
+        timestep = max(1, round(level * size))
+        alpha_bar = float(prior.scheduler.alphas_cumprod[timestep])
+        for draw in range(draws):
+            eps = chain_normal(same, Stream.PRIOR_FIT, timestep * draws + draw, tuple(x.shape[1:]), x.dtype)
+            x_t = alpha_bar**0.5 * x + (1 - alpha_bar) ** 0.5 * eps  # (B, *event)
+            errors.append((prior.predict_noise(x_t, timestep) - eps).square().flatten(1).mean(1))
+    return torch.stack(errors).mean(0)
 
 
 class GaussianMixturePrior(DiffusionPrior):

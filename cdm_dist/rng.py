@@ -80,3 +80,4 @@ class Stream:
     EVAL = 6  # eta for the final held-out evaluation
     REFINE = 7  # eta for the CDMO refinement
     DFLOW = 8  # eta for D-Flow's fixed objective
+    PRIOR_FIT = 9  # the noise of the prior-fit score (shared by every chain)

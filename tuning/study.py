@@ -5,6 +5,8 @@
   study's run, with the trial's chains nested under it.
 - Chains report the median guidance loss at milestone steps; the pruner stops bad trials early, and the compute
   they did not spend is counted.
+- Realism: trials whose chains' median prior_fit (the prior's noise-prediction error at x*) exceeds a limit are
+  infeasible (Optuna constraints), so a study cannot win by adversarial x* that fool the sampler.
 - Storage: a journal file in the output folder by default, or any Optuna storage URL (PostgreSQL for many
   machines). Restarted with the same study name, the study finishes N trials in all: trials left RUNNING by a
   dead process are marked failed and their parameters retried.
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import traceback
 import warnings
@@ -33,6 +36,10 @@ from cdm_dist.worker import Chunk
 STALE = "cdm.stale"  # user attribute of trials failed because their process died
 PLANNED = "cdm.planned_chain_steps"
 RUN = "cdm.chain_steps"
+CONSTRAINT = "prior_fit"  # Optuna constraint: the trial's median prior_fit minus the limit, feasible when <= 0
+PRIOR_FIT_LIMIT = "cdm.prior_fit_limit"  # study user attribute: the limit, fixed when the study starts
+UNGUIDED_SEED = 1_000_000  # seeds of the unguided chains that set the "auto" limit (never a trial's)
+UNGUIDED_CHAINS = 32
 
 
 def suggest(trial: optuna.trial.BaseTrial, space: dict[str, ParamSpec]) -> dict[str, Any]:
@@ -60,6 +67,12 @@ def aggregate(losses: list[float], how: str, k: int) -> float:
     ordered = sorted(losses)  # +inf sorts last, so failed chains push the median up
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def median_finite(values: list[float]) -> float:
+    """The median of the finite values (nan when none)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
 
 
 def make_storage(url: str | None, folder: Path) -> tuple[Any, str]:
@@ -126,6 +139,8 @@ class TuneResult:
     pareto: list[dict[str, Any]] = field(default_factory=list)
     chain_steps_run: int = 0
     chain_steps_saved: int = 0
+    prior_fit_limit: float | None = None
+    infeasible: int = 0  # complete trials over the prior_fit limit
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -139,6 +154,8 @@ class TuneResult:
             "pareto_front": self.pareto,
             "chain_steps_run": self.chain_steps_run,
             "chain_steps_saved_by_pruning": self.chain_steps_saved,
+            "prior_fit_limit": self.prior_fit_limit,
+            "trials_infeasible": self.infeasible,
         }
 
 
@@ -157,7 +174,9 @@ class Tuner:
             method = config.method.model_copy(update={"eval_samples": config.method.heldout_samples})
             config = config.model_copy(update={"method": method})
         self.config, self.address = config, address
-        self.target = check_config(config).target.samples  # trials share the problem: build it once
+        self.problem = check_config(config)  # trials share the problem: build it once
+        self.target = self.problem.target.samples
+        self.prior_fit_limit: float | None = None  # set when the study runs
         self.executor: Any = None  # the actor pool every trial shares (made in run)
         self.name = config.tune.study_name or config.name
         self.folder = Path(config.output) / f"study-{self.name}"
@@ -254,20 +273,48 @@ class Tuner:
         loss = aggregate(
             [r.final_loss for r in report.rows], self.config.tune.objective, self.config.tune.objective_topk
         )
+        fit = median_finite([r.metrics.get("prior_fit", math.nan) for r in report.rows])
+        if self.prior_fit_limit is not None and math.isfinite(fit):
+            trial.set_user_attr("cdm.prior_fit_median", fit)
+            trial.set_constraint(CONSTRAINT, fit - self.prior_fit_limit)
         if self.tracker_client is not None and report.campaign_run_id:
-            self._log_trial(report.campaign_run_id, trial.number, values, loss)
+            self._log_trial(report.campaign_run_id, trial.number, values, loss, fit)
         if not math.isfinite(loss):
             return None, optuna.trial.TrialState.FAIL
         if self.config.tune.multi_objective:
             return [loss, float(config.method.num_steps * config.method.n_c)], optuna.trial.TrialState.COMPLETE
         return loss, optuna.trial.TrialState.COMPLETE
 
-    def _log_trial(self, run_id: str, number: int, values: dict[str, Any], loss: float) -> None:
+    def _log_trial(self, run_id: str, number: int, values: dict[str, Any], loss: float, fit: float) -> None:
         from mlflow.entities import Metric, Param
 
         with self.lock:
             params = [Param(f"trial.{k}", str(v)) for k, v in values.items()] + [Param("trial.number", str(number))]
-            self.tracker_client.log_batch(run_id, metrics=[Metric("objective", loss, 0, 0)], params=params)
+            metrics = [Metric("objective", loss, 0, 0)]
+            if math.isfinite(fit):
+                metrics.append(Metric("prior_fit_median", fit, 0, 0))
+            self.tracker_client.log_batch(run_id, metrics=metrics, params=params)
+
+    # -- realism ----------------------------------------------------------------------------------------
+    def _prior_fit_limit(self) -> float | None:
+        """The study's prior_fit limit: configured, or the 95% quantile over unguided chains (stored in the study,
+        so a resumed study keeps it)."""
+        setting = self.config.tune.prior_fit_limit
+        if setting == "off":
+            return None
+        if setting != "auto":
+            return float(setting)
+        if PRIOR_FIT_LIMIT not in self.study.user_attrs:
+            from cdm_dist.config import ZetaConfig
+            from cdm_dist.methods import run_method
+            from cdm_dist.mlgd import Chains
+
+            seeds = range(UNGUIDED_SEED, UNGUIDED_SEED + UNGUIDED_CHAINS)
+            unguided = Chains.make(seeds, ZetaConfig(scale=0.0))
+            fits = run_method(self.problem, self.config.method.name, unguided, self.config.method.mlgd()).metrics
+            limit = float(torch.nanquantile(fits["prior_fit"], 0.95))
+            self.study.set_user_attr(PRIOR_FIT_LIMIT, limit)
+        return float(self.study.user_attrs[PRIOR_FIT_LIMIT])
 
     # -- the study --------------------------------------------------------------------------------------
     def enqueue_baseline(self) -> None:
@@ -289,6 +336,7 @@ class Tuner:
         """Finish `trials` trials in all (counting those already in the storage), `parallel` at a time."""
         self.enqueue_baseline()
         self.recover_stale()
+        self.prior_fit_limit = self._prior_fit_limit()
         self._study_run()
         todo = max(0, trials - len(self._finished()))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -346,8 +394,11 @@ class Tuner:
             best = min(self.study.best_trials, key=lambda t: t.values[0])
             best_value, best_params = best.values, best.params
         elif complete:
-            best = self.study.best_trial
-            best_value, best_params = best.value, best.params
+            try:
+                best = self.study.best_trial  # the best feasible trial
+                best_value, best_params = best.value, best.params
+            except ValueError:  # every complete trial broke the prior_fit limit
+                pass
         pruned = by_state[optuna.trial.TrialState.PRUNED]
         return TuneResult(
             study=self.name,
@@ -360,6 +411,8 @@ class Tuner:
             pareto=pareto,
             chain_steps_run=sum(t.user_attrs.get(RUN, 0) for t in finished),
             chain_steps_saved=sum(t.user_attrs.get(PLANNED, 0) - t.user_attrs.get(RUN, 0) for t in pruned),
+            prior_fit_limit=self.prior_fit_limit,
+            infeasible=sum(t.constraints.get(CONSTRAINT, 0.0) > 0 for t in complete),
         )
 
     def _finish_tracking(self, result: TuneResult) -> None:

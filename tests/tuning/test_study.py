@@ -262,3 +262,45 @@ def test_every_trial_is_scored_on_the_same_heldout_sample_size(study_config):
     assert tuner.config.method.eval_samples == 4 * config.method.n_c  # pinned from the config as written
     trial = with_values(tuner.config, {"method.n_c": 2 * config.method.n_c})
     assert trial.method.heldout_samples == 4 * config.method.n_c
+
+
+def test_the_auto_prior_fit_limit_is_the_unguided_chains_quantile_and_survives_a_restart(study_config):
+    from cdm_dist.campaign import check_config
+    from cdm_dist.config import ZetaConfig
+    from cdm_dist.methods import run_method
+    from cdm_dist.mlgd import Chains
+    from tuning.study import PRIOR_FIT_LIMIT, UNGUIDED_CHAINS, UNGUIDED_SEED
+
+    config = study_config(chains__count=2)
+    result = Tuner(config).run(trials=2, parallel=1)
+    unguided = Chains.make(range(UNGUIDED_SEED, UNGUIDED_SEED + UNGUIDED_CHAINS), ZetaConfig(scale=0.0))
+    fits = run_method(check_config(config), "mlgd_f", unguided, config.method.mlgd()).metrics["prior_fit"]
+    assert result.prior_fit_limit == pytest.approx(float(torch.quantile(fits, 0.95)), rel=1e-12)
+    resumed = Tuner(config)
+    resumed.study.set_user_attr(PRIOR_FIT_LIMIT, 123.0)  # as if measured when the study started
+    assert resumed.run(trials=3, parallel=1).prior_fit_limit == 123.0
+
+    client = client_for(config.tracking.uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    for trial in optuna.load_study(study_name=resumed.name, storage=resumed.storage).get_trials():
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        (run,) = client.search_runs([experiment], f"params.`trial.number` = '{trial.number}'")
+        chains = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        median = float(np.median([c.data.metrics["prior_fit"] for c in chains]))
+        assert run.data.metrics["prior_fit_median"] == pytest.approx(median)
+        limit = result.prior_fit_limit if trial.number < 2 else 123.0
+        assert trial.constraints == {"prior_fit": pytest.approx(median - limit)}
+
+
+def test_trials_over_the_prior_fit_limit_cannot_be_best(study_config):
+    def limited(limit, name):
+        config = study_config(chains__count=2)
+        tune = config.tune.model_copy(update={"prior_fit_limit": limit, "study_name": name})
+        return config.model_copy(update={"tune": tune})
+
+    result = Tuner(limited(1e-9, "tight")).run(trials=3, parallel=1)  # no x fits the prior that well
+    assert result.complete >= 1 and result.infeasible == result.complete
+    assert result.best_value is None and result.best_params == {}
+    unconstrained = Tuner(limited("off", "no-limit")).run(trials=3, parallel=1)
+    assert unconstrained.infeasible == 0 and unconstrained.best_params != {}
