@@ -3,6 +3,7 @@ both evaluated on fresh chain seeds, and the tuning wall time with 1 and K paral
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from cdm_dist.bench.report import markdown_table, write_report
 from cdm_dist.campaign import CampaignConfig, load_config, with_values
 from cdm_dist.runner import LocalExecutor, run_campaign
 from cdm_dist.store import CampaignStore
-from tuning.study import Tuner
+from tuning.study import Tuner, median_finite
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 STUDIES = {"gmm5d": EXAMPLES / "tune_gmm5d.yaml", "digits": EXAMPLES / "tune_digits.yaml"}
@@ -31,12 +32,14 @@ def _evaluate(config: CampaignConfig, label: str, chains: int) -> dict[str, Any]
     wall = time.perf_counter() - tic
     losses = torch.tensor([r.final_loss for r in report.rows], dtype=torch.float64)
     l2 = [r.metrics["l2_gmm"] for r in report.rows if "l2_gmm" in r.metrics]
+    fit = median_finite([r.metrics.get("prior_fit", math.nan) for r in report.rows])
     return {
         "problem": config.problem.name,
         "config": label,
         "chains": chains,
         "median_heldout_loss": float(losses.median()),
         "median_l2_gmm": float(torch.tensor(l2, dtype=torch.float64).median()) if l2 else None,
+        "median_prior_fit": fit,
         "chains_per_s": chains / wall,
     }
 
@@ -59,7 +62,8 @@ def _bench_problem(problem: str, root: str, trials: int, parallel: int, quick: b
         tic = time.perf_counter()
         result = Tuner(study).run(trials, k)
         timing.append({"problem": problem, "parallel": k, "trials": trials, "wall_s": time.perf_counter() - tic,
-                       "pruned": result.pruned, "best_value": result.best_value,
+                       "pruned": result.pruned, "infeasible": result.infeasible,
+                       "prior_fit_limit": result.prior_fit_limit, "best_value": result.best_value,
                        "chain_steps_run": result.chain_steps_run,
                        "chain_steps_saved_by_pruning": result.chain_steps_saved})  # fmt: skip
         if k == 1:
@@ -92,8 +96,9 @@ def bench_tune(
         "quick": quick,
     }
     markdown = markdown_table(payload["rows"], ["problem", "config", "chains", "median_heldout_loss",
-                                                "median_l2_gmm", "chains_per_s"])  # fmt: skip
-    columns = ["problem", "parallel", "trials", "wall_s", "pruned", "best_value", "chain_steps_run"]
+                                                "median_l2_gmm", "median_prior_fit", "chains_per_s"])  # fmt: skip
+    columns = ["problem", "parallel", "trials", "wall_s", "pruned", "infeasible", "prior_fit_limit", "best_value"]
+    columns.append("chain_steps_run")
     columns.append("chain_steps_saved_by_pruning")
     markdown += "\n" + markdown_table(payload["tuning"], columns)
     write_report(payload, json_path, markdown)

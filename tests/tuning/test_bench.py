@@ -25,6 +25,8 @@ def test_bench_tune_quick_reports_both_problems(tmp_path):
         timing = [t for t in payload["tuning"] if t["problem"] == problem]
         assert [(t["parallel"], t["trials"]) for t in timing] == [(1, 4), (2, 4)]
         assert all(t["chain_steps_run"] > 0 and t["chain_steps_saved_by_pruning"] >= 0 for t in timing)
+        assert all(0 <= t["infeasible"] <= t["trials"] and t["prior_fit_limit"] > 0 for t in timing)
+        assert default["median_prior_fit"] > 0 and tuned["median_prior_fit"] > 0
     assert payload["rows"][0]["median_l2_gmm"] is not None and payload["rows"][2]["median_l2_gmm"] is None
     assert (tmp_path / "tune.md").read_text().startswith("| problem | config |")
 
