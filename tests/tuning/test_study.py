@@ -97,15 +97,18 @@ def test_milestones_are_reported_once_every_micro_batch_passed_them(small_campai
     assert trial.reports == [(3, 3.0), (6, 1.0)]
 
 
-def test_a_study_tracks_trials_under_its_run_and_finishes_n_trials_after_a_crash(study_config):
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
+def test_a_study_tracks_trials_under_its_run_and_finishes_n_trials_after_a_crash(study_config, storage, request):
     config = study_config()
-    first = Tuner(config).run(trials=2, parallel=2)
+    url = request.getfixturevalue("postgres_server")("crash") if storage == "postgresql" else None
+    first = Tuner(config, url).run(trials=2, parallel=2)
     assert first.complete + first.pruned == 2 and first.failed == 0
+    assert first.storage == (url or str(Tuner(config).folder / "optuna.journal"))
 
-    # a process died mid-trial: its trial is still RUNNING in the journal
-    tuner = Tuner(config)
+    # a process died mid-trial: its trial is still RUNNING in the storage
+    tuner = Tuner(config, url)
     orphan = tuner.study.ask({"chains.zeta.0.scale": optuna.distributions.FloatDistribution(0.3, 10, log=True)})
-    result = Tuner(config).run(trials=3, parallel=1)
+    result = Tuner(config, url).run(trials=3, parallel=1)
     trials = optuna.load_study(study_name=tuner.name, storage=tuner.storage).get_trials()
     stale = [t for t in trials if t.user_attrs.get(STALE)]
     assert [t.number for t in stale] == [orphan.number] and stale[0].state == optuna.trial.TrialState.FAIL
