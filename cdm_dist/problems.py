@@ -59,13 +59,45 @@ def joint_2d() -> tuple[GaussianMixture, torch.Tensor]:
     return GaussianMixture(weights, means, covs), torch.tensor([-5.0], dtype=torch.float64)
 
 
+WELL_POSED_WEIGHT = 0.2  # each target mode carries at least this weight ...
+WELL_POSED_VARIANCE = (0.05, 5.0)  # ... and a variance in this range (the 2D reference: 0.5 / 0.5, 0.124)
+
+
 def joint_random(
-    dim: int, seed: int, components: int = 4, min_distance: float = 5.0
+    dim: int, seed: int, components: int = 4, min_distance: float = 5.0, min_weight: float = 0.001
 ) -> tuple[GaussianMixture, torch.Tensor]:
     """The paper's recipe for 5D/10D: means 5 N(0, I) kept >= min_distance apart (1000 tries each),
     covariances A Aᵀ + 1e-4 I with A standard normal, equal weights; two components then share their
-    x-part, which is x*, so P(Y | X = x*) has two modes."""
+    x-part, which is x*, so P(Y | X = x*) has two modes.
+
+    With A square, the conditional variance of Y is about chi-squared with one degree of freedom, so some draws
+    give a mode of variance 1e-3: a spike whose l2_gmm (its own ∫p² is above 1) no sample-based method resolves.
+    Draws are repeated from the same generator until the target is well posed (`_well_posed`)."""
     gen = torch.Generator().manual_seed(seed)
+    for _draw in range(100):
+        joint, x_star = _draw_joint(dim, components, min_distance, gen)
+        target = conditional_target(joint.condition(list(range(dim - 1)), [dim - 1]), x_star, min_weight)
+        if _well_posed(target):
+            return joint, x_star
+    raise ValueError(f"joint_random: no well-posed {dim}D joint in 100 draws from seed {seed}")
+
+
+def _well_posed(target: GaussianMixture) -> bool:
+    """Two modes, each of weight >= WELL_POSED_WEIGHT and variance within WELL_POSED_VARIANCE, whose means lie at
+    least 2 (std_1 + std_2) apart (so the target is bimodal, as in 2D)."""
+    if len(target.weights) != 2 or not bool((target.weights >= WELL_POSED_WEIGHT).all()):
+        return False
+    low, high = WELL_POSED_VARIANCE
+    variances = target.covs[:, 0, 0]
+    if not bool(((variances >= low) & (variances <= high)).all()):
+        return False
+    return float((target.means[0, 0] - target.means[1, 0]).abs()) >= 2 * float(variances.sqrt().sum())
+
+
+def _draw_joint(
+    dim: int, components: int, min_distance: float, gen: torch.Generator
+) -> tuple[GaussianMixture, torch.Tensor]:
+    """One draw of the recipe: the joint and x* (the x-part two components share)."""
     means: list[torch.Tensor] = []
     for _ in range(components):
         for _attempt in range(1000):

@@ -19,6 +19,28 @@ def test_higher_dimensional_targets_have_two_modes_at_x_star(name):
     json.dumps(problem.params)  # saved next to results
 
 
+@pytest.mark.parametrize("name", ["gmm5d", "gmm10d"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_joints_give_well_posed_bimodal_targets(name, seed):
+    target = gmm_problem(name, joint_seed=seed).params["target"]
+    weights = torch.tensor(target["weights"])
+    means = torch.tensor(target["means"])[:, 0]
+    stds = torch.tensor(target["covs"])[:, 0, 0].sqrt()
+    assert len(weights) == 2 and weights.min() >= 0.2
+    assert stds.min() >= 0.05**0.5 and stds.max() <= 5**0.5
+    assert (means[0] - means[1]).abs() >= 2 * stds.sum()  # two separate modes, as the 2D reference's ±5
+
+
+def test_a_spiky_draw_of_the_recipe_is_redrawn():
+    from cdm_dist.problems import _draw_joint, conditional_target
+
+    # the first 10D draw from seed 1 puts a mode of variance ~1e-3 at x*: its l2_gmm floor is above 1
+    joint, x_star = _draw_joint(10, 4, 5.0, torch.Generator().manual_seed(1))
+    spiky = conditional_target(joint.condition(list(range(9)), [9]), x_star, 0.001)
+    assert spiky.covs[:, 0, 0].min() < 0.01
+    assert gmm_problem("gmm10d").params["x_star"] != x_star.tolist()
+
+
 def test_problems_are_reproducible():
     a, b = gmm_problem("gmm5d"), gmm_problem("gmm5d")
     assert a.params == b.params
