@@ -21,6 +21,7 @@ def test_bench_gmm_quick_writes_the_documented_schema(tmp_path, capsys):
         "l2_gmm_mean",
         "l2_gmm_median",
         "x_err_median",
+        "x_err_max",
         "success_rate",
     }
     for row in payload["rows"]:
