@@ -21,14 +21,13 @@ from cdm_dist.problems import CDMProblem, digits_problem
 
 
 def settings(quick: bool, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfig]:
-    """MLGD-F on digits with the best feasible configuration of `cdm bench tune`'s digits study: 50 DDIM steps,
-    identity gradient, normalised steps (zeta is a step length in pixels) from 0.175 down to 0.0175, guidance off
-    for the last 4% of steps, n_c = 128. Much stronger guidance finds noise images that fool the sampler (lower
-    loss, no digits), which the study's prior_fit limit rules out."""
-    n_c = n_c or (16 if quick else 128)
-    steps = 10 if quick else 50
-    config = MLGDConfig(num_steps=steps, n_c=n_c, target_batch=250, n_guess=1, grad="identity", guidance_stop=0.96)
-    return config, ZetaConfig(kind="linear", scale=0.175, final=0.1, normalize=True)
+    """MLGD-F on digits: 100 DDIM steps, identity gradient, normalised steps (zeta is a step length in pixels),
+    the last 20% unguided so the prior brings x back onto digits. Much stronger guidance finds noise images that
+    fool the sampler (lower loss, no digits); `cdm tune` rules those out with its prior_fit limit."""
+    n_c = n_c or (16 if quick else 64)
+    steps = 10 if quick else 100
+    config = MLGDConfig(num_steps=steps, n_c=n_c, target_batch=250, n_guess=1, grad="identity", guidance_stop=0.8)
+    return config, ZetaConfig(kind="linear", scale=0.3, final=0.1, normalize=True)
 
 
 @cache
