@@ -244,9 +244,13 @@ def test_cdm_ui_serves_the_study_in_optuna_dashboard_next_to_mlflow(study_config
     (summary,) = get(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
     assert summary["study_name"] == tuner.name
     detail = get(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}")
-    assert len(detail["trials"]) == 2
-    if result.complete:
-        assert detail["best_trials"][0]["values"] == [pytest.approx(result.best_value)]
+    trials = optuna.load_study(study_name=tuner.name, storage=tuner.storage).get_trials()
+    shown = {t["number"]: (t["state"], t.get("values")) for t in detail["trials"]}
+    assert result.complete + result.pruned == 2 and sorted(shown) == [t.number for t in trials]
+    for trial in trials:  # every trial with its state and objective, as stored
+        state, values = shown[trial.number]
+        assert state.lower() == trial.state.name.lower()
+        assert values == (None if trial.values is None else [pytest.approx(v) for v in trial.values])
     for _ in range(240):  # the MLflow UI comes up beside it
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2) as response:
