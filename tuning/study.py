@@ -389,11 +389,12 @@ class Tuner:
         pareto: list[dict[str, Any]] = []
         best_value: Any = None
         best_params: dict[str, Any] = {}
-        if complete and self.config.tune.multi_objective:
-            pareto = [{"number": t.number, "values": t.values, "params": t.params} for t in self.study.best_trials]
-            best = min(self.study.best_trials, key=lambda t: t.values[0])
+        front = self.study.best_trials if complete and self.config.tune.multi_objective else []  # feasible only
+        if front:
+            pareto = [{"number": t.number, "values": t.values, "params": t.params} for t in front]
+            best = min(front, key=lambda t: t.values[0])
             best_value, best_params = best.values, best.params
-        elif complete:
+        elif complete and not self.config.tune.multi_objective:
             try:
                 best = self.study.best_trial  # the best feasible trial
                 best_value, best_params = best.value, best.params
