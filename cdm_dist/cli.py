@@ -252,7 +252,8 @@ def _ui(args: argparse.Namespace) -> int:
     commands = {f"MLflow UI on http://{args.host}:{args.port} over {uri}": command}
     dashboard = _optuna_dashboard_command(args)
     if dashboard is not None:
-        commands[f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {dashboard[1]}"] = dashboard
+        storage, command = dashboard
+        commands[f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {storage}"] = command
     servers = []
     for line, command in commands.items():
         print(line, flush=True)
@@ -271,8 +272,9 @@ def _ui(args: argparse.Namespace) -> int:
             stop_process_group(server)
 
 
-def _optuna_dashboard_command(args: argparse.Namespace) -> list[str] | None:
-    """The optuna-dashboard command over `--optuna-storage` (or the newest study journal), or None with a note."""
+def _optuna_dashboard_command(args: argparse.Namespace) -> tuple[str, list[str]] | None:
+    """The study storage and the optuna-dashboard command over it (`--optuna-storage`, else the newest study
+    journal), or None with a note."""
     import shutil
 
     storage = args.optuna_storage
@@ -287,7 +289,7 @@ def _optuna_dashboard_command(args: argparse.Namespace) -> list[str] | None:
     if not Path(executable).is_file():
         print("optuna-dashboard is not installed (pip install 'cdm-dist[dashboard]'); MLflow UI only", flush=True)
         return None
-    return [executable, storage, "--host", args.host, "--port", str(args.dashboard_port), "--quiet"]
+    return storage, [executable, storage, "--host", args.host, "--port", str(args.dashboard_port), "--quiet"]
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

@@ -59,12 +59,13 @@ def joint_2d() -> tuple[GaussianMixture, torch.Tensor]:
     return GaussianMixture(weights, means, covs), torch.tensor([-5.0], dtype=torch.float64)
 
 
+RANDOM_TARGET_MIN_WEIGHT = 0.001  # 5D/10D targets drop conditional components below this weight
 WELL_POSED_WEIGHT = 0.2  # each target mode carries at least this weight ...
 WELL_POSED_VARIANCE = (0.05, 5.0)  # ... and a variance in this range (the 2D reference: 0.5 / 0.5, 0.124)
 
 
 def joint_random(
-    dim: int, seed: int, components: int = 4, min_distance: float = 5.0, min_weight: float = 0.001
+    dim: int, seed: int, components: int = 4, min_distance: float = 5.0
 ) -> tuple[GaussianMixture, torch.Tensor]:
     """The paper's recipe for 5D/10D: means 5 N(0, I) kept >= min_distance apart (1000 tries each),
     covariances A Aᵀ + 1e-4 I with A standard normal, equal weights; two components then share their
@@ -76,8 +77,8 @@ def joint_random(
     gen = torch.Generator().manual_seed(seed)
     for _draw in range(100):
         joint, x_star = _draw_joint(dim, components, min_distance, gen)
-        target = conditional_target(joint.condition(list(range(dim - 1)), [dim - 1]), x_star, min_weight)
-        if _well_posed(target):
+        conditional = joint.condition(list(range(dim - 1)), [dim - 1])
+        if _well_posed(conditional_target(conditional, x_star, RANDOM_TARGET_MIN_WEIGHT)):
             return joint, x_star
     raise ValueError(f"joint_random: no well-posed {dim}D joint in 100 draws from seed {seed}")
 
@@ -138,7 +139,7 @@ def gmm_problem(
         min_weight = 0.01
     else:
         joint, x_star = joint_random(dim, joint_seed)
-        min_weight = 0.001
+        min_weight = RANDOM_TARGET_MIN_WEIGHT
     x_coords, y_coords = list(range(dim - 1)), [dim - 1]
     conditional = joint.condition(x_coords, y_coords)
     target_mixture = conditional_target(conditional, x_star, min_weight)

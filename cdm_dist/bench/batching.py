@@ -20,7 +20,7 @@ def bench_batching(
 ) -> dict[str, Any]:
     """Throughput of B chains batched vs sequential on the 2D problem; also checks both give the same x."""
     dev = torch.device(device)
-    s = settings(2, quick, n_c)
+    s = settings(quick, n_c)
     problem = gmm_problem("gmm2d")
     batch = Chains.make(range(chains), s["zeta"])
 
