@@ -125,6 +125,7 @@ def new_model(data: TrainingData, role: str, gen: torch.Generator, tiny: bool = 
             beta_schedule=new_scheduler().config.beta_schedule,
             data_mean=x.mean(0).tolist(),
             data_std=x.std(0).tolist(),
+            preconditioning="edm",
         )
     x_stats = {} if image else {"x_mean": x.mean(0).tolist(), "x_std": x.std(0).tolist()}
     return ConditionalVelocityModel(
@@ -155,8 +156,10 @@ def new_scheduler() -> Any:
 def prior_loss(
     model: torch.nn.Module, alphas_cumprod: torch.Tensor, x0: torch.Tensor, gen: torch.Generator
 ) -> torch.Tensor:
-    """E ||ε - ε̂(sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, t)||², t uniform on the training grid (Ho et al. 2020)."""
+    """E λ(t) ||ε - ε̂(sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, t)||², t uniform on the training grid (Ho et al. 2020);
+    λ = 1, or EDM's weight for a preconditioned MLPNoiseModel (Karras et al. 2022)."""
     from cdm_dist.models.learned import noise_prediction
+    from cdm_dist.models.networks import MLPNoiseModel
 
     n = x0.shape[0]
     t = torch.randint(len(alphas_cumprod), (n,), generator=gen).to(x0.device)
@@ -164,7 +167,9 @@ def prior_loss(
     ab = alphas_cumprod.to(x0)[t].view(n, *[1] * (x0.dim() - 1))
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     eps = noise_prediction(model, x_t, t)
-    return torch.nn.functional.mse_loss(eps.float(), noise.float())
+    unwrapped = getattr(model, "module", model)  # accelerate may wrap it
+    weight = unwrapped.loss_weight(t) if isinstance(unwrapped, MLPNoiseModel) else 1.0
+    return (weight * (eps.float() - noise.float()).square()).mean()
 
 
 def flow_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -260,7 +265,7 @@ def train(
         "model_class": type(trained).__name__,
         "parameters": sum(p.numel() for p in trained.parameters()),
         "data": data.description,
-        "objective": "epsilon-prediction DDPM loss" if role == "prior" else "conditional rectified flow",
+        "objective": _objective(role, trained),
         "steps": settings.steps,
         "seed": seed,
         "settings": asdict(settings),
@@ -276,6 +281,14 @@ def train(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _objective(role: str, model: torch.nn.Module) -> str:
+    if role == "sampler":
+        return "conditional rectified flow"
+    if getattr(model.config, "preconditioning", "none") == "edm":
+        return "EDM-preconditioned, EDM-weighted epsilon-prediction DDPM loss"
+    return "epsilon-prediction DDPM loss"
 
 
 def sha256(path: Path) -> str:

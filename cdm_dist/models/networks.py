@@ -1,6 +1,7 @@
 """Networks as diffusers ModelMixin + ConfigMixin: save_pretrained writes config JSON + safetensors.
 
-- MLPNoiseModel: ε̂(x_t, t) for vector priors, with the input scaled to unit variance at every noise level.
+- MLPNoiseModel: ε̂(x_t, t) for vector priors, with the input scaled to unit variance at every noise level and
+  (preconditioning "edm") a Gaussian skip connection.
 - ConditionalVelocityModel: v(y_s, s | x) of a conditional rectified flow (Liu et al. 2023), conditioned on a
   vector x through an MLP or on an image x through a small convolutional encoder.
 """
@@ -14,6 +15,9 @@ from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+
+PRECONDITIONINGS = ("none", "edm")
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -56,7 +60,11 @@ class ResidualMLP(nn.Module):
 
 
 class MLPNoiseModel(ModelMixin, ConfigMixin):
-    """ε̂(x_t, t) for x in R^dim: a residual MLP on c_in(t) (x_t - sqrt(ᾱ_t) μ), c_in = 1 / sqrt(ᾱ_t σ² + 1 - ᾱ_t)."""
+    """ε̂(x_t, t) for x in R^dim from a residual MLP F on h = c_in (x_t - sqrt(ᾱ_t) μ), c_in = 1 / sqrt(ᾱ_t σ² + 1 - ᾱ_t).
+
+    preconditioning "none": ε̂ = F. "edm" (Karras et al. 2022, in ε form): x̂0 = μ + c_skip (x_t/sqrt(ᾱ_t) - μ)
+    + c_out F, i.e. ε̂ = c_in (sqrt(1 - ᾱ_t) h - sqrt(ᾱ_t) σ F): the exact ε of N(μ, diag σ²) plus a residual
+    whose error in x̂0 stays below σ |ΔF| at every noise level, where plain ε-prediction divides it by sqrt(ᾱ_t)."""
 
     @register_to_config
     def __init__(
@@ -69,8 +77,11 @@ class MLPNoiseModel(ModelMixin, ConfigMixin):
         beta_schedule: str = "linear",
         data_mean: list[float] | None = None,
         data_std: list[float] | None = None,
+        preconditioning: str = "none",
     ) -> None:
         super().__init__()
+        if preconditioning not in PRECONDITIONINGS:
+            raise ValueError(f"preconditioning: unknown {preconditioning!r}; expected one of {PRECONDITIONINGS}")
         alphas = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule).alphas_cumprod
         self.register_buffer("alphas_cumprod", alphas.float(), persistent=False)
         self.register_buffer("center", torch.tensor(data_mean or [0.0] * dim), persistent=False)
@@ -84,7 +95,17 @@ class MLPNoiseModel(ModelMixin, ConfigMixin):
         c_in = torch.rsqrt(alpha_bar * self.scale**2 + 1 - alpha_bar)  # (N, dim)
         h = c_in * (x_t - alpha_bar.sqrt() * self.center)
         time = t.to(self.alphas_cumprod.dtype) * 1000 / self.config.num_train_timesteps
-        return self.net(h, sinusoidal_embedding(time, self.config.embed_dim))
+        residual = self.net(h, sinusoidal_embedding(time, self.config.embed_dim))
+        if self.config.preconditioning == "none":
+            return residual
+        return c_in * ((1 - alpha_bar).sqrt() * h - alpha_bar.sqrt() * self.scale * residual)
+
+    def loss_weight(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Per-coordinate weight on ||ε̂ - ε||² that makes it ||F - F_target||² (EDM's λ), timestep (N,) -> (N, dim)."""
+        alpha_bar = self.alphas_cumprod[timestep.long()][:, None]  # (N, 1)
+        if self.config.preconditioning == "none":
+            return torch.ones_like(alpha_bar).expand(-1, self.config.dim)
+        return (alpha_bar * self.scale**2 + 1 - alpha_bar) / (alpha_bar * self.scale**2)
 
 
 class ConvEncoder(nn.Module):

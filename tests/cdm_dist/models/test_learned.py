@@ -6,8 +6,10 @@ from diffusers import UNet2DModel
 
 from cdm_dist.diffusion import make_scheduler
 from cdm_dist.errors import InputError
+from cdm_dist.mixtures import GaussianMixture
 from cdm_dist.models.learned import FlowSampler, LearnedPrior, euler_flow, load_prior, load_sampler
 from cdm_dist.models.networks import ConditionalVelocityModel, MLPNoiseModel
+from cdm_dist.priors import GaussianMixturePrior
 
 
 def _manifest(folder, role):
@@ -22,11 +24,18 @@ def _perturbed(model):
     return model
 
 
-@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("kind", ["mlp", "mlp-edm", "unet"])
 def test_prior_save_load_gives_identical_noise_predictions(tmp_path, kind):
     torch.manual_seed(0)
-    if kind == "mlp":
-        model = MLPNoiseModel(dim=3, width=16, blocks=2, data_mean=[1.0, -2.0, 0.5], data_std=[2.0, 1.0, 3.0])
+    if kind.startswith("mlp"):
+        model = MLPNoiseModel(
+            dim=3,
+            width=16,
+            blocks=2,
+            data_mean=[1.0, -2.0, 0.5],
+            data_std=[2.0, 1.0, 3.0],
+            preconditioning="edm" if kind == "mlp-edm" else "none",
+        )
         x = 3 * torch.randn(5, 3)
     else:
         model = UNet2DModel(
@@ -95,6 +104,72 @@ def test_noise_model_preconditioning_is_the_edm_input_scaling():
     ab = scaled.alphas_cumprod[t]
     c_in = 1 / torch.sqrt(ab * std**2 + 1 - ab)
     torch.testing.assert_close(scaled(x, t), plain(c_in * (x - ab.sqrt() * mean), t))
+
+
+def _edm_pair(mean: list[float], std: list[float]) -> tuple[MLPNoiseModel, MLPNoiseModel]:
+    """An EDM-preconditioned model and a plain one sharing its weights (the plain one's output is F)."""
+    edm = _perturbed(MLPNoiseModel(dim=2, width=16, blocks=1, data_mean=mean, data_std=std, preconditioning="edm"))
+    plain = MLPNoiseModel(dim=2, width=16, blocks=1, data_mean=mean, data_std=std).double()
+    plain.load_state_dict(edm.state_dict())
+    return edm.double(), plain
+
+
+def test_edm_noise_model_denoises_as_karras_et_al():
+    """x̂0 = μ + c_skip (x_t/sqrt(ᾱ) - μ) + c_out F in EDM's sigma = sqrt((1 - ᾱ)/ᾱ), written out per noise level."""
+    torch.manual_seed(4)
+    mean, std = [3.0, -1.0], [4.0, 0.5]
+    edm, plain = _edm_pair(mean, std)
+    mu, sd = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    x = 2 * torch.randn(5, 2, dtype=torch.float64)
+    for t in (0, 250, 999):
+        ab = edm.alphas_cumprod[t].double()
+        sigma = ((1 - ab) / ab).sqrt()
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        x0_expected = mu + c_skip * (x / ab.sqrt() - mu) + c_out * plain(x, t)
+        x0 = (x - (1 - ab).sqrt() * edm(x, t)) / ab.sqrt()
+        torch.testing.assert_close(x0, x0_expected, rtol=1e-6, atol=1e-6 * float(1 / ab.sqrt()))
+
+
+def test_edm_noise_model_with_zero_residual_is_the_exact_gaussian_prior():
+    """F = 0 leaves the Gaussian skip: ε̂ equals the closed-form prior of N(μ, diag σ²)."""
+    mean, std = [3.0, -1.0], [4.0, 0.5]
+    edm, _ = _edm_pair(mean, std)
+    torch.nn.init.zeros_(edm.net.out[-1].weight)
+    torch.nn.init.zeros_(edm.net.out[-1].bias)
+    gaussian = GaussianMixturePrior(
+        GaussianMixture(
+            torch.ones(1, dtype=torch.float64),
+            torch.tensor([mean], dtype=torch.float64),
+            torch.diag(torch.tensor(std, dtype=torch.float64) ** 2)[None],
+        ),
+        make_scheduler(num_train_timesteps=1000, beta_schedule="linear"),
+    )
+    x = 5 * torch.randn(6, 2, dtype=torch.float64)
+    for t in (0, 100, 600, 999):
+        torch.testing.assert_close(edm(x, t), gaussian.predict_noise(x, t), rtol=1e-5, atol=1e-6)
+
+
+def test_edm_loss_weight_turns_the_epsilon_error_into_the_residual_error():
+    """λ(t) (ε̂ - ε)² = (F - F_target)², F_target = (x0 - μ - c_skip (x_t/sqrt(ᾱ) - μ)) / c_out (EDM's loss)."""
+    torch.manual_seed(5)
+    mean, std = [3.0, -1.0], [4.0, 0.5]
+    edm, plain = _edm_pair(mean, std)
+    mu, sd = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    t = torch.tensor([0, 10, 300, 700, 999])
+    x0, eps = mu + sd * torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    ab = edm.alphas_cumprod[t].double()[:, None]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    sigma = ((1 - ab) / ab).sqrt()
+    c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+    f_target = (x0 - mu - c_skip * (x_t / ab.sqrt() - mu)) / c_out
+    weighted = edm.loss_weight(t).double() * (edm(x_t, t) - eps) ** 2
+    torch.testing.assert_close(weighted, (plain(x_t, t) - f_target) ** 2, rtol=1e-5, atol=1e-8)
+    assert torch.equal(MLPNoiseModel(dim=2, width=8, blocks=1).loss_weight(t), torch.ones(5, 2))
+
+
+def test_noise_model_rejects_an_unknown_preconditioning():
+    with pytest.raises(ValueError, match="preconditioning: unknown 'vp'"):
+        MLPNoiseModel(dim=2, preconditioning="vp")
 
 
 def test_flow_sampler_is_euler_integration_in_data_units():
