@@ -16,7 +16,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-
 PRECONDITIONINGS = ("none", "edm")
 
 
@@ -60,7 +59,7 @@ class ResidualMLP(nn.Module):
 
 
 class MLPNoiseModel(ModelMixin, ConfigMixin):
-    """ε̂(x_t, t) for x in R^dim from a residual MLP F on h = c_in (x_t - sqrt(ᾱ_t) μ), c_in = 1 / sqrt(ᾱ_t σ² + 1 - ᾱ_t).
+    """ε̂(x_t, t) for x in R^dim from a residual MLP F of h = c_in (x_t - sqrt(ᾱ_t) μ), c_in = 1/sqrt(ᾱ_t σ² + 1 - ᾱ_t).
 
     preconditioning "none": ε̂ = F. "edm" (Karras et al. 2022, in ε form): x̂0 = μ + c_skip (x_t/sqrt(ᾱ_t) - μ)
     + c_out F, i.e. ε̂ = c_in (sqrt(1 - ᾱ_t) h - sqrt(ᾱ_t) σ F): the exact ε of N(μ, diag σ²) plus a residual
