@@ -11,8 +11,9 @@ import ray
 from actors.coordinator import RayExecutor, connect
 from cdm_dist.bench.report import markdown_table, write_report
 from cdm_dist.campaign import CampaignConfig, load_config
-from cdm_dist.runner import CampaignDriver, LocalExecutor, run_campaign
+from cdm_dist.runner import CampaignDriver, run_campaign
 from cdm_dist.store import CampaignStore
+from cdm_dist.worker import LocalExecutor
 
 
 def bench_config(output: str, quick: bool, chains: int, n_c: int | None) -> list[str]:
@@ -36,9 +37,8 @@ def bench_config(output: str, quick: bool, chains: int, n_c: int | None) -> list
 def _warm_up(executor: Any, config: CampaignConfig, root: str) -> None:
     """Run the first micro-batch once so every actor has loaded its models and caches before timing."""
     warm = config.model_copy(update={"output": os.path.join(root, "warm")})
-    driver = CampaignDriver(warm, CampaignStore.create(warm), progress=False)
+    driver = CampaignDriver(warm, CampaignStore.create(warm))
     executor.execute(driver.restore()[:1], driver)
-    driver.close()
 
 
 def _measure(config: CampaignConfig, root: str, in_flight: int | None = None) -> dict[str, Any]:

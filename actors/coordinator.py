@@ -1,10 +1,12 @@
 """The Ray coordinator: many micro-batches of chains through prior/sampler actors, pipelined, fault tolerant.
 
 colocated: each replica actor holds both models and runs whole chunks of steps for the micro-batches it is given.
-split: per replica a prior actor and a sampler actor, each pinned to its own GPU; per guided step and micro-batch,
-    prior.denoise -> x̂0,  sampler.matching_grad -> (loss, dL/dx̂0),  prior.advance -> x_{t-1}.
-    Each stage is submitted when the previous one finishes (ObjectRefs go actor to actor, not via the driver), so
-    with two or more micro-batches in flight one actor works on one micro-batch while the other works on the next.
+split: per replica a prior actor and a sampler actor, each pinned to its own GPU and building only its own role's
+    models; per guided step and micro-batch,
+    prior.denoise -> (x̂0, r_t),  sampler.matching_grad -> (loss, dL/dx̂0),  prior.advance -> x_{t-1};
+    at the end sampler.finish (held-out loss, metrics, pictures), then prior.prior_fit.
+    Each stage is submitted when the previous one finishes, so with two or more micro-batches in flight one actor
+    works on one micro-batch while the other works on the next. (Each stage's output passes through the driver.)
 
 A micro-batch whose actor dies (or whose prior lost a half-done step) restarts from its last checkpoint; Ray
 restarts the actor (max_restarts). After resources.max_retries restarts its chains are marked failed.
@@ -25,8 +27,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.workers import RemoteWorker
 from cdm_dist.campaign import CampaignConfig
 from cdm_dist.errors import InputError
-from cdm_dist.runner import Job, Sink, chunk_end
+from cdm_dist.execution import Job, Sink, chunk_end, step_of
 from cdm_dist.schedules import guided_mask
+from cdm_dist.worker import check_shapes
 
 PLACEMENT_TIMEOUT_S = 120.0
 
@@ -85,7 +88,15 @@ class RayExecutor:
         self.name = config.resources.executor_name
         connect(address)
         self._check_capacity()
-        self.replicas = [self._start_replica(r) for r in range(self.resources.replicas)]
+        self.replicas: list[Replica] = []
+        try:
+            for r in range(self.resources.replicas):
+                self.replicas.append(self._start_replica(r))
+            self.infos = self._ready()
+        except BaseException:
+            self.close()
+            raise
+        self.event_shape = tuple(next(i["event_shape"] for i in self.infos if i["event_shape"] is not None))
         self.busy_fraction: dict[str, float] = {}
         self.wall_seconds = 0.0
 
@@ -120,20 +131,41 @@ class RayExecutor:
                 f"resources: no node can hold replica {index} ({len(roles)} x {self._bundle()}) within "
                 f"{PLACEMENT_TIMEOUT_S:.0f} s"
             ) from None
+        runtime_env = self.resources.runtime_env.ray_dict() if self.resources.runtime_env else None
         actors = [
             RemoteWorker.options(
                 num_cpus=self.resources.num_cpus,
                 num_gpus=self.resources.num_gpus,
                 max_restarts=self.resources.max_restarts,
                 max_task_retries=0,
+                runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b),
             ).remote(self.config, role)
             for b, role in enumerate(roles)
         ]
         return Replica(index, group, actors[0], actors[-1])
 
+    def _ready(self) -> list[dict[str, Any]]:
+        """Wait until every actor has built its models; bad input one of them met is raised here as one line."""
+        try:
+            infos = self.actor_info()
+        except ray.exceptions.RuntimeEnvSetupError as exc:
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"resources.runtime_env: Ray could not set it up ({first})") from None
+        except ray.exceptions.RayActorError as exc:
+            message = getattr(exc, "error_msg", str(exc)).strip().splitlines()
+            raise RuntimeError(f"an actor died while loading its models: {message[-1] if message else exc}") from None
+        errors = [i["init_error"] for i in infos if i.get("init_error")]
+        if errors:
+            raise InputError(errors[0])
+        if self.split:
+            priors, samplers = infos[0::2], infos[1::2]
+            for prior, sampler in zip(priors, samplers, strict=True):
+                check_shapes(tuple(prior["event_shape"]), sampler["x_shape"], self.config.problem)
+        return infos
+
     def actor_info(self) -> list[dict[str, Any]]:
-        """Per actor: role, pid, device, node id and pinned GPU ids (blocks until the actors are up)."""
+        """Per actor: role, pid, device, node id, pinned GPU ids and what it built (blocks until they are up)."""
         return ray.get([a.info.remote() for r in self.replicas for a in r.actors])
 
     def close(self) -> None:
@@ -160,7 +192,7 @@ class RayExecutor:
                 while waiting and active[replica.index] < capacity:
                     job = waiting.pop(0)
                     active[replica.index] += 1
-                    flight = Flight(job, replica, _step_of(job.checkpoint))
+                    flight = Flight(job, replica, step_of(job.checkpoint))
                     in_flight[self._submit(flight)] = flight
             done, _ = ray.wait(list(in_flight), num_returns=1)
             flight = in_flight.pop(done[0])
@@ -188,7 +220,7 @@ class RayExecutor:
         num_steps = flight.num_steps
         if step >= num_steps:
             flight.stage = "finish"
-            return replica.sampler.finish.remote(job.batch, job.checkpoint)
+            return replica.sampler.finish.remote(job.batch, job.checkpoint)  # with prior_fit when colocated
         if not self.split:
             flight.stage = "run"
             return replica.prior.run.remote(job.batch, job.checkpoint, chunk_end(step, every, num_steps))
@@ -204,28 +236,31 @@ class RayExecutor:
     def _advance(self, flight: Flight, value: Any, sink: Sink) -> ray.ObjectRef | None:
         """Hand a finished stage's output on; returns the next task or None when the micro-batch is done."""
         job, replica = flight.job, flight.replica
-        if flight.stage == "finish":
+        if flight.stage == "finish" and self.split:
+            flight.stage = "prior_fit"
+            return replica.prior.prior_fit.remote(job.batch, value)
+        if flight.stage in ("finish", "prior_fit"):
             sink.on_result(job.batch, value)
             return None
         if flight.stage == "denoise":
             flight.stage = "grad"
-            x0 = ray.put(value)
-            return replica.sampler.matching_grad.remote(job.batch, flight.step, x0)
+            return replica.sampler.matching_grad.remote(job.batch, flight.step, value)
         if flight.stage == "grad":
             flight.stage = "advance"
-            return replica.prior.advance.remote(job.batch, ray.put(value))
+            return replica.prior.advance.remote(job.batch, value)
         sink.on_chunk(job.batch, value)  # "run" or "advance": a chunk of steps is done
-        job.checkpoint, flight.step = value.checkpoint, int(value.checkpoint["step"])
+        job.checkpoint, flight.step = value.checkpoint, value.step
         return self._submit(flight)
 
     def _recover(self, flight: Flight, sink: Sink, error: Exception, active: dict[int, int]) -> ray.ObjectRef | None:
         """Restart a micro-batch from its last checkpoint, on the least busy replica, or give it up."""
         flight.retries += 1
         if flight.retries > self.resources.max_retries:
-            sink.on_failed(flight.job.batch, f"{type(error).__name__} after {flight.retries - 1} restarts")
+            reason = f"{type(error).__name__} after {flight.retries - 1} restarts"
+            sink.on_failed(flight.job.batch, reason, self.event_shape)
             return None
         flight.job.checkpoint = sink.restart_point(flight.job.batch)
-        flight.step = _step_of(flight.job.checkpoint)
+        flight.step = step_of(flight.job.checkpoint)
         active[flight.replica.index] -= 1
         others = sorted(self.replicas, key=lambda r: (active[r.index], r is flight.replica))
         flight.replica = others[0]
@@ -255,7 +290,3 @@ class RayExecutor:
 def _guided_steps(num_steps: int, start: float, stop: float) -> tuple[bool, ...]:
     """Which steps of a method get guidance (cached: the same few methods are asked about every step)."""
     return tuple(guided_mask(num_steps, start, stop).tolist())
-
-
-def _step_of(checkpoint: dict[str, Any] | None) -> int:
-    return 0 if checkpoint is None else int(checkpoint["step"])

@@ -4,8 +4,9 @@ from cdm_dist.config import LossConfig, MLGDConfig, ZetaConfig
 from cdm_dist.errors import InputError
 from cdm_dist.mlgd import Chains, ChainState, GuidedChains, run_chains
 from cdm_dist.priors import DiffusionPrior, GaussianMixturePrior
-from cdm_dist.problems import CDMProblem, gmm_problem
+from cdm_dist.problems import gmm_problem
 from cdm_dist.samplers import ConditionalSampler, MixtureDiffusionSampler, MixtureInverseCDFSampler
+from cdm_dist.spec import CDMProblem
 from cdm_dist.targets import Target
 
 __all__ = [

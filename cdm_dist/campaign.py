@@ -8,41 +8,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cdm_dist.config import MLGDConfig, NonNegative, Positive, StrictModel, ZetaConfig, parse
 from cdm_dist.errors import InputError
 from cdm_dist.mlgd import Chains
-from cdm_dist.problems import GMM_PROBLEMS, CDMProblem, digits_problem, gmm_problem, learned_gmm_problem
-from cdm_dist.targets import Target
+from cdm_dist.spec import ProblemConfig, absolute, existing_folder
 
 PositiveInt = Annotated[int, Field(ge=1)]
 EXECUTORS = ("local", "ray_colocated", "ray_split")
-
-
-class ProblemConfig(StrictModel):
-    """Which CDM problem: a benchmark by name, optionally with the user's own target samples."""
-
-    name: Literal["gmm2d", "gmm5d", "gmm10d", "digits"] = "gmm2d"
-    target_file: str | None = None  # .npy / .csv / .safetensors samples replacing the benchmark's target
-    target_size: PositiveInt = 1000
-    target_seed: int = 0
-    joint_seed: int = 1  # 5D / 10D joints
-    full_chain_steps: PositiveInt = 100  # steps of the MLGD full-chain sampler
-    models: Literal["exact", "learned"] = "exact"  # mixtures: closed-form or learned models; digits: learned
-    checkpoints: str | None = None  # folder with prior/ and sampler/ (default: the shipped ones)
-    fast_steps: PositiveInt = 8  # Euler steps of the learned fast sampler (MLGD-F)
-    digits_target: Literal["uniform", "bimodal", "unimodal"] = "uniform"
-
-    @model_validator(mode="after")
-    def _models(self) -> ProblemConfig:
-        if self.name == "digits" and self.models != "learned":
-            raise ValueError("models: the digits problem has only learned models; set models: learned")
-        if self.checkpoints is not None and self.models != "learned":
-            raise ValueError("checkpoints: only used with models: learned")
-        if self.models == "learned" and self.joint_seed != 1:
-            raise ValueError("joint_seed: learned mixture models are trained on joint seed 1")
-        return self
 
 
 class MethodConfig(MLGDConfig):
@@ -93,6 +67,77 @@ class ChainsConfig(StrictModel):
         return schedules
 
 
+# The keys of Ray 2.60's runtime_env (ray.runtime_env.RuntimeEnv.known_fields, public ones); a test keeps them in step.
+RAY_RUNTIME_ENV_KEYS = (
+    "conda",
+    "config",
+    "container",
+    "env_vars",
+    "excludes",
+    "image_uri",
+    "java_jars",
+    "pip",
+    "py_executable",
+    "py_modules",
+    "uv",
+    "worker_process_setup_hook",
+    "working_dir",
+)
+CODE_SHIPPING_KEYS = ("working_dir", "py_modules", "pip", "uv", "conda", "container", "image_uri", "py_executable")
+
+
+def _local_or_uri(value: str) -> str:
+    """A remote URI as it is; a local path made absolute and checked."""
+    if "://" in value:
+        return value
+    path = absolute(value)
+    if not Path(path).exists():
+        raise ValueError(f"{path} does not exist")
+    return path
+
+
+class RuntimeEnvConfig(StrictModel):
+    """Ray's runtime_env for the campaign's actors: how the user's code and packages reach every node."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    working_dir: str | None = None  # a local folder (uploaded) or a remote .zip URI; the actors' cwd and sys.path
+    py_modules: list[str] | None = None  # local package folders / .whl files or remote URIs, importable by actors
+    pip: list[str] | None = None  # requirements installed into the actors' environment
+    env_vars: dict[str, str] | None = None
+    excludes: list[str] | None = None  # gitignore-style patterns left out of working_dir / py_modules uploads
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(RAY_RUNTIME_ENV_KEYS))
+            if unknown:
+                raise ValueError(f"unknown key(s) {unknown}; Ray's runtime_env knows {list(RAY_RUNTIME_ENV_KEYS)}")
+        return data
+
+    @field_validator("working_dir")
+    @classmethod
+    def _working_dir(cls, value: str | None) -> str | None:
+        if value is None or "://" in value:
+            return value
+        return existing_folder(value)
+
+    @field_validator("py_modules")
+    @classmethod
+    def _modules(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [_local_or_uri(v) for v in value]
+
+    def ray_dict(self) -> dict[str, Any]:
+        """As Ray takes it (unset keys left out)."""
+        return self.model_dump(exclude_none=True)
+
+    @property
+    def ships_code(self) -> bool:
+        """Whether user code may reach the actors through it (then the driver cannot import it itself)."""
+        return any(self.ray_dict().get(k) for k in CODE_SHIPPING_KEYS)
+
+
 class ResourcesConfig(StrictModel):
     """Where chains run: in-process or on Ray actors, split (prior | sampler) or colocated (both)."""
 
@@ -108,6 +153,7 @@ class ResourcesConfig(StrictModel):
     max_restarts: Annotated[int, Field(ge=0)] = 3  # Ray restarts of a dead actor
     max_retries: Annotated[int, Field(ge=0)] = 3  # restarts of a micro-batch from its checkpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where the actor has a GPU
+    runtime_env: RuntimeEnvConfig | None = None  # user code and packages for the actors (working_dir, py_modules, ...)
 
     @property
     def executor_name(self) -> str:
@@ -298,37 +344,17 @@ def micro_batches(config: CampaignConfig) -> list[MicroBatch]:
     ]
 
 
-def build_problem(config: ProblemConfig) -> CDMProblem:
-    """The problem a campaign runs on, with the user's target file in place of the benchmark target."""
-    sizes = {"target_size": config.target_size, "target_seed": config.target_seed}
-    if config.name == "digits":
-        problem = digits_problem(
-            config.digits_target, config.checkpoints, config.fast_steps, config.full_chain_steps, **sizes
-        )
-    elif config.name not in GMM_PROBLEMS:
-        raise InputError(f"problem.name: unknown {config.name!r}")
-    elif config.models == "learned":
-        problem = learned_gmm_problem(
-            config.name, config.checkpoints, config.fast_steps, config.full_chain_steps, **sizes
-        )
-    else:
-        problem = gmm_problem(
-            config.name, joint_seed=config.joint_seed, full_chain_steps=config.full_chain_steps, **sizes
-        )
-    if config.target_file is not None:
-        target = Target.from_file(config.target_file)
-        if target.dim != problem.fast_sampler.y_dim:
-            raise InputError(
-                f"{config.target_file}: target samples have dimension {target.dim}; "
-                f"problem {config.name} has d_y = {problem.fast_sampler.y_dim}"
-            )
-        problem.target = target
-        problem.params["target_file"] = config.target_file
-    return problem
+def zeta_label(zeta: ZetaConfig) -> str:
+    """A short label of a zeta schedule: its non-default fields."""
+    changed = zeta.model_dump(exclude_defaults=True)
+    return ",".join(f"{k}={v}" for k, v in changed.items()) or "constant"
 
 
-def check_config(config: CampaignConfig) -> CDMProblem:
-    """Checks that need the problem: the target file loads and matches; the method has its sampler."""
-    problem = build_problem(config.problem)
-    problem.sampler(config.method.name)
-    return problem
+def check_config(config: CampaignConfig) -> None:
+    """What the driver checks before anything starts: the problem spec resolves as far as it can without building
+    a model (user code shipped through a runtime_env is checked by the actors when they start)."""
+    from cdm_dist.registry import validate_spec
+
+    runtime_env = config.resources.runtime_env
+    ships = config.resources.executor == "ray" and runtime_env is not None and runtime_env.ships_code
+    validate_spec(config.problem, importable=not ships)

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a problem's learned prior or fast sampler (accelerate, EMA)")
     train.add_argument("role", choices=["prior", "sampler"])
-    train.add_argument("--problem", required=True, help="gmm2d, gmm5d, gmm10d or digits")
+    train.add_argument("--problem", required=True, help="a built-in problem (gmm2d, gmm5d, gmm10d, digits)")
     train.add_argument("--out", required=True, help="new checkpoint folder (config, safetensors, manifest.json)")
     train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the problem's)")
     train.add_argument("--seed", type=int, default=0)
@@ -169,13 +169,15 @@ def _run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides, args.executor)
         store = None
-    target = check_config(config).target.samples
-    from cdm_dist.runner import format_topk, make_executor, run_campaign, write_json
+    check_config(config)
+    from cdm_dist.launch import make_executor
+    from cdm_dist.report import format_topk
+    from cdm_dist.runner import run_campaign, write_json
 
-    executor = make_executor(config, args.address)
-    store = store or CampaignStore.create(config)
+    executor = make_executor(config, args.address)  # workers build their models; bad input stops here
     try:
-        report = run_campaign(config, executor, store, progress=not args.quiet, target=target)
+        store = store or CampaignStore.create(config)
+        report = run_campaign(config, executor, store, progress=not args.quiet)
     finally:
         executor.close()
     summary = report.to_json()

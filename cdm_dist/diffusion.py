@@ -89,9 +89,19 @@ def ddim_step(
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reverse step x_t -> x_{t-1} (DDIM eq. 12; sigma = DDPM posterior std gives DDPM)."""
-    x0 = tweedie_x0(x_t, eps, alpha_bar)
-    direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps
-    x_prev = alpha_bar_prev**0.5 * x0 + direction
+    return ddim_step_from_x0(tweedie_x0(x_t, eps, alpha_bar), eps, alpha_bar_prev, sigma, noise)
+
+
+def ddim_step_from_x0(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_bar_prev: float | torch.Tensor,
+    sigma: float | torch.Tensor = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x_{t-1} = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z (DDIM eq. 12), given x̂0 directly (so v- and
+    x0-prediction models never divide by sqrt(ᾱ_t))."""
+    x_prev = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps
     if noise is not None:
         x_prev = x_prev + sigma * noise
     return x_prev

@@ -10,7 +10,7 @@ from cdm_dist.baselines import BestOfNConfig, DFlowConfig, best_of_n, dflow
 from cdm_dist.config import MLGDConfig
 from cdm_dist.errors import InputError
 from cdm_dist.mlgd import ChainResult, Chains, ChainState, GuidedChains, run_chains
-from cdm_dist.problems import CDMProblem
+from cdm_dist.spec import CDMProblem
 
 METHODS = ("mlgd_f", "mlgd", "best_of_n", "dflow")
 

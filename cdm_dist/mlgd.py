@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cdm_dist.config import MLGDConfig, ZetaConfig
-from cdm_dist.diffusion import DiffusionSchedule, ddim_step, tweedie_x0
+from cdm_dist.diffusion import DiffusionSchedule, ddim_step_from_x0
 from cdm_dist.errors import InputError
 from cdm_dist.losses import Loss, log_mean_exp_loss, make_loss
 from cdm_dist.priors import DiffusionPrior, prior_fit
@@ -47,9 +47,32 @@ class Chains:
         return Chains(self.seeds[index], self.zetas[index])
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A batch of chains after `step` reverse steps: all a restart needs, since the noise is a function of
+    (seed, step); small, on the CPU, and the same whichever executor made it."""
+
+    step: int
+    x: torch.Tensor  # (B, *event)
+    failed: torch.Tensor  # (B,) bool
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """As named tensors (for torch.save / safetensors)."""
+        return {"step": torch.tensor(self.step), "x": self.x, "failed": self.failed}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Checkpoint:
+        return cls(int(tensors["step"]), tensors["x"], tensors["failed"].bool())
+
+
+def step_of(checkpoint: Checkpoint | None) -> int:
+    """Reverse steps done (0 without a checkpoint)."""
+    return 0 if checkpoint is None else checkpoint.step
+
+
 @dataclass
 class ChainState:
-    """What the loop knows after `step` reverse steps; small and serialisable (a checkpoint)."""
+    """What the loop knows after `step` reverse steps."""
 
     step: int  # reverse steps done; x is x_0 when step == num_steps
     x: torch.Tensor  # (B, *event)
@@ -59,18 +82,20 @@ class ChainState:
     zeta: torch.Tensor  # (B,) the step size used
     x0_hat: torch.Tensor | None = None  # (B, *event) Tweedie estimate of this step
 
-    def checkpoint(self) -> dict[str, torch.Tensor | int]:
-        """The minimal state to resume from: the noise streams are functions of (seed, step)."""
-        return {"step": self.step, "x": self.x.detach().cpu(), "failed": self.failed.cpu()}
+    def checkpoint(self) -> Checkpoint:
+        """The minimal state to resume from."""
+        return Checkpoint(self.step, self.x.detach().cpu(), self.failed.cpu())
 
 
 @dataclass
 class Denoised:
-    """The prior's half of step `step`: ε̂ and x̂0, plus the graph x_t -> x̂0 for the VJP when grad is 'full'."""
+    """The prior's half of step `step`: ε̂ and x̂0, the guess radius r_t, and the graph x_t -> x̂0 for the VJP
+    when grad is 'full'."""
 
     step: int
     eps: torch.Tensor  # (B, *event)
     x0: torch.Tensor  # (B, *event), detached
+    radius: float  # r_t of the loss-guided-diffusion guesses x̂0 + r_t ξ
     x_in: torch.Tensor | None = None  # x_t as a leaf of the graph
     x0_graph: torch.Tensor | None = None  # x̂0 still attached to x_in
 
@@ -86,114 +111,82 @@ class ChainResult:
     loss_history: torch.Tensor | None = None  # (B, T)
 
 
-class GuidedChains:
-    """MLGD / MLGD-F for one batch of chains: the prior, a conditional sampler, a target and a config."""
+class ChainNoise:
+    """Each chain's own random streams (cdm_dist.rng), on one device and dtype."""
 
-    def __init__(
-        self,
-        prior: DiffusionPrior,
-        sampler: ConditionalSampler,
-        target: Target,
-        chains: Chains,
-        config: MLGDConfig,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        if target.dim != sampler.y_dim:
-            raise InputError(
-                f"target: samples have dimension {target.dim} but the sampler produces d_y = {sampler.y_dim}"
-            )
-        self.prior, self.sampler, self.target, self.chains, self.config = prior, sampler, target, chains, config
-        self.device = torch.device(device)
-        self.dtype = DTYPES[config.dtype]
-        self.schedule: DiffusionSchedule = prior.schedule(config.num_steps)
-        self.loss_fn: Loss = make_loss(**config.loss.model_dump())
-        self.seeds = torch.tensor(chains.seeds, dtype=torch.int64, device=self.device)
-        self.target_samples = target.samples.to(self.device, self.dtype)
-        self._tables()
+    def __init__(self, chains: Chains, dtype: torch.dtype, device: torch.device) -> None:
+        self.seeds = torch.tensor(chains.seeds, dtype=torch.int64, device=device)
+        self.dtype = dtype
 
-    def _tables(self) -> None:
-        cfg, sched = self.config, self.schedule
-        cache: dict[ZetaConfig, torch.Tensor] = {}
-        for z in self.chains.zetas:
-            if z not in cache:
-                cache[z] = zeta_table(z, sched, cfg.eta)
-        to = {"device": self.device, "dtype": self.dtype}
-        self.zeta = torch.stack([cache[z] for z in self.chains.zetas]).to(**to)  # (B, T)
-        self.normalize = torch.tensor([z.normalize for z in self.chains.zetas], device=self.device)
-        self.trust = torch.tensor([z.trust_radius or float("inf") for z in self.chains.zetas], **to)
-        self.guided = guided_mask(len(sched), cfg.guidance_start, cfg.guidance_stop).tolist()
-        if cfg.guess_radius == "step_beta":
-            self.radius = sched.smoothing_radius().tolist()
-        else:
-            self.radius = (cfg.guess_scale * torch.sqrt(1 - sched.alpha_bar)).tolist()
-        self.sigma = sched.ddim_sigma(cfg.eta).tolist()
-
-    # -- noise, all per chain -------------------------------------------------------------------------
-    def _normal(self, stream: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def normal(self, stream: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """(B, *shape) standard normal draws of every chain's stream at this step."""
         return chain_normal(self.seeds, stream, step, shape, self.dtype)
 
-    def _target_batch(self, step: int, groups: int) -> torch.Tensor:
-        """Target samples per (chain, group): (m, d) shared when all fit, else (B * groups, n_t, d) drawn per chain."""
-        m, n_t = self.target_samples.shape[0], self.config.target_batch
-        if m <= n_t:
-            return self.target_samples
-        u = chain_uniform(self.seeds, Stream.TARGET_BATCH, step, (groups, n_t))  # (B, groups, n_t)
-        index = (u * m).long().clamp_max(m - 1).reshape(-1, n_t)
-        return self.target_samples[index]
+    def uniform(self, stream: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return chain_uniform(self.seeds, stream, step, shape)
+
+
+def _mask_failed(x: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
+    """x with the rows of failed chains set to 0, x (B, *event), failed (B,)."""
+    return torch.where(failed.view(-1, *[1] * (x.dim() - 1)), torch.zeros_like(x), x)
+
+
+class PriorSide:
+    """The prior's half of the chain loop (MLGD-F Alg. 1): x_T, Tweedie's x̂0, and the guided reverse step."""
+
+    def __init__(
+        self, prior: DiffusionPrior, chains: Chains, config: MLGDConfig, device: torch.device | str = "cpu"
+    ) -> None:
+        self.prior, self.chains, self.config = prior, chains, config
+        self.device = torch.device(device)
+        self.dtype = DTYPES[config.dtype]
+        self.noise = ChainNoise(chains, self.dtype, self.device)
+        self.schedule: DiffusionSchedule = prior.schedule(config.num_steps)
+        sched = self.schedule
+        cache: dict[ZetaConfig, torch.Tensor] = {}
+        for z in chains.zetas:
+            if z not in cache:
+                cache[z] = zeta_table(z, sched, config.eta)
+        to = {"device": self.device, "dtype": self.dtype}
+        self.zeta = torch.stack([cache[z] for z in chains.zetas]).to(**to)  # (B, T)
+        self.normalize = torch.tensor([z.normalize for z in chains.zetas], device=self.device)
+        self.trust = torch.tensor([z.trust_radius or float("inf") for z in chains.zetas], **to)
+        self.guided = guided_mask(len(sched), config.guidance_start, config.guidance_stop).tolist()
+        if config.guess_radius == "step_beta":
+            self.radius = sched.smoothing_radius().tolist()
+        else:
+            self.radius = (config.guess_scale * torch.sqrt(1 - sched.alpha_bar)).tolist()
+        self.sigma = sched.ddim_sigma(config.eta).tolist()
 
     def initial_state(self) -> ChainState:
         """x_T ~ N(0, I) from each chain's stream (or 0, as the MLGD-F code)."""
-        shape = tuple(self.prior.event_shape)
-        x = self._normal(Stream.INIT, 0, shape)
+        x = self.noise.normal(Stream.INIT, 0, tuple(self.prior.event_shape))
         if self.config.init == "zero":
             x = torch.zeros_like(x)
-        nan = torch.full((len(self.chains),), float("nan"), dtype=self.dtype, device=self.device)
-        return ChainState(0, x, torch.zeros(len(self.chains), dtype=torch.bool, device=self.device), nan, nan, nan)
+        b = len(self.chains)
+        nan = torch.full((b,), float("nan"), dtype=self.dtype, device=self.device)
+        return ChainState(0, x, torch.zeros(b, dtype=torch.bool, device=self.device), nan, nan, nan)
 
-    def resume(self, checkpoint: dict[str, torch.Tensor | int]) -> ChainState:
-        """A state from ChainState.checkpoint()."""
+    def resume(self, checkpoint: Checkpoint) -> ChainState:
+        """The state a checkpoint holds."""
         state = self.initial_state()
-        state.step = int(checkpoint["step"])
-        state.x = torch.as_tensor(checkpoint["x"]).to(self.device, self.dtype)
-        state.failed = torch.as_tensor(checkpoint["failed"]).to(self.device)
+        state.step = checkpoint.step
+        state.x = torch.as_tensor(checkpoint.x).to(self.device, self.dtype)
+        state.failed = torch.as_tensor(checkpoint.failed).to(self.device)
         return state
 
-    # -- the matching loss (Alg. 2) -------------------------------------------------------------------
-    def sample_loss(self, x0: torch.Tensor, step: int, eta_stream: int) -> torch.Tensor:
-        """L̂ per chain and guess: x0 (B, G, *event) -> (B, G), with each chain's own eta and target batch."""
-        b, g = x0.shape[:2]
-        n_c, noise_shape = self.config.n_c, tuple(self.sampler.noise_shape)
-        eta = self._normal(eta_stream, step, (g, n_c, *noise_shape)).reshape(b * g, n_c, *noise_shape)
-        y = self.sampler.sample(x0.reshape(b * g, *x0.shape[2:]), eta)  # (B*G, n_c, d_y)
-        return self.loss_fn(y, self._target_batch(step, g)).reshape(b, g)
-
     def denoise(self, state: ChainState) -> Denoised:
-        """The prior's half of a step: ε̂ and x̂0 (Tweedie) at x_t, keeping the graph when grad is 'full'."""
+        """ε̂ and x̂0 (Tweedie) at x_t, keeping the graph when the step is guided and grad is 'full'."""
         i, x = state.step, state.x
-        ab = self.schedule.alpha_bar[i].item()
+        timestep = self.schedule.timesteps[i]
         if self.guided[i] and self.config.grad == "full":
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                eps = self.prior.predict_noise(x_in, self.schedule.timesteps[i])
-                x0 = tweedie_x0(x_in, eps, ab)
-            return Denoised(i, eps.detach(), x0.detach(), x_in, x0)
+                eps, x0 = self.prior.denoise(x_in, timestep)
+            return Denoised(i, eps.detach(), x0.detach(), self.radius[i], x_in, x0)
         with torch.no_grad():
-            eps = self.prior.predict_noise(x, self.schedule.timesteps[i])
-        return Denoised(i, eps, tweedie_x0(x, eps, ab))
-
-    def matching_grad(self, x0: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampler's half: the smoothed loss (B,) at x̂0 (B, *event) and dL/dx̂0 (Alg. 2 with LGD guesses)."""
-        cfg = self.config
-        x0 = x0.detach().to(self.device, self.dtype).requires_grad_(True)
-        noise_step = 0 if cfg.common_random_numbers else i
-        with torch.enable_grad():
-            guesses = x0.unsqueeze(1)  # (B, 1, *event)
-            if cfg.n_guess > 1:  # loss-guided diffusion: guesses x̂0 + r_t ξ (Song et al. 2023)
-                xi = self._normal(Stream.GUESS, noise_step, (cfg.n_guess, *x0.shape[1:]))
-                guesses = guesses + self.radius[i] * xi
-            loss = log_mean_exp_loss(self.sample_loss(guesses, noise_step, Stream.SAMPLER))  # (B,)
-            (grad,) = torch.autograd.grad(loss.sum(), x0)
-        return loss.detach(), grad
+            eps, x0 = self.prior.denoise(x, timestep)
+        return Denoised(i, eps, x0, self.radius[i])
 
     def advance(
         self,
@@ -202,7 +195,7 @@ class GuidedChains:
         loss: torch.Tensor | None = None,
         grad_x0: torch.Tensor | None = None,
     ) -> ChainState:
-        """The prior's second half: dL/dx_t (a VJP through Tweedie, or identity), then x_{t-1} (Alg. 1, line 4)."""
+        """dL/dx_t (a VJP through Tweedie, or identity), then x_{t-1} = DDIM step - ζ_t dL/dx_t (Alg. 1, line 4)."""
         i, x = state.step, state.x
         if denoised.step != i:
             raise ValueError(f"denoised step {denoised.step} does not match state step {i}")
@@ -219,28 +212,71 @@ class GuidedChains:
             loss, grad_norm, zeta = loss.to(self.device, self.dtype), grad.flatten(1).norm(dim=1), self.zeta[:, i]
         else:
             loss, grad_norm, zeta, correction = nan, nan, torch.zeros_like(nan), 0.0
-        noise = self._normal(Stream.REVERSE, i, tuple(x.shape[1:])) if self.sigma[i] > 0 else None
-        x_next = ddim_step(x, denoised.eps, ab, ab_prev, self.sigma[i], noise) - correction
+        noise = self.noise.normal(Stream.REVERSE, i, tuple(x.shape[1:])) if self.sigma[i] > 0 else None
+        x_next = ddim_step_from_x0(denoised.x0, denoised.eps, ab_prev, self.sigma[i], noise) - correction
         failed = state.failed | ~torch.isfinite(x_next.flatten(1)).all(1)
-        x_next = torch.where(failed.view(-1, *[1] * (x.dim() - 1)), torch.zeros_like(x_next), x_next)
-        return ChainState(i + 1, x_next.detach(), failed, loss, grad_norm, zeta, denoised.x0)
+        return ChainState(i + 1, _mask_failed(x_next, failed).detach(), failed, loss, grad_norm, zeta, denoised.x0)
 
-    def step(self, state: ChainState) -> ChainState:
-        """One reverse step for every chain: denoise, then correct by -zeta_t ∇L (Alg. 1)."""
-        denoised = self.denoise(state)
-        if not self.guided[state.step]:
-            return self.advance(state, denoised)
-        loss, grad_x0 = self.matching_grad(denoised.x0, state.step)
-        return self.advance(state, denoised, loss, grad_x0)
+    def prior_fit(self, x: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
+        """How typical each x* is under the prior (NaN where failed), (B,)."""
+        x = x.to(self.device, self.dtype)
+        return prior_fit(self.prior, x, self.config.eval_seed).masked_fill(failed.to(self.device), float("nan"))
 
-    def states(self, start: ChainState | None = None) -> Iterator[ChainState]:
-        """Yield the state after every reverse step until x_0 (guided-diffusion style progressive loop)."""
-        state = start or self.initial_state()
-        while state.step < len(self.schedule):
-            state = self.step(state)
-            yield state
 
-    # -- CDMO refinement and held-out evaluation ------------------------------------------------------
+class SamplerSide:
+    """The sampler's half (MLGD-F Alg. 2): the smoothed matching loss of conditional samples at x̂0 against the
+    target and its gradient; CDMO refinement; the held-out evaluation of x*."""
+
+    def __init__(
+        self,
+        sampler: ConditionalSampler,
+        target: Target,
+        chains: Chains,
+        config: MLGDConfig,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if target.dim != sampler.y_dim:
+            raise InputError(
+                f"target: samples have dimension {target.dim} but the sampler produces d_y = {sampler.y_dim}"
+            )
+        self.sampler, self.target, self.chains, self.config = sampler, target, chains, config
+        self.device = torch.device(device)
+        self.dtype = DTYPES[config.dtype]
+        self.noise = ChainNoise(chains, self.dtype, self.device)
+        self.loss_fn: Loss = make_loss(**config.loss.model_dump())
+        self.target_samples = target.samples.to(self.device, self.dtype)
+
+    def _target_batch(self, step: int, groups: int) -> torch.Tensor:
+        """Target samples per (chain, group): (m, d) shared when all fit, else (B * groups, n_t, d) drawn per chain."""
+        m, n_t = self.target_samples.shape[0], self.config.target_batch
+        if m <= n_t:
+            return self.target_samples
+        u = self.noise.uniform(Stream.TARGET_BATCH, step, (groups, n_t))  # (B, groups, n_t)
+        index = (u * m).long().clamp_max(m - 1).reshape(-1, n_t)
+        return self.target_samples[index]
+
+    def sample_loss(self, x0: torch.Tensor, step: int, eta_stream: int) -> torch.Tensor:
+        """L̂ per chain and guess: x0 (B, G, *event) -> (B, G), with each chain's own eta and target batch."""
+        b, g = x0.shape[:2]
+        n_c, noise_shape = self.config.n_c, tuple(self.sampler.noise_shape)
+        eta = self.noise.normal(eta_stream, step, (g, n_c, *noise_shape)).reshape(b * g, n_c, *noise_shape)
+        y = self.sampler.sample(x0.reshape(b * g, *x0.shape[2:]), eta)  # (B*G, n_c, d_y)
+        return self.loss_fn(y, self._target_batch(step, g)).reshape(b, g)
+
+    def matching_grad(self, x0: torch.Tensor, i: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smoothed loss (B,) at x̂0 (B, *event) and dL/dx̂0, over LGD guesses x̂0 + r_t ξ (Song et al. 2023)."""
+        cfg = self.config
+        x0 = x0.detach().to(self.device, self.dtype).requires_grad_(True)
+        noise_step = 0 if cfg.common_random_numbers else i
+        with torch.enable_grad():
+            guesses = x0.unsqueeze(1)  # (B, 1, *event)
+            if cfg.n_guess > 1:
+                xi = self.noise.normal(Stream.GUESS, noise_step, (cfg.n_guess, *x0.shape[1:]))
+                guesses = guesses + radius * xi
+            loss = log_mean_exp_loss(self.sample_loss(guesses, noise_step, Stream.SAMPLER))  # (B,)
+            (grad,) = torch.autograd.grad(loss.sum(), x0)
+        return loss.detach(), grad
+
     def refine(self, x: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
         """CDMO (beta -> infinity): Adam on L(x) through the fast sampler, fresh eta each step."""
         if self.config.refine_steps == 0:
@@ -260,23 +296,92 @@ class GuidedChains:
     def heldout_loss(self, x: torch.Tensor, stream: int = Stream.EVAL) -> torch.Tensor:
         """The loss on fresh conditional samples against a fresh target sample shared by all chains, (B,)."""
         n = self.config.heldout_samples
-        noise_shape = tuple(self.sampler.noise_shape)
-        eta = self._normal(stream, 0, (n, *noise_shape))
+        eta = self.noise.normal(stream, 0, (n, *tuple(self.sampler.noise_shape)))
         y = self.sampler.sample(x, eta)
         target = self.target.heldout(n, self.config.eval_seed).to(self.device, self.dtype)
         return self.loss_fn(y, target)
 
-    def finish(self, state: ChainState, metrics: MetricsFn | None = None) -> ChainResult:
-        """Refine (CDMO), then evaluate the final x: held-out loss, exact metrics and the prior fit."""
-        x = self.refine(state.x, state.failed)
-        failed = state.failed | ~torch.isfinite(x.flatten(1)).all(1)
-        x = torch.where(failed.view(-1, *[1] * (x.dim() - 1)), torch.zeros_like(x), x)
+    def evaluate(self, state: ChainState | Checkpoint, metrics: MetricsFn | None = None) -> ChainResult:
+        """Refine (CDMO), then the final x's held-out loss and exact metrics (prior_fit is the prior side's)."""
+        x = torch.as_tensor(state.x).to(self.device, self.dtype)
+        failed = torch.as_tensor(state.failed).to(self.device)
+        x = self.refine(x, failed)
+        failed = failed | ~torch.isfinite(x.flatten(1)).all(1)
+        x = _mask_failed(x, failed)
         final = self.heldout_loss(x)
         failed = failed | ~torch.isfinite(final)
-        final = final.masked_fill(failed, float("inf"))
-        scores = (metrics(x) if metrics else {}) | {"prior_fit": prior_fit(self.prior, x, self.config.eval_seed)}
-        scores = {k: v.masked_fill(failed, float("nan")) for k, v in scores.items()}
-        return ChainResult(x, final, failed, scores)
+        scores = {k: v.masked_fill(failed, float("nan")) for k, v in (metrics(x) if metrics else {}).items()}
+        return ChainResult(x, final.masked_fill(failed, float("inf")), failed, scores)
+
+
+class GuidedChains:
+    """MLGD / MLGD-F for one batch of chains in one process: the prior side and the sampler side together."""
+
+    def __init__(
+        self,
+        prior: DiffusionPrior,
+        sampler: ConditionalSampler,
+        target: Target,
+        chains: Chains,
+        config: MLGDConfig,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.sampler_side = SamplerSide(sampler, target, chains, config, device)
+        self.prior_side = PriorSide(prior, chains, config, device)
+        self.prior, self.sampler, self.target, self.chains, self.config = prior, sampler, target, chains, config
+        self.device, self.dtype = self.prior_side.device, self.prior_side.dtype
+        self.schedule, self.radius = self.prior_side.schedule, self.prior_side.radius
+
+    def _normal(self, stream: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.prior_side.noise.normal(stream, step, shape)
+
+    def initial_state(self) -> ChainState:
+        return self.prior_side.initial_state()
+
+    def resume(self, checkpoint: Checkpoint) -> ChainState:
+        return self.prior_side.resume(checkpoint)
+
+    def denoise(self, state: ChainState) -> Denoised:
+        return self.prior_side.denoise(state)
+
+    def matching_grad(self, x0: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler_side.matching_grad(x0, i, self.radius[i])
+
+    def sample_loss(self, x0: torch.Tensor, step: int, eta_stream: int) -> torch.Tensor:
+        return self.sampler_side.sample_loss(x0, step, eta_stream)
+
+    def heldout_loss(self, x: torch.Tensor, stream: int = Stream.EVAL) -> torch.Tensor:
+        return self.sampler_side.heldout_loss(x, stream)
+
+    def advance(
+        self,
+        state: ChainState,
+        denoised: Denoised,
+        loss: torch.Tensor | None = None,
+        grad_x0: torch.Tensor | None = None,
+    ) -> ChainState:
+        return self.prior_side.advance(state, denoised, loss, grad_x0)
+
+    def step(self, state: ChainState) -> ChainState:
+        """One reverse step for every chain: denoise, then correct by -zeta_t ∇L (Alg. 1)."""
+        denoised = self.denoise(state)
+        if not self.prior_side.guided[state.step]:
+            return self.advance(state, denoised)
+        loss, grad_x0 = self.sampler_side.matching_grad(denoised.x0, state.step, denoised.radius)
+        return self.advance(state, denoised, loss, grad_x0)
+
+    def states(self, start: ChainState | None = None) -> Iterator[ChainState]:
+        """Yield the state after every reverse step until x_0 (guided-diffusion style progressive loop)."""
+        state = start or self.initial_state()
+        while state.step < len(self.schedule):
+            state = self.step(state)
+            yield state
+
+    def finish(self, state: ChainState, metrics: MetricsFn | None = None) -> ChainResult:
+        """Refine (CDMO), then evaluate the final x: held-out loss, exact metrics and the prior fit."""
+        result = self.sampler_side.evaluate(state, metrics)
+        result.metrics["prior_fit"] = self.prior_side.prior_fit(result.x, result.failed)
+        return result
 
 
 MetricsFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]

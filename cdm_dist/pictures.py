@@ -1,14 +1,15 @@
-"""Pictures for the tracking UI: a chain's conditional samples against the target."""
+"""Pictures for the tracking UI, as PNG bytes (made where the data live, written by the driver): a chain's
+conditional samples against the target, and x* itself when it is an image."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import torch
 
 
-def samples_vs_target(y: torch.Tensor, target: torch.Tensor, path: Path, title: str) -> Path:
-    """Histogram (1-D Y) or scatter of the first two coordinates: y (n, d_y) against target (m, d_y), as PNG."""
+def samples_vs_target_png(y: torch.Tensor, target: torch.Tensor, title: str) -> bytes:
+    """Histogram (1-D Y) or scatter of the first two coordinates: y (n, d_y) against target (m, d_y)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,6 +31,21 @@ def samples_vs_target(y: torch.Tensor, target: torch.Tensor, path: Path, title: 
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return path
+    return buffer.getvalue()
+
+
+def image_png(image: torch.Tensor, scale: int = 1) -> bytes:
+    """An image (C, H, W) with C = 1 or 3 and values in [-1, 1] (diffusers' convention) as PNG, each pixel repeated
+    `scale` times (so 16x16 digits stay visible)."""
+    from PIL import Image
+
+    pixels = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, H, W)
+    if scale > 1:
+        pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""The prior P(X): a diffusers scheduler plus a noise model eps(x_t, t) (epsilon prediction)."""
+"""The prior P(X): a diffusers scheduler plus a noise model giving ε̂(x_t, t) and x̂0 (the prior interface)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from cdm_dist.diffusion import DiffusionSchedule, Scheduler, make_scheduler
+from cdm_dist.diffusion import DiffusionSchedule, Scheduler, make_scheduler, tweedie_x0
 from cdm_dist.mixtures import GaussianMixture, mixture_score
 from cdm_dist.rng import Stream, chain_normal
 
@@ -24,13 +24,14 @@ class DiffusionPrior(ABC):
     def predict_noise(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
         """ε̂(x_t, t): x_t (N, *event_shape) -> (N, *event_shape), differentiable in x_t."""
 
+    def denoise(self, x_t: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂, x̂0) at x_t, both (N, *event_shape); x̂0 by Tweedie unless the model predicts it directly."""
+        eps = self.predict_noise(x_t, timestep)
+        return eps, tweedie_x0(x_t, eps, float(self.scheduler.alphas_cumprod[timestep].double()))
+
     def schedule(self, num_inference_steps: int) -> DiffusionSchedule:
         """The reverse-time grid for this many steps."""
         return DiffusionSchedule.from_scheduler(self.scheduler, num_inference_steps)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> DiffusionPrior:
-        """Move the model; the closed-form prior keeps float64 tables and casts on the fly."""
-        return self
 
 
 @torch.no_grad()

@@ -6,47 +6,26 @@ Y = the last, target G = P(Y | X = x*) of the joint itself.
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from cdm_dist.errors import InputError
 from cdm_dist.mixtures import ConditionalMixture, GaussianMixture, l2_squared
 from cdm_dist.mlgd import MetricsFn
-from cdm_dist.priors import DiffusionPrior, GaussianMixturePrior
-from cdm_dist.samplers import ConditionalSampler, MixtureDiffusionSampler, MixtureInverseCDFSampler
+from cdm_dist.priors import GaussianMixturePrior
+from cdm_dist.samplers import MixtureDiffusionSampler, MixtureInverseCDFSampler
+from cdm_dist.spec import CDMProblem, ProblemConfig
 from cdm_dist.targets import Target
-
-
-@dataclass
-class CDMProblem:
-    """Everything a campaign needs about one problem."""
-
-    name: str
-    prior: DiffusionPrior
-    fast_sampler: ConditionalSampler  # MLGD-F
-    full_sampler: ConditionalSampler | None  # MLGD
-    target: Target
-    metrics: MetricsFn | None = None  # exact metrics per chain, x (B, *event) -> name -> (B,)
-    x_star: torch.Tensor | None = None
-    x_star_unique: bool = False
-    params: dict[str, Any] = field(default_factory=dict)  # what to save next to results
-
-    def sampler(self, method: str) -> ConditionalSampler:
-        """The inner sampler a method uses: 'mlgd' the full chain, every other the fast one."""
-        if method == "mlgd":
-            if self.full_sampler is None:
-                raise InputError(f"problem {self.name}: no full-chain sampler, so method 'mlgd' is unavailable")
-            return self.full_sampler
-        return self.fast_sampler
-
 
 # -- the joints ---------------------------------------------------------------------------------------------
 
-# Means and shared covariance of the 2D_cond_1D benchmark (shared/reference/gmm_2d_cond_1d.json).
+# Means and shared covariance of the 2D_cond_1D benchmark (cdm_dist/bench/reference/gmm_2d_cond_1d.json).
 _MEANS_2D = [[-5, 5], [-5, -5], [5, 3], [5, -1], [0, -3], [-2, 4], [-2, -3], [1, 2], [-8, 1], [7, 5], [0, -5]]
 _COV_2D = [[0.5, 0.195], [0.195, 0.2]]
 
@@ -122,15 +101,31 @@ def conditional_target(conditional: ConditionalMixture, x_star: torch.Tensor, mi
     return GaussianMixture(full.weights[keep] / full.weights[keep].sum(), full.means[keep], full.covs[keep])
 
 
-# -- the problems -------------------------------------------------------------------------------------------
+# -- the problems: parts shared by the exact and learned variants --------------------------------------------
 
 GMM_PROBLEMS = {"gmm2d": 2, "gmm5d": 5, "gmm10d": 10}
 
 
-def gmm_problem(
-    name: str, target_size: int = 1000, target_seed: int = 0, joint_seed: int = 1, full_chain_steps: int = 100
-) -> CDMProblem:
-    """A Gaussian-mixture CDM problem with exact prior, exact samplers and the closed-form l2_gmm metric."""
+@dataclass(frozen=True)
+class MixtureProblem:
+    """A Gaussian-mixture CDM problem's closed-form pieces."""
+
+    name: str
+    joint: GaussianMixture
+    x_star: torch.Tensor  # (d - 1,)
+    conditional: ConditionalMixture  # Y given X
+    target: GaussianMixture  # P(Y | X = x*) without negligible components
+    min_weight: float
+    joint_seed: int | None
+
+    @property
+    def x_coords(self) -> list[int]:
+        return list(range(self.joint.dim - 1))
+
+
+@functools.lru_cache(maxsize=8)
+def mixture_problem(name: str, joint_seed: int = 1) -> MixtureProblem:
+    """The joint, x*, the conditional and the target of a mixture benchmark (cached: every part shares them)."""
     if name not in GMM_PROBLEMS:
         raise InputError(f"problem: unknown {name!r}; expected one of {sorted(GMM_PROBLEMS)}")
     dim = GMM_PROBLEMS[name]
@@ -140,59 +135,231 @@ def gmm_problem(
     else:
         joint, x_star = joint_random(dim, joint_seed)
         min_weight = RANDOM_TARGET_MIN_WEIGHT
-    x_coords, y_coords = list(range(dim - 1)), [dim - 1]
-    conditional = joint.condition(x_coords, y_coords)
-    target_mixture = conditional_target(conditional, x_star, min_weight)
+    conditional = joint.condition(list(range(dim - 1)), [dim - 1])
+    target = conditional_target(conditional, x_star, min_weight)
+    return MixtureProblem(name, joint, x_star, conditional, target, min_weight, None if dim == 2 else joint_seed)
 
-    def draw_target(n: int, seed: int) -> torch.Tensor:
-        return target_mixture.sample(n, torch.Generator().manual_seed(seed))
+
+def gmm_prior(name: str, joint_seed: int = 1) -> GaussianMixturePrior:
+    """The exact prior: the X marginal of the joint."""
+    mix = mixture_problem(name, joint_seed)
+    return GaussianMixturePrior(mix.joint.marginal(mix.x_coords))
+
+
+def gmm_fast_sampler(name: str, joint_seed: int = 1) -> MixtureInverseCDFSampler:
+    """The exact one-step conditional sampler (MLGD-F)."""
+    return MixtureInverseCDFSampler(mixture_problem(name, joint_seed).conditional)
+
+
+def gmm_full_sampler(name: str, joint_seed: int = 1, steps: int = 100) -> MixtureDiffusionSampler:
+    """The exact full-chain conditional sampler (MLGD)."""
+    return MixtureDiffusionSampler(mixture_problem(name, joint_seed).conditional, steps)
+
+
+def gmm_target(name: str, joint_seed: int = 1, target_size: int = 1000, target_seed: int = 0) -> Target:
+    """S_G: target_size draws of P(Y | X = x*), with fresh held-out draws on demand."""
+    mixture = mixture_problem(name, joint_seed).target
+
+    def draw(n: int, seed: int) -> torch.Tensor:
+        return mixture.sample(n, torch.Generator().manual_seed(seed))
+
+    return Target.from_sampler(draw, target_size, target_seed, source=f"{name} target")
+
+
+def gmm_metrics(name: str, joint_seed: int = 1) -> MetricsFn:
+    """The closed-form metrics: l2_gmm = ∫ (p(y | x) - g(y))² dy and x_err = |x - x*|."""
+    mix = mixture_problem(name, joint_seed)
 
     def metrics(x: torch.Tensor) -> dict[str, torch.Tensor]:
         x64 = x.detach().to(torch.float64).cpu()
-        l2 = torch.stack([l2_squared(conditional.mixture_at(xi), target_mixture) for xi in x64])
-        return {"l2_gmm": l2, "x_err": (x64 - x_star).norm(dim=1)}
+        l2 = torch.stack([l2_squared(mix.conditional.mixture_at(xi), mix.target) for xi in x64])
+        return {"l2_gmm": l2, "x_err": (x64 - mix.x_star).norm(dim=1)}
 
-    params = {
+    return metrics
+
+
+def gmm_params(name: str, joint_seed: int = 1, target_size: int = 1000, target_seed: int = 0) -> dict[str, Any]:
+    """The problem's parameters, saved next to benchmark results."""
+    mix = mixture_problem(name, joint_seed)
+    return {
         "problem": name,
-        "x_coords": x_coords,
-        "y_coords": y_coords,
-        "joint": _mixture_json(joint),
-        "x_star": x_star.tolist(),
-        "target": _mixture_json(target_mixture),
-        "target_min_weight": min_weight,
-        "joint_seed": None if dim == 2 else joint_seed,
+        "x_coords": mix.x_coords,
+        "y_coords": [mix.joint.dim - 1],
+        "joint": _mixture_json(mix.joint),
+        "x_star": mix.x_star.tolist(),
+        "target": _mixture_json(mix.target),
+        "target_min_weight": mix.min_weight,
+        "joint_seed": mix.joint_seed,
         "target_size": target_size,
         "target_seed": target_seed,
     }
-    return CDMProblem(
-        name=name,
-        prior=GaussianMixturePrior(joint.marginal(x_coords)),
-        fast_sampler=MixtureInverseCDFSampler(conditional),
-        full_sampler=MixtureDiffusionSampler(conditional, full_chain_steps),
-        target=Target.from_sampler(draw_target, target_size, target_seed, source=f"{name} target"),
-        metrics=metrics,
-        x_star=x_star,
-        x_star_unique=dim == 2,
-        params=params,
+
+
+# -- the registered built-ins: cheap recipes that return parts (each worker builds only its role's) ------------
+
+SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # <problem>/{prior,sampler}/
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _checkpoint_folder(
+    checkpoints: str | None, default: str, x_shape: tuple[int, ...] | None = None, y_dim: int | None = None
+) -> Path:
+    """The learned models' folder (prior/ and sampler/), checked from their configs against the problem's shapes."""
+    folder = Path(checkpoints) if checkpoints else SHIPPED_CHECKPOINTS / default
+    if not folder.is_dir():
+        raise InputError(f"checkpoints: {folder} is not a folder")
+    configs = {}
+    for role in ("prior", "sampler"):
+        path = folder / role / "config.json"
+        if not path.is_file():
+            raise InputError(f"checkpoints: {folder} has no {role}/config.json")
+        configs[role] = json.loads(path.read_text())
+    if x_shape is not None:
+        prior = configs["prior"]
+        size = prior.get("sample_size")
+        prior_shape = (prior["dim"],) if "dim" in prior else (prior.get("in_channels"), size, size)
+        sampler_shape = tuple(configs["sampler"].get("x_shape") or [1])
+        if prior_shape != x_shape or sampler_shape != x_shape or configs["sampler"].get("y_dim") != y_dim:
+            raise InputError(
+                f"checkpoints: {folder} does not hold models for {default} (prior x {list(prior_shape)}, sampler "
+                f"x {list(sampler_shape)} and y_dim {configs['sampler'].get('y_dim')}; expected x {list(x_shape)}, "
+                f"y_dim {y_dim})"
+            )
+    return folder
+
+
+def _mixture_recipe(
+    name: str,
+    models: Literal["exact", "learned"],
+    checkpoints: str | None,
+    fast_steps: int,
+    full_chain_steps: int,
+    joint_seed: int,
+    target_size: int,
+    target_seed: int,
+) -> ProblemConfig:
+    if checkpoints is not None and models != "learned":
+        raise InputError("checkpoints: only used with models: learned")
+    if models == "learned" and joint_seed != 1:
+        raise InputError("joint_seed: learned mixture models are trained on joint seed 1")
+    here = "cdm_dist.problems"
+    mixture = {"name": name, "joint_seed": joint_seed}
+    target = {
+        "factory": f"{here}:gmm_target",
+        "args": mixture | {"target_size": target_size, "target_seed": target_seed},
+    }
+    metrics = {"factory": f"{here}:gmm_metrics", "args": mixture}
+    if models == "learned":
+        folder = _checkpoint_folder(checkpoints, name, (GMM_PROBLEMS[name] - 1,), 1)
+        parts = {
+            "prior": {"diffusers": str(folder / "prior")},
+            "sampler": {"flow": str(folder / "sampler"), "steps": fast_steps},
+            "full_sampler": {"flow": str(folder / "sampler"), "steps": full_chain_steps},
+        }
+    else:
+        parts = {
+            "prior": {"factory": f"{here}:gmm_prior", "args": mixture},
+            "sampler": {"factory": f"{here}:gmm_fast_sampler", "args": mixture},
+            "full_sampler": {"factory": f"{here}:gmm_full_sampler", "args": mixture | {"steps": full_chain_steps}},
+        }
+    return ProblemConfig.model_validate(parts | {"target": target, "metrics": metrics})
+
+
+def gmm2d(
+    models: Literal["exact", "learned"] = "exact",
+    checkpoints: str | None = None,
+    fast_steps: PositiveInt = 8,
+    full_chain_steps: PositiveInt = 100,
+    joint_seed: int = 1,
+    target_size: PositiveInt = 1000,
+    target_seed: int = 0,
+) -> ProblemConfig:
+    """The paper's 2D Gaussian mixture (X 1-D, Y 1-D), target P(Y | X = -5): exact or learned models."""
+    return _mixture_recipe("gmm2d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
+                           target_seed)  # fmt: skip
+
+
+def gmm5d(
+    models: Literal["exact", "learned"] = "exact",
+    checkpoints: str | None = None,
+    fast_steps: PositiveInt = 8,
+    full_chain_steps: PositiveInt = 100,
+    joint_seed: int = 1,
+    target_size: PositiveInt = 1000,
+    target_seed: int = 0,
+) -> ProblemConfig:
+    """The paper's 5D recipe (X 4-D, Y 1-D), seeded by joint_seed: exact or learned models."""
+    return _mixture_recipe("gmm5d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
+                           target_seed)  # fmt: skip
+
+
+def gmm10d(
+    models: Literal["exact", "learned"] = "exact",
+    checkpoints: str | None = None,
+    fast_steps: PositiveInt = 8,
+    full_chain_steps: PositiveInt = 100,
+    joint_seed: int = 1,
+    target_size: PositiveInt = 1000,
+    target_seed: int = 0,
+) -> ProblemConfig:
+    """The paper's 10D recipe (X 9-D, Y 1-D), seeded by joint_seed: exact or learned models."""
+    return _mixture_recipe("gmm10d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
+                           target_seed)  # fmt: skip
+
+
+def digits_target(
+    target: Literal["uniform", "bimodal", "unimodal"] = "uniform", target_size: int = 1000, target_seed: int = 0
+) -> Target:
+    """Rotation angles on the circle as (cos, sin): uniform, bimodal (0 and pi) or unimodal (0)."""
+    from cdm_dist.digits import target_samples
+
+    draw = lambda n, seed: target_samples(target, n, seed)  # noqa: E731
+    return Target.from_sampler(draw, target_size, target_seed, source=f"digits {target} target")
+
+
+def digits(
+    models: Literal["learned"] = "learned",
+    checkpoints: str | None = None,
+    fast_steps: PositiveInt = 8,
+    full_chain_steps: PositiveInt = 32,
+    digits_target: Literal["uniform", "bimodal", "unimodal"] = "uniform",
+    target_size: PositiveInt = 1000,
+    target_seed: int = 0,
+) -> ProblemConfig:
+    """Rotated digits (MLGD-F paper, Exp. 1): x = a 16x16 image, Y = (cos, sin) of its rotation, G on the circle."""
+    from cdm_dist.digits import SIZE
+
+    folder = _checkpoint_folder(checkpoints, "digits", (1, SIZE, SIZE), 2)
+    target = {"target": digits_target, "target_size": target_size, "target_seed": target_seed}
+    return ProblemConfig.model_validate(
+        {
+            "prior": {"diffusers": str(folder / "prior")},
+            "sampler": {"flow": str(folder / "sampler"), "steps": fast_steps},
+            "full_sampler": {"flow": str(folder / "sampler"), "steps": full_chain_steps},
+            "target": {"factory": "cdm_dist.problems:digits_target", "args": target},
+        }
     )
 
 
-# -- learned models ------------------------------------------------------------------------------------------
-
-SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # <problem>/{prior,sampler}/
+# -- eager problems (benchmarks, tests and the Python API) -----------------------------------------------------
 
 
-def _learned_models(folder: Path, fast_steps: int, full_steps: int) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """Prior, fast and full-chain samplers from <folder>/prior and <folder>/sampler, and their weights' sha256."""
-    from cdm_dist.models.learned import FlowSampler, load_prior, load_sampler, read_manifest
-
-    if not folder.is_dir():
-        raise InputError(f"problem.checkpoints: {folder} is not a folder")
-    prior = load_prior(folder / "prior")
-    fast = load_sampler(folder / "sampler", fast_steps)
-    full = FlowSampler(fast.model, full_steps)  # one model, more Euler steps
-    shas = {role: read_manifest(folder / role)["weights_sha256"] for role in ("prior", "sampler")}
-    return prior, fast, full, {"checkpoints": str(folder), "weights_sha256": shas}
+def gmm_problem(
+    name: str, target_size: int = 1000, target_seed: int = 0, joint_seed: int = 1, full_chain_steps: int = 100
+) -> CDMProblem:
+    """A Gaussian-mixture CDM problem with exact prior, exact samplers and the closed-form l2_gmm metric."""
+    mix = mixture_problem(name, joint_seed)
+    return CDMProblem(
+        name=name,
+        prior=gmm_prior(name, joint_seed),
+        fast_sampler=gmm_fast_sampler(name, joint_seed),
+        full_sampler=gmm_full_sampler(name, joint_seed, full_chain_steps),
+        target=gmm_target(name, joint_seed, target_size, target_seed),
+        metrics=gmm_metrics(name, joint_seed),
+        x_star=mix.x_star,
+        x_star_unique=mix.joint.dim == 2,
+        params=gmm_params(name, joint_seed, target_size, target_seed),
+    )
 
 
 def learned_gmm_problem(
@@ -206,16 +373,19 @@ def learned_gmm_problem(
     """A Gaussian-mixture problem with the learned prior and flow sampler in place of the exact ones.
 
     The target and the exact metrics (l2_gmm, x_err) stay those of the true mixture, so learned and exact
-    models are scored alike. The 5D/10D joints are those the shipped models were trained on (joint seed 1).
-    """
-    problem = gmm_problem(name, target_size, target_seed)
-    folder = Path(checkpoints) if checkpoints else SHIPPED_CHECKPOINTS / name
-    problem.prior, problem.fast_sampler, problem.full_sampler, info = _learned_models(
-        folder, fast_steps, full_chain_steps
-    )
-    if problem.fast_sampler.y_dim != 1 or problem.prior.event_shape != (GMM_PROBLEMS[name] - 1,):
-        raise InputError(f"problem.checkpoints: {folder} does not hold models for {name}")
-    problem.params.update(models="learned", fast_steps=fast_steps, full_chain_steps=full_chain_steps, **info)
+    models are scored alike. The 5D/10D joints are those the shipped models were trained on (joint seed 1)."""
+    from cdm_dist.registry import resolve_problem
+
+    args = {"models": "learned", "checkpoints": None if checkpoints is None else str(checkpoints),
+            "fast_steps": fast_steps, "full_chain_steps": full_chain_steps, "target_size": target_size,
+            "target_seed": target_seed}  # fmt: skip
+    problem = resolve_problem(ProblemConfig(name=name, args=args)).build()
+    folder = _checkpoint_folder(args["checkpoints"], name)
+    problem.x_star = mixture_problem(name).x_star
+    problem.x_star_unique = GMM_PROBLEMS[name] == 2
+    problem.params = gmm_params(name, 1, target_size, target_seed) | _learned_params(folder, fast_steps,
+                                                                                     full_chain_steps)  # fmt: skip
+    problem.name = name
     return problem
 
 
@@ -227,40 +397,33 @@ def digits_problem(
     target_size: int = 1000,
     target_seed: int = 0,
 ) -> CDMProblem:
-    """Rotated digits (MLGD-F paper, Exp. 1): x = a 16x16 image, Y = (cos, sin) of its rotation, G on the circle."""
-    from cdm_dist.digits import TARGET_SPREAD, target_samples
+    """Rotated digits with the shipped (or given) learned models, as one CDMProblem."""
+    from cdm_dist.digits import TARGET_SPREAD
+    from cdm_dist.registry import resolve_problem
 
-    folder = Path(checkpoints) if checkpoints else SHIPPED_CHECKPOINTS / "digits"
-    prior, fast, full, info = _learned_models(folder, fast_steps, full_chain_steps)
-    if fast.y_dim != 2 or len(prior.event_shape) != 3:
-        raise InputError(f"problem.checkpoints: {folder} does not hold rotated-digits models")
-    draw = lambda n, seed: target_samples(target, n, seed)  # noqa: E731
-    params = {
+    args = {"checkpoints": None if checkpoints is None else str(checkpoints), "fast_steps": fast_steps,
+            "full_chain_steps": full_chain_steps, "digits_target": target, "target_size": target_size,
+            "target_seed": target_seed}  # fmt: skip
+    problem = resolve_problem(ProblemConfig(name="digits", args=args)).build()
+    problem.name = "digits"
+    problem.params = {
         "problem": "digits",
         "target": target,
         "target_spread_rad": TARGET_SPREAD,
         "target_size": target_size,
         "target_seed": target_seed,
-        "models": "learned",
-        "fast_steps": fast_steps,
-        "full_chain_steps": full_chain_steps,
-        **info,
+        **_learned_params(_checkpoint_folder(args["checkpoints"], "digits"), fast_steps, full_chain_steps),
     }
-    return CDMProblem(
-        name="digits",
-        prior=prior,
-        fast_sampler=fast,
-        full_sampler=full,
-        target=Target.from_sampler(draw, target_size, target_seed, source=f"digits {target} target"),
-        params=params,
-    )
+    return problem
+
+
+def _learned_params(folder: Path, fast_steps: int, full_chain_steps: int) -> dict[str, Any]:
+    from cdm_dist.models.manifest import read_manifest
+
+    shas = {role: read_manifest(folder / role)["weights_sha256"] for role in ("prior", "sampler")}
+    return {"models": "learned", "fast_steps": fast_steps, "full_chain_steps": full_chain_steps,
+            "checkpoints": str(folder), "weights_sha256": shas}  # fmt: skip
 
 
 def _mixture_json(m: GaussianMixture) -> dict[str, list]:
     return {"weights": m.weights.tolist(), "means": m.means.tolist(), "covs": m.covs.tolist()}
-
-
-def save_params(problem: CDMProblem, path: str) -> None:
-    """Write the problem's parameters as JSON next to results."""
-    with open(path, "w") as handle:
-        json.dump(problem.params, handle, indent=1)

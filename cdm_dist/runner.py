@@ -1,7 +1,8 @@
-"""The campaign driver: hands micro-batches to an executor, checkpoints them, tracks them, ranks the chains.
+"""The campaign driver: hands micro-batches to an executor, checkpoints them, writes results, ranks the chains, and
+tells the campaign's callbacks (tracking, pruning, progress) what happened.
 
-Executors (in-process here, Ray in actors/) only move work; this module owns every side effect, so a campaign
-gives the same files, runs and numbers whichever executor ran it.
+Executors (cdm_dist.worker.LocalExecutor, actors.coordinator.RayExecutor) only move work; this module owns every
+side effect, so a campaign gives the same files and numbers whichever executor ran it.
 """
 
 from __future__ import annotations
@@ -9,143 +10,28 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from cdm_dist.campaign import CampaignConfig, MicroBatch, micro_batches
-from cdm_dist.pictures import samples_vs_target
+from cdm_dist.callbacks import CampaignCallback, CampaignInfo, ChainInfo, ProgressBar
+from cdm_dist.callbacks import Progress as ProgressState
+from cdm_dist.campaign import CampaignConfig, MicroBatch, campaign_chains, micro_batches, zeta_label
+from cdm_dist.execution import Checkpoint, Chunk, Executor, Job, MicroBatchResult, step_of
+from cdm_dist.report import CampaignReport, ChainRow, top_k
 from cdm_dist.store import CampaignStore
-from cdm_dist.worker import ChainWorker, Checkpoint, Chunk, MicroBatchResult, pick_device
-
-
-@dataclass
-class Job:
-    """A micro-batch to run from a checkpoint (None: from the start)."""
-
-    batch: MicroBatch
-    checkpoint: Checkpoint | None = None
-
-
-class Sink(Protocol):
-    """What executors report to."""
-
-    def on_chunk(self, batch: MicroBatch, chunk: Chunk) -> None: ...
-    def on_result(self, batch: MicroBatch, result: MicroBatchResult) -> None: ...
-    def restart_point(self, batch: MicroBatch) -> Checkpoint | None: ...
-    def on_failed(self, batch: MicroBatch, reason: str) -> None: ...
-
-
-class Executor(Protocol):
-    """Runs jobs to completion, reporting every chunk and result to the sink."""
-
-    name: str
-
-    def execute(self, jobs: list[Job], sink: Sink) -> None: ...
-    def close(self) -> None: ...
-
-
-def chunk_end(step: int, every: int, num_steps: int) -> int:
-    """The next checkpoint boundary after `step`."""
-    return min((step // every + 1) * every, num_steps)
-
-
-class LocalExecutor:
-    """In-process: one worker runs every micro-batch, chunk by chunk."""
-
-    name = "local"
-
-    def __init__(self, config: CampaignConfig) -> None:
-        device = pick_device(config.resources.device, has_gpu=True)
-        self.worker = ChainWorker(config, "both", str(device))
-        self.every = config.resources.checkpoint_every
-
-    def execute(self, jobs: list[Job], sink: Sink) -> None:
-        """Round-robin: one chunk of every micro-batch in turn, so all reach each checkpoint step together."""
-        active = list(jobs)
-        while active:
-            for job in list(active):
-                num_steps = job.batch.method.num_steps
-                step = 0 if job.checkpoint is None else int(job.checkpoint["step"])
-                if step >= num_steps:
-                    sink.on_result(job.batch, self.worker.finish(job.batch, job.checkpoint))
-                    active.remove(job)
-                    continue
-                chunk = self.worker.run(job.batch, job.checkpoint, chunk_end(step, self.every, num_steps))
-                sink.on_chunk(job.batch, chunk)
-                job.checkpoint = chunk.checkpoint
-
-    def close(self) -> None:
-        """Nothing to release in-process."""
-
-
-@dataclass
-class ChainRow:
-    """One chain's outcome."""
-
-    chain: int
-    seed: int
-    zeta: str
-    final_loss: float
-    failed: bool
-    metrics: dict[str, float]
-    x_path: str
-    run_id: str | None
-
-
-@dataclass
-class CampaignReport:
-    """What `cdm run` prints and writes."""
-
-    campaign_run_id: str | None
-    experiment: str
-    output_dir: str
-    executor: str
-    rows: list[ChainRow]
-    topk: list[ChainRow]
-    wall_seconds: float
-    chain_steps: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        ok = [r for r in self.rows if not r.failed]
-        return {
-            "campaign_run_id": self.campaign_run_id,
-            "experiment": self.experiment,
-            "chains_total": len(self.rows),
-            "chains_ok": len(ok),
-            "chains_failed": len(self.rows) - len(ok),
-            "topk": [
-                {"chain": r.chain, "seed": r.seed, "final_loss": r.final_loss, "x_path": r.x_path, "run_id": r.run_id}
-                | ({"metrics": r.metrics} if r.metrics else {})
-                for r in self.topk
-            ],
-            "output_dir": self.output_dir,
-            "executor": self.executor,
-            "wall_seconds": self.wall_seconds,
-            "chain_steps": self.chain_steps,
-            "chain_steps_per_s": self.chain_steps / self.wall_seconds if self.wall_seconds > 0 else None,
-            **self.extra,
-        }
 
 
 class CampaignDriver:
-    """Receives chunks and results from an executor; keeps checkpoints, history, progress and tracking."""
+    """The executor's sink: keeps checkpoints, histories and results in the store and reports to the callbacks."""
 
     def __init__(
-        self,
-        config: CampaignConfig,
-        store: CampaignStore,
-        tracker: Any | None = None,
-        target: torch.Tensor | None = None,
-        on_chunk: Callable[[MicroBatch, Chunk], None] | None = None,
-        progress: bool = True,
+        self, config: CampaignConfig, store: CampaignStore, callbacks: Sequence[CampaignCallback] = ()
     ) -> None:
-        self.config, self.store, self.tracker, self.target, self.hook = config, store, tracker, target, on_chunk
+        self.config, self.store, self.callbacks = config, store, list(callbacks)
         self.num_steps = config.method.num_steps
         self.batches = micro_batches(config)
         self.results: dict[int, MicroBatchResult] = {}
@@ -153,8 +39,6 @@ class CampaignDriver:
         self.step: dict[int, int] = {}  # steps reached per micro-batch
         self.saved: dict[int, tuple[Checkpoint | None, torch.Tensor]] = {}  # the last checkpoint
         self.steps_run = 0  # chain-steps run by this driver, counting redone ones
-        total = sum(len(b.chains) for b in self.batches) * self.num_steps
-        self.bar = tqdm(total=total, desc=config.name, unit="chain-step", disable=not progress, dynamic_ncols=True)
 
     def restore(self) -> list[Job]:
         """Load finished micro-batches and checkpoints from the store; the rest are the jobs to run."""
@@ -163,85 +47,83 @@ class CampaignDriver:
             finished = self.store.load_result(batch.index)
             if finished is not None:
                 self.results[batch.index], self.history[batch.index] = finished
-                self.bar.update(len(batch.chains) * self.num_steps)
+                self.step[batch.index] = self.num_steps
                 continue
             saved = self.store.load_checkpoint(batch.index)
             checkpoint = None
             history = torch.full((len(batch.chains), self.num_steps), math.nan, dtype=torch.float64)
             if saved is not None:
                 checkpoint, history = saved
-            self.step[batch.index] = 0 if checkpoint is None else int(checkpoint["step"])
-            self.bar.update(len(batch.chains) * self.step[batch.index])
+            self.step[batch.index] = step_of(checkpoint)
             self.history[batch.index] = history
             self.saved[batch.index] = (checkpoint, history.clone())
             jobs.append(Job(batch, checkpoint))
         return jobs
+
+    def progress(self) -> ProgressState:
+        """Chain-steps done (at the steps each micro-batch has reached), chains done and the best loss so far."""
+        return ProgressState(
+            chain_steps_done=sum(len(b.chains) * self.step.get(b.index, 0) for b in self.batches),
+            chain_steps_total=sum(len(b.chains) for b in self.batches) * self.num_steps,
+            chains_done=sum(len(self.batches[i].chains) for i in self.results),
+            chains_total=sum(len(b.chains) for b in self.batches),
+            best_loss=self.best_loss(),
+        )
 
     # -- the Sink protocol --------------------------------------------------------------------------------
     def on_chunk(self, batch: MicroBatch, chunk: Chunk) -> None:
         """Record losses; checkpoint on every `checkpoint_every` boundary and at the end."""
         k = chunk.losses.shape[1]
         self.history[batch.index][:, chunk.first_step : chunk.first_step + k] = chunk.losses.double()
-        step = int(chunk.checkpoint["step"])
+        step = chunk.step
         self.step[batch.index] = step
         if step % self.config.resources.checkpoint_every == 0 or step == self.num_steps:
             history = self.history[batch.index].clone()
             self.store.save_checkpoint(batch.index, chunk.checkpoint, history)
             self.saved[batch.index] = (chunk.checkpoint, history)
         self.steps_run += len(batch.chains) * k
-        self.bar.update(len(batch.chains) * k)
-        if self.hook is not None:
-            self.hook(batch, chunk)
+        progress = self.progress()
+        for callback in self.callbacks:
+            callback.on_chunk(batch, chunk, progress)
 
     def restart_point(self, batch: MicroBatch) -> Checkpoint | None:
         """Roll a micro-batch back to its last checkpoint (after its worker died) and return it."""
         checkpoint, history = self.saved[batch.index]
-        step_then = 0 if checkpoint is None else int(checkpoint["step"])
-        self.bar.update(-len(batch.chains) * (self.step[batch.index] - step_then))
-        self.history[batch.index], self.step[batch.index] = history.clone(), step_then
+        self.history[batch.index], self.step[batch.index] = history.clone(), step_of(checkpoint)
         return checkpoint
 
     def on_result(self, batch: MicroBatch, result: MicroBatchResult) -> None:
-        """Save x* and results, log the chains to MLflow, update the best loss so far."""
+        """Write each chain's x* and pictures, tell the callbacks (tracking), then mark the micro-batch done."""
         history = self.history[batch.index]
-        self.store.save_result(result, batch.chain_ids, history)
+        pictures = result.pictures or [{} for _ in batch.chain_ids]
+        files = [
+            self.store.save_chain_files(chain, result.x[row], pictures[row])
+            for row, chain in enumerate(batch.chain_ids)
+        ]
         self.results[batch.index] = result
-        done = sum(len(self.batches[i].chains) for i in self.results)
-        if self.tracker is not None:
-            self.tracker.log_micro_batch(batch, result, history, self._artifacts(batch, result))
-            self.tracker.log_progress(done, self.best_loss(), len(self.results))
-        self.bar.set_postfix(chains_done=done, best_loss=f"{self.best_loss():.4g}")
+        self.step[batch.index] = self.num_steps
+        progress = self.progress()
+        for callback in self.callbacks:
+            callback.on_result(batch, result, history, files, progress)
+        self.store.save_result(result, history)
 
-    def on_failed(self, batch: MicroBatch, reason: str) -> None:
+    def on_failed(self, batch: MicroBatch, reason: str, event_shape: tuple[int, ...]) -> None:
         """A micro-batch that kept failing: its chains are marked failed and the campaign goes on."""
         checkpoint, _ = self.saved[batch.index]
         n = len(batch.chains)
-        x = checkpoint["x"] if checkpoint is not None else torch.zeros(n, 1, dtype=torch.float64)
+        x = checkpoint.x if checkpoint is not None else torch.zeros(n, *event_shape, dtype=torch.float64)
         tqdm.write(f"micro-batch {batch.index}: chains {list(batch.chain_ids)} failed: {reason}")
         failed = torch.ones(n, dtype=torch.bool)
         self.on_result(batch, MicroBatchResult(batch.index, x, torch.full((n,), math.inf), failed))
 
-    # -- results ----------------------------------------------------------------------------------------
+    # -- results ------------------------------------------------------------------------------------------
     def best_loss(self) -> float:
         finite = [r.final_loss[~r.failed] for r in self.results.values()]
         losses = torch.cat(finite) if finite else torch.empty(0)
         return float(losses.min()) if len(losses) else math.inf
 
-    def _artifacts(self, batch: MicroBatch, result: MicroBatchResult) -> list[list[Path]]:
-        """x* (.npy) and, for chains that finished, a picture of their samples against the target."""
-        paths = []
-        for row, chain in enumerate(batch.chain_ids):
-            files = [self.store.chain_x_path(chain)]
-            if result.y is not None and self.target is not None and not bool(result.failed[row]):
-                png = self.store.chain_x_path(chain).with_suffix(".png")
-                title = f"chain {chain}: held-out loss {result.final_loss[row].item():.4g}"
-                files.append(samples_vs_target(result.y[row], self.target, png, title))
-            paths.append(files)
-        return paths
-
     def rows(self) -> list[ChainRow]:
-        """Every chain's outcome, in chain order."""
-        child_ids = self.tracker.child_ids if self.tracker is not None else {}
+        """Every chain's outcome, in chain order (run ids are filled in by the tracking callback)."""
         rows = []
         for batch in self.batches:
             result = self.results[batch.index]
@@ -256,66 +138,63 @@ class CampaignDriver:
                         failed=failed,
                         metrics={k: v[row].item() for k, v in result.metrics.items()},
                         x_path=str(self.store.chain_x_path(chain)),
-                        run_id=child_ids.get(chain),
+                        run_id=None,
                     )
                 )
         return rows
 
-    def close(self) -> None:
-        self.bar.close()
+
+def campaign_info(config: CampaignConfig, store: CampaignStore) -> CampaignInfo:
+    """The campaign table the callbacks get at the start."""
+    chains = campaign_chains(config)
+    table = tuple(
+        ChainInfo(k, seed, zeta_label(zeta))
+        for k, (seed, zeta) in enumerate(zip(chains.seeds, chains.zetas, strict=True))
+    )
+    return CampaignInfo(config, store.root, table)
 
 
-def zeta_label(zeta: Any) -> str:
-    """A short label of a zeta schedule: its non-default fields."""
-    changed = zeta.model_dump(exclude_defaults=True)
-    return ",".join(f"{k}={v}" for k, v in changed.items()) or "constant"
+def default_callbacks(
+    config: CampaignConfig, store: CampaignStore, progress: bool = True, parent_tags: dict[str, str] | None = None
+) -> list[CampaignCallback]:
+    """A progress bar, and MLflow tracking when the config enables it (parent_tags nest it, e.g. under a study)."""
+    callbacks: list[CampaignCallback] = [ProgressBar(config.name, progress)]
+    if config.tracking.enabled:
+        from cdm_dist.tracking import MLflowTracker
 
-
-def top_k(rows: list[ChainRow], k: int) -> list[ChainRow]:
-    """The k chains with the lowest held-out loss; failed chains never qualify."""
-    return sorted((r for r in rows if not r.failed and math.isfinite(r.final_loss)), key=lambda r: r.final_loss)[:k]
+        callbacks.append(MLflowTracker(config, store, parent_tags))
+    return callbacks
 
 
 def run_campaign(
     config: CampaignConfig,
     executor: Executor,
     store: CampaignStore,
-    on_chunk: Callable[[MicroBatch, Chunk], None] | None = None,
+    callbacks: Sequence[CampaignCallback] = (),
     progress: bool = True,
     parent_tags: dict[str, str] | None = None,
-    target: torch.Tensor | None = None,
 ) -> CampaignReport:
-    """Run (or finish, for a store with progress in it) a campaign; returns its report.
-
-    parent_tags go on the campaign's MLflow run (e.g. mlflow.parentRunId to nest it under a study); target is the
-    target samples (S_G, for pictures), built from the config when not given."""
-    from cdm_dist.campaign import build_problem, campaign_chains
-
-    tracker = None
-    if target is None:
-        target = build_problem(config.problem).target.samples
-    if config.tracking.enabled:
-        from cdm_dist.tracking import CampaignTracker
-
-        tracker = CampaignTracker(config)
-        chains = campaign_chains(config)
-        table = [(k, s, zeta_label(z)) for k, (s, z) in enumerate(zip(chains.seeds, chains.zetas, strict=True))]
-        store.save_tracking(tracker.start(store.load_tracking(), store.root, table, parent_tags))
-    driver = CampaignDriver(config, store, tracker, target, on_chunk, progress)
+    """Run (or finish, for a store with progress in it) a campaign; returns its report. `callbacks` come after the
+    default ones (progress bar, MLflow tracking)."""
+    everyone = [*default_callbacks(config, store, progress, parent_tags), *callbacks]
+    driver = CampaignDriver(config, store, everyone)
     tic = time.perf_counter()
+    started: list[CampaignCallback] = []
     try:
         jobs = driver.restore()
+        info, state = campaign_info(config, store), driver.progress()
+        for callback in everyone:
+            callback.on_start(info, state)
+            started.append(callback)
         executor.execute(jobs, driver)
     except BaseException as exc:
-        if tracker is not None:
-            tracker.abort("KILLED" if type(exc).__name__ == "TrialPruned" else "FAILED")
+        for callback in started:
+            callback.on_end(None, exc)
         raise
-    finally:
-        driver.close()
     wall = time.perf_counter() - tic
     rows = driver.rows()
     report = CampaignReport(
-        campaign_run_id=tracker.parent_id if tracker else None,
+        campaign_run_id=None,
         experiment=config.tracking.experiment,
         output_dir=str(store.root),
         executor=executor.name,
@@ -324,18 +203,8 @@ def run_campaign(
         wall_seconds=wall,
         chain_steps=driver.steps_run,
     )
-    if tracker is not None:
-        ok = [r.final_loss for r in rows if not r.failed]
-        summary = {
-            "chains_total": len(rows),
-            "chains_ok": len(ok),
-            "chains_failed": len(rows) - len(ok),
-            "best_final_loss": min(ok) if ok else math.inf,
-            "median_final_loss": float(torch.tensor(ok).median()) if ok else math.inf,
-            "wall_seconds": wall,
-            "chain_steps_per_s": driver.steps_run / wall if wall > 0 else 0.0,
-        }
-        tracker.finish(summary)
+    for callback in everyone:
+        callback.on_end(report, None)
     write_json(store.root / "report.json", report.to_json())
     return report
 
@@ -345,24 +214,3 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def format_topk(rows: list[ChainRow]) -> str:
-    """The top-k table printed by `cdm run`."""
-    metric_names = sorted({k for r in rows for k in r.metrics})
-    header = ["rank", "chain", "seed", "final_loss", *metric_names, "zeta", "x_path"]
-    lines = [header]
-    for rank, r in enumerate(rows, start=1):
-        metrics = [f"{r.metrics[m]:.4g}" for m in metric_names]
-        lines.append([str(rank), str(r.chain), str(r.seed), f"{r.final_loss:.5g}", *metrics, r.zeta, r.x_path])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
-
-
-def make_executor(config: CampaignConfig, address: str | None = None) -> Executor:
-    """In-process, or Ray (colocated or split) per config.resources."""
-    if config.resources.executor == "local":
-        return LocalExecutor(config)
-    from actors.coordinator import RayExecutor
-
-    return RayExecutor(config, address)

@@ -12,17 +12,23 @@ from cdm_dist.mixtures import ConditionalMixture, mixture_icdf_1d_reparam, mixtu
 
 
 class ConditionalSampler(ABC):
-    """f_phi(x, eta): x (B, *x_shape), eta (B, n_c, *noise_shape) ~ N(0, I) -> y (B, n_c, y_dim); differentiable."""
+    """The fast conditional sampler's contract, f_phi(x, eta) ≈ P(Y | X = x) (MLGD-F paper, Sec. 3):
+
+    - `sample(x, eta) -> y`: x (B, *x_shape) on the chain's device and dtype, eta (B, n_c, *noise_shape) ~ N(0, I)
+      -> y (B, n_c, y_dim) in x's dtype; differentiable in x (MLGD-F backpropagates the matching loss through it);
+      row b of y depends only on x[b] and eta[b].
+    - `y_dim`: the dimension of Y, which the target samples must have.
+    - `noise_shape`: the shape of one draw's noise eta.
+    - `x_shape`: the event shape of x it takes, or None when any (checked against the prior by `cdm check`).
+    """
 
     y_dim: int
     noise_shape: tuple[int, ...]
+    x_shape: tuple[int, ...] | None = None
 
     @abstractmethod
     def sample(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
         """Draw y for each x from its own noise."""
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> ConditionalSampler:
-        return self
 
 
 class MixtureInverseCDFSampler(ConditionalSampler):
@@ -34,6 +40,7 @@ class MixtureInverseCDFSampler(ConditionalSampler):
         self.conditional = conditional
         self.y_dim = 1
         self.noise_shape = (1,)
+        self.x_shape = (conditional.x_dim,)
         self._stds = torch.sqrt(conditional.covs_y[:, 0, 0])  # (K,)
 
     def sample(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
@@ -53,6 +60,7 @@ class MixtureDiffusionSampler(ConditionalSampler):
         self.conditional = conditional
         self.y_dim = conditional.y_dim
         self.noise_shape = (conditional.y_dim,)
+        self.x_shape = (conditional.x_dim,)
         self.schedule = DiffusionSchedule.from_scheduler(
             scheduler or make_scheduler(num_train_timesteps=100), num_steps
         )

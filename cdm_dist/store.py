@@ -18,7 +18,7 @@ import torch
 
 from cdm_dist.campaign import CampaignConfig, dump_config
 from cdm_dist.errors import InputError
-from cdm_dist.worker import MicroBatchResult
+from cdm_dist.execution import Checkpoint, MicroBatchResult
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -63,19 +63,17 @@ class CampaignStore:
     def _checkpoint_path(self, index: int) -> Path:
         return self.root / "checkpoints" / f"mb{index:05d}.pt"
 
-    def save_checkpoint(self, index: int, checkpoint: dict[str, Any], history: torch.Tensor) -> None:
+    def save_checkpoint(self, index: int, checkpoint: Checkpoint, history: torch.Tensor) -> None:
         """A micro-batch's state and its loss history (B, T) so far."""
-        payload = {"step": torch.tensor(checkpoint["step"]), "x": checkpoint["x"], "failed": checkpoint["failed"]}
-        payload["history"] = history
+        payload = checkpoint.tensors() | {"history": history}
         atomic_write(self._checkpoint_path(index), lambda p: torch.save(payload, p))
 
-    def load_checkpoint(self, index: int) -> tuple[dict[str, Any], torch.Tensor] | None:
+    def load_checkpoint(self, index: int) -> tuple[Checkpoint, torch.Tensor] | None:
         path = self._checkpoint_path(index)
         if not path.is_file():
             return None
         payload = torch.load(path, weights_only=True)
-        checkpoint = {"step": int(payload["step"]), "x": payload["x"], "failed": payload["failed"]}
-        return checkpoint, payload["history"]
+        return Checkpoint.from_tensors(payload), payload["history"]
 
     # -- results ----------------------------------------------------------------------------------------
     def _result_path(self, index: int) -> Path:
@@ -84,10 +82,19 @@ class CampaignStore:
     def chain_x_path(self, chain: int) -> Path:
         return self.root / "chains" / f"chain{chain:05d}.npy"
 
-    def save_result(self, result: MicroBatchResult, chain_ids: range, history: torch.Tensor) -> None:
-        """x* per chain as .npy, then the micro-batch's results (the 'done' mark, written last)."""
-        for row, chain in enumerate(chain_ids):
-            atomic_write(self.chain_x_path(chain), lambda p, r=row: _save_npy(p, result.x[r].numpy()))
+    def save_chain_files(self, chain: int, x: torch.Tensor, pictures: dict[str, bytes]) -> list[Path]:
+        """x* as .npy, then its pictures (chainNNNNN.png for the samples, chainNNNNN_NAME.png for the others)."""
+        x_path = self.chain_x_path(chain)
+        atomic_write(x_path, lambda p: _save_npy(p, x.numpy()))
+        paths = [x_path]
+        for name, png in pictures.items():
+            path = x_path.with_suffix(".png") if name == "samples" else x_path.with_name(f"{x_path.stem}_{name}.png")
+            atomic_write(path, lambda p, data=png: p.write_bytes(data))
+            paths.append(path)
+        return paths
+
+    def save_result(self, result: MicroBatchResult, history: torch.Tensor) -> None:
+        """The micro-batch's results: the 'done' mark, written after its chains' files and tracking."""
         payload = {
             "x": result.x,
             "final_loss": result.final_loss,
@@ -95,8 +102,6 @@ class CampaignStore:
             "history": history,
             **{f"metric.{k}": v for k, v in result.metrics.items()},
         }
-        if result.y is not None:
-            payload["y"] = result.y
         atomic_write(self._result_path(result.index), lambda p: torch.save(payload, p))
         self._checkpoint_path(result.index).unlink(missing_ok=True)
 
@@ -106,9 +111,7 @@ class CampaignStore:
             return None
         payload = torch.load(path, weights_only=True)
         metrics = {k.removeprefix("metric."): v for k, v in payload.items() if k.startswith("metric.")}
-        result = MicroBatchResult(
-            index, payload["x"], payload["final_loss"], payload["failed"], metrics, payload.get("y")
-        )
+        result = MicroBatchResult(index, payload["x"], payload["final_loss"], payload["failed"], metrics)
         return result, payload["history"]
 
     # -- tracking ids -----------------------------------------------------------------------------------

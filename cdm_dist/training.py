@@ -8,7 +8,6 @@ Quality is measured on held-out data and written to the manifest, not assumed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -22,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from cdm_dist.errors import InputError
+from cdm_dist.models.manifest import sha256
 
 Draw = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # (n, gen) -> x (n, *x), y (n, d_y)
 ROLES = ("prior", "sampler")
-PROBLEMS = ("gmm2d", "gmm5d", "gmm10d", "digits")
 
 
 @dataclass(frozen=True)
@@ -64,18 +63,18 @@ class TrainingData:
 
 def training_data(problem: str) -> TrainingData:
     """Where a problem's (x, y) pairs come from: the mixture joint itself, or rotated digits."""
-    if problem.startswith("gmm"):
-        from cdm_dist.problems import GMM_PROBLEMS, joint_2d, joint_random
+    from cdm_dist.problems import GMM_PROBLEMS
 
-        if problem not in GMM_PROBLEMS:
-            raise InputError(f"--problem: unknown {problem!r}; expected one of {list(PROBLEMS)}")
-        dim = GMM_PROBLEMS[problem]
-        joint = joint_2d()[0] if dim == 2 else joint_random(dim, seed=1)[0]
+    if problem in GMM_PROBLEMS:
+        from cdm_dist.problems import mixture_problem
+
+        joint = mixture_problem(problem).joint  # joint seed 1 for 5D/10D
 
         def draw(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             xy = joint.sample(n, gen).float()
             return xy[:, :-1], xy[:, -1:]
 
+        dim = GMM_PROBLEMS[problem]
         text = f"fresh samples of the {problem} joint (cdm_dist.problems; joint seed 1 for 5D/10D) every step"
         return TrainingData(problem, (dim - 1,), 1, draw, draw, text)
     if problem == "digits":
@@ -86,7 +85,14 @@ def training_data(problem: str) -> TrainingData:
 
         text = "sklearn load_digits, 12x12 in 16x16, every 10th digit held out, theta ~ U[0, 2pi) per draw"
         return TrainingData(problem, (1, SIZE, SIZE), 2, digits("train"), digits("heldout"), text)
-    raise InputError(f"--problem: unknown {problem!r}; expected one of {list(PROBLEMS)}")
+    raise InputError(f"--problem: unknown {problem!r}; expected one of {trainable_problems()}")
+
+
+def trainable_problems() -> list[str]:
+    """The built-in problems whose training data the project can draw."""
+    from cdm_dist.problems import GMM_PROBLEMS
+
+    return [*GMM_PROBLEMS, "digits"]
 
 
 def settings_for(problem: str, role: str) -> TrainSettings:
@@ -291,15 +297,6 @@ def _objective(role: str, model: torch.nn.Module) -> str:
     return "epsilon-prediction DDPM loss"
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     import accelerate
     import diffusers
@@ -320,9 +317,9 @@ def measure_quality(
     gen = torch.Generator().manual_seed(10_000 + seed)
     n = 200 if small else 1000
     if role == "prior":
-        from cdm_dist.models.learned import LearnedPrior
+        from cdm_dist.models.adapters import DiffusersPrior
 
-        return prior_quality(LearnedPrior(model, scheduler), data, gen, n, 10 if small else 50)
+        return prior_quality(DiffusersPrior(model, scheduler), data, gen, n, 10 if small else 50)
     if data.problem == "digits":
         return digits_sampler_quality(model, data, gen, n)
     return gmm_sampler_quality(model, data.problem, gen, 4 if small else 64, n)

@@ -1,6 +1,10 @@
-"""The work a campaign does on one device, as plain methods: whole chunks of steps (colocated or in-process),
-or the split halves of a step (prior: denoise and advance; sampler: matching loss and its gradient).
+"""The work a campaign does on one device, as plain methods, for one role:
 
+- "both" (in-process and colocated replicas): whole chunks of steps and the final evaluation;
+- "prior" (split placement): x̂0 (denoise), the VJP and reverse step (advance), unguided steps, prior_fit;
+- "sampler" (split placement): the matching loss and its gradient, the final evaluation and pictures.
+
+Each worker resolves the problem spec itself and builds only its role's parts (nothing is pickled from the driver).
 Ray actors wrap this class unchanged (actors/), so every executor runs the same code and gets the same numbers.
 """
 
@@ -8,36 +12,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from cdm_dist.campaign import CampaignConfig, MicroBatch, build_problem
-from cdm_dist.mlgd import ChainState, Denoised, GuidedChains
+from cdm_dist.campaign import CampaignConfig, MicroBatch
+from cdm_dist.errors import InputError
+from cdm_dist.execution import Checkpoint, Chunk, Job, MicroBatchResult, Sink, chunk_end, step_of
+from cdm_dist.mlgd import ChainState, Denoised, PriorSide, SamplerSide
+from cdm_dist.registry import ProblemSource, resolve_problem
 
-Checkpoint = dict[str, Any]  # {"step": int, "x": (B, *event), "failed": (B,)}
-
-
-@dataclass
-class Chunk:
-    """The state after some steps of one micro-batch, and the guidance loss of each step taken."""
-
-    checkpoint: Checkpoint
-    first_step: int  # the step index of losses[:, 0]
-    losses: torch.Tensor  # (B, k)
-
-
-@dataclass
-class MicroBatchResult:
-    """A finished micro-batch: x* per chain, held-out loss, exact metrics and held-out y for pictures."""
-
-    index: int
-    x: torch.Tensor  # (B, *event)
-    final_loss: torch.Tensor  # (B,), inf where failed
-    failed: torch.Tensor  # (B,) bool
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,)
-    y: torch.Tensor | None = None  # (B, n, d_y) held-out conditional samples at x*
+ROLES = ("both", "prior", "sampler")
+PICTURE_SAMPLES = 512  # conditional samples at x* drawn for a chain's picture (fixed noise, not for selection)
 
 
 def pick_device(preference: str, has_gpu: bool) -> torch.device:
@@ -47,90 +33,204 @@ def pick_device(preference: str, has_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-class ChainWorker:
-    """Loads the campaign's problem itself (nothing is pickled from the driver) and runs micro-batches."""
+def module_stats(obj: Any) -> dict[str, Any]:
+    """Parameters and weight dtypes of the torch modules an object holds (one level of attributes deep)."""
+    seen: dict[int, torch.nn.Module] = {}
+    for value in [obj, *vars(obj).values()] if hasattr(obj, "__dict__") else [obj]:
+        candidates = [value, *vars(value).values()] if hasattr(value, "__dict__") else [value]
+        for candidate in candidates:
+            if isinstance(candidate, torch.nn.Module):
+                seen.setdefault(id(candidate), candidate)
+    params = [p for module in seen.values() for p in module.parameters()]
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+    }
 
-    PICTURE_SAMPLES = 512
+
+def check_shapes(event_shape: tuple[int, ...], sampler_x_shape: tuple[int, ...] | None, spec: Any) -> None:
+    """The prior's x chains into the sampler (when the sampler declares the x it takes)."""
+    if sampler_x_shape is not None and tuple(sampler_x_shape) != tuple(event_shape):
+        raise InputError(
+            f"problem {spec.label()}: the prior's x has shape {list(event_shape)} but the sampler takes x of shape "
+            f"{list(sampler_x_shape)}"
+        )
+
+
+class ChainWorker:
+    """Builds its role's parts of the campaign's problem and runs micro-batches (or their halves)."""
 
     def __init__(self, config: CampaignConfig, role: str = "both", device: str | None = None) -> None:
-        if role not in ("both", "prior", "sampler"):
-            raise ValueError(f"role: unknown {role!r}")
+        if role not in ROLES:
+            raise ValueError(f"role: unknown {role!r}; expected one of {ROLES}")
         torch.set_num_threads(config.resources.threads)
         self.config, self.role = config, role
         self.device = torch.device(device) if device else torch.device("cpu")
-        self.problem = build_problem(config.problem)
-        self._runners: dict[tuple[str, int], GuidedChains] = {}
+        self.problem: ProblemSource = resolve_problem(config.problem, self.device)
+        self._prior_sides: dict[tuple[str, int], PriorSide] = {}
+        self._sampler_sides: dict[tuple[str, int], SamplerSide] = {}
         self._pending: dict[tuple[str, int], tuple[ChainState, Denoised]] = {}
         self._busy = 0.0
         self._started = time.perf_counter()
+        self.build_parts()
+
+    @property
+    def has_prior(self) -> bool:
+        return self.role in ("both", "prior")
+
+    @property
+    def has_sampler(self) -> bool:
+        return self.role in ("both", "sampler")
+
+    def build_parts(self) -> None:
+        """Build this role's parts now, so a bad spec fails when the worker starts, not mid-campaign."""
+        if self.has_prior:
+            self.problem.prior  # noqa: B018
+        if self.has_sampler:
+            sampler, target = self.problem.sampler(self.config.method.name), self.problem.target
+            if target.dim != sampler.y_dim:
+                raise InputError(
+                    f"{target.source}: target samples have dimension {target.dim}; the sampler of problem "
+                    f"{self.config.problem.label()} produces d_y = {sampler.y_dim}"
+                )
+            self.problem.metrics  # noqa: B018
+            self.problem.decoder  # noqa: B018
+        if self.role == "both":
+            check_shapes(self.problem.prior.event_shape, self.problem.fast_sampler.x_shape, self.config.problem)
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        """Who this worker is: role, process and device."""
-        return {"role": self.role, "pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
+        """Who this worker is: role, process, device, the parts it built and how long they took to load."""
+        parts: dict[str, Any] = {}
+        if self.has_prior:
+            parts["prior"] = module_stats(self.problem.prior)
+        if self.has_sampler:
+            parts["sampler"] = module_stats(self.problem.sampler(self.config.method.name))
+            if self.problem.decoder is not None:
+                parts["decoder"] = module_stats(self.problem.decoder)
+        return {
+            "role": self.role,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "event_shape": list(self.problem.prior.event_shape) if self.has_prior else None,
+            "y_dim": self.problem.fast_sampler.y_dim if self.has_sampler else None,
+            "x_shape": _shape(self.problem.fast_sampler.x_shape) if self.has_sampler else None,
+            "built": dict(self.problem.built),
+            "load_seconds": dict(self.problem.load_seconds),
+            "parts": parts,
+        }
 
     def busy_seconds(self) -> tuple[float, float]:
         """Seconds spent working and seconds alive."""
         return self._busy, time.perf_counter() - self._started
 
-    def _runner(self, batch: MicroBatch) -> GuidedChains:
-        if batch.key not in self._runners:
+    def _prior_side(self, batch: MicroBatch) -> PriorSide:
+        if batch.key not in self._prior_sides:
+            self._prior_sides[batch.key] = PriorSide(self.problem.prior, batch.chains, batch.method.mlgd(), self.device)
+        return self._prior_sides[batch.key]
+
+    def _sampler_side(self, batch: MicroBatch) -> SamplerSide:
+        if batch.key not in self._sampler_sides:
             sampler = self.problem.sampler(batch.method.name)
-            self._runners[batch.key] = GuidedChains(
-                self.problem.prior, sampler, self.problem.target, batch.chains, batch.method.mlgd(), self.device
+            self._sampler_sides[batch.key] = SamplerSide(
+                sampler, self.problem.target, batch.chains, batch.method.mlgd(), self.device
             )
-        return self._runners[batch.key]
+        return self._sampler_sides[batch.key]
 
     def _state(self, batch: MicroBatch, checkpoint: Checkpoint | None) -> ChainState:
-        runner = self._runner(batch)
-        return runner.initial_state() if checkpoint is None else runner.resume(checkpoint)
+        side = self._prior_side(batch)
+        return side.initial_state() if checkpoint is None else side.resume(checkpoint)
 
-    # -- colocated / in-process: many steps at once -----------------------------------------------------
+    # -- colocated / in-process (and the prior's unguided steps when split): many steps at once ----------
     def run(self, batch: MicroBatch, checkpoint: Checkpoint | None, until: int) -> Chunk:
-        """Steps from the checkpoint up to step `until` (exclusive of later steps)."""
+        """Steps from the checkpoint up to step `until`; guided steps need both sides (role 'both')."""
         tic = time.perf_counter()
-        runner, state = self._runner(batch), self._state(batch, checkpoint)
+        prior, state = self._prior_side(batch), self._state(batch, checkpoint)
         first, losses = state.step, []
         while state.step < until:
-            state = runner.step(state)
+            denoised = prior.denoise(state)
+            if prior.guided[state.step]:
+                if not self.has_sampler:
+                    raise RuntimeError(f"step {state.step} is guided: the prior worker cannot run it alone")
+                loss, grad = self._sampler_side(batch).matching_grad(denoised.x0, state.step, denoised.radius)
+                state = prior.advance(state, denoised, loss, grad)
+            else:
+                state = prior.advance(state, denoised)
             losses.append(state.loss.cpu())
         self._busy += time.perf_counter() - tic
         stacked = torch.stack(losses, 1) if losses else torch.empty(len(batch.chains), 0, dtype=torch.float64)
         return Chunk(state.checkpoint(), first, stacked)
 
     def finish(self, batch: MicroBatch, checkpoint: Checkpoint) -> MicroBatchResult:
-        """CDMO refinement, held-out loss and exact metrics of the final states."""
+        """CDMO refinement, held-out loss, exact metrics and pictures of the final states; with the prior here
+        (role 'both') also prior_fit, else the prior's worker adds it (`prior_fit`)."""
         tic = time.perf_counter()
-        runner = self._runner(batch)
-        result = runner.finish(runner.resume(checkpoint), self.problem.metrics)
-        eta = torch.randn(  # only for the picture: fixed noise, not used for selection
-            len(batch.chains),
-            self.PICTURE_SAMPLES,
-            *runner.sampler.noise_shape,
-            generator=torch.Generator().manual_seed(0),
-            dtype=runner.dtype,
-        ).to(self.device)
-        with torch.no_grad():
-            y = runner.sampler.sample(result.x, eta).cpu()
-        self._runners.pop(batch.key, None)
+        side = self._sampler_side(batch)
+        result = side.evaluate(checkpoint, self.problem.metrics)
+        if self.has_prior:
+            result.metrics["prior_fit"] = self._prior_side(batch).prior_fit(result.x, result.failed)
+        pictures = self._pictures(batch, side, result.x, result.final_loss, result.failed)
+        self._prior_sides.pop(batch.key, None)
+        self._sampler_sides.pop(batch.key, None)
         self._busy += time.perf_counter() - tic
         metrics = {k: v.cpu() for k, v in result.metrics.items()}
-        return MicroBatchResult(batch.index, result.x.cpu(), result.final_loss.cpu(), result.failed.cpu(), metrics, y)
+        return MicroBatchResult(
+            batch.index, result.x.cpu(), result.final_loss.cpu(), result.failed.cpu(), metrics, pictures
+        )
+
+    def prior_fit(self, batch: MicroBatch, result: MicroBatchResult) -> MicroBatchResult:
+        """The sampler worker's result with each x*'s prior_fit added (split placement)."""
+        tic = time.perf_counter()
+        side = PriorSide(self.problem.prior, batch.chains, batch.method.mlgd(), self.device)
+        result.metrics["prior_fit"] = side.prior_fit(result.x, result.failed).cpu()
+        self._prior_sides.pop(batch.key, None)
+        self._busy += time.perf_counter() - tic
+        return result
+
+    @torch.no_grad()
+    def _pictures(
+        self, batch: MicroBatch, side: SamplerSide, x: torch.Tensor, losses: torch.Tensor, failed: torch.Tensor
+    ) -> list[dict[str, bytes]]:
+        """Per chain: its conditional samples against the target, and x* as an image (decoded for latent priors)."""
+        from cdm_dist.pictures import image_png, samples_vs_target_png
+
+        eta = torch.randn(  # fixed noise, for the pictures only
+            len(batch.chains), PICTURE_SAMPLES, *side.sampler.noise_shape,
+            generator=torch.Generator().manual_seed(0), dtype=side.dtype,
+        ).to(self.device)  # fmt: skip
+        y = side.sampler.sample(x, eta).cpu()
+        decoder = self.problem.decoder
+        images = decoder(x).cpu() if decoder is not None else x.cpu() if x.dim() == 4 and x.shape[1] in (1, 3) else None
+        pictures = []
+        for row, chain in enumerate(batch.chain_ids):
+            if bool(failed[row]):
+                pictures.append({})
+                continue
+            title = f"chain {chain}: held-out loss {losses[row].item():.4g}"
+            made = {"samples": samples_vs_target_png(y[row], self.problem.target.samples, title)}
+            if images is not None:
+                made["image"] = image_png(images[row], scale=max(1, 128 // images.shape[-1]))
+            pictures.append(made)
+        return pictures
 
     # -- split placement: the halves of one guided step -------------------------------------------------
-    def denoise(self, batch: MicroBatch, checkpoint: Checkpoint) -> torch.Tensor:
-        """Prior: x̂0 of the micro-batch at its step; keeps what the VJP needs until `advance`."""
+    def denoise(self, batch: MicroBatch, checkpoint: Checkpoint) -> tuple[torch.Tensor, float]:
+        """Prior: x̂0 (B, *event) and the guess radius at the micro-batch's step; keeps the rest until `advance`."""
         tic = time.perf_counter()
         state = self._state(batch, checkpoint)
-        denoised = self._runner(batch).denoise(state)
+        denoised = self._prior_side(batch).denoise(state)
         self._pending[batch.key] = (state, denoised)
         self._busy += time.perf_counter() - tic
-        return denoised.x0.cpu()
+        return denoised.x0.cpu(), denoised.radius
 
-    def matching_grad(self, batch: MicroBatch, step: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def matching_grad(
+        self, batch: MicroBatch, step: int, denoised: tuple[torch.Tensor, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampler: the smoothed matching loss (B,) and dL/dx̂0 (B, *event) at step `step`."""
         tic = time.perf_counter()
-        loss, grad = self._runner(batch).matching_grad(x0, step)
+        x0, radius = denoised
+        loss, grad = self._sampler_side(batch).matching_grad(x0, step, radius)
         self._busy += time.perf_counter() - tic
         return loss.cpu(), grad.cpu()
 
@@ -141,10 +241,44 @@ class ChainWorker:
             raise LostStepError(f"micro-batch {batch.key}: no denoised step pending (worker restarted?)")
         state, denoised = self._pending.pop(batch.key)
         loss, grad = loss_and_grad
-        state = self._runner(batch).advance(state, denoised, loss, grad)
+        state = self._prior_side(batch).advance(state, denoised, loss, grad)
         self._busy += time.perf_counter() - tic
         return Chunk(state.checkpoint(), state.step - 1, state.loss.cpu()[:, None])
 
 
+def _shape(shape: tuple[int, ...] | None) -> list[int] | None:
+    return None if shape is None else list(shape)
+
+
 class LostStepError(RuntimeError):
     """The prior lost the half-done step of a micro-batch; the coordinator restarts it from its checkpoint."""
+
+
+class LocalExecutor:
+    """In-process: one worker (role 'both') runs every micro-batch, chunk by chunk."""
+
+    name = "local"
+
+    def __init__(self, config: CampaignConfig) -> None:
+        device = pick_device(config.resources.device, has_gpu=True)
+        self.worker = ChainWorker(config, "both", str(device))
+        self.every = config.resources.checkpoint_every
+        self.event_shape = tuple(self.worker.problem.prior.event_shape)
+
+    def execute(self, jobs: list[Job], sink: Sink) -> None:
+        """Round-robin: one chunk of every micro-batch in turn, so all reach each checkpoint step together."""
+        active = list(jobs)
+        while active:
+            for job in list(active):
+                num_steps = job.batch.method.num_steps
+                step = step_of(job.checkpoint)
+                if step >= num_steps:
+                    sink.on_result(job.batch, self.worker.finish(job.batch, job.checkpoint))
+                    active.remove(job)
+                    continue
+                chunk = self.worker.run(job.batch, job.checkpoint, chunk_end(step, self.every, num_steps))
+                sink.on_chunk(job.batch, chunk)
+                job.checkpoint = chunk.checkpoint
+
+    def close(self) -> None:
+        """Nothing to release in-process."""

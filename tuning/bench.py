@@ -13,8 +13,9 @@ import torch
 
 from cdm_dist.bench.report import markdown_table, write_report
 from cdm_dist.campaign import CampaignConfig, load_config, with_values
-from cdm_dist.runner import LocalExecutor, run_campaign
+from cdm_dist.runner import run_campaign
 from cdm_dist.store import CampaignStore
+from cdm_dist.worker import LocalExecutor
 from tuning.study import Tuner, median_finite
 
 EXAMPLES = Path(__file__).parents[1] / "examples"

@@ -27,11 +27,14 @@ from typing import Any
 import optuna
 import torch
 
-from cdm_dist.campaign import CampaignConfig, MicroBatch, ParamSpec, check_config, with_values
+from cdm_dist.callbacks import CampaignCallback, CampaignStopped, Progress
+from cdm_dist.campaign import CampaignConfig, MicroBatch, ParamSpec, check_config, micro_batches, with_values
 from cdm_dist.errors import InputError
-from cdm_dist.runner import CampaignReport, make_executor, run_campaign
+from cdm_dist.execution import Chunk, Executor
+from cdm_dist.launch import make_executor
+from cdm_dist.report import CampaignReport
+from cdm_dist.runner import run_campaign
 from cdm_dist.store import CampaignStore
-from cdm_dist.worker import Chunk
 
 STALE = "cdm.stale"  # user attribute of trials failed because their process died
 PLANNED = "cdm.planned_chain_steps"
@@ -97,19 +100,24 @@ def make_pruner(config: CampaignConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.SuccessiveHalvingPruner()
 
 
-class MilestoneReporter:
-    """Reports the median guidance loss to the trial once every micro-batch has passed a milestone step."""
+class MilestoneReporter(CampaignCallback):
+    """Reports the median guidance loss to the trial once every micro-batch has passed a milestone step, and stops
+    the campaign (CampaignStopped) when the pruner says so; counts the chain-steps run."""
 
-    def __init__(self, trial: optuna.Trial, config: CampaignConfig, batches: int) -> None:
+    def __init__(self, trial: optuna.Trial, config: CampaignConfig, batches: int, prune: bool = True) -> None:
         steps = config.method.num_steps
-        self.trial, self.batches = trial, batches
+        self.trial, self.batches, self.prune = trial, batches, prune
         self.milestones = sorted({max(1, round(f * steps)) for f in config.tune.milestones})
         self.step: dict[int, int] = {}
         self.losses: dict[int, torch.Tensor] = {}  # micro-batch -> (B,) last guidance loss seen
         self.reported: set[int] = set()
+        self.steps_run = 0
 
-    def __call__(self, batch: MicroBatch, chunk: Chunk) -> None:
-        self.step[batch.index] = int(chunk.checkpoint["step"])
+    def on_chunk(self, batch: MicroBatch, chunk: Chunk, progress: Progress) -> None:
+        self.steps_run += len(batch.chains) * chunk.losses.shape[1]
+        if not self.prune:
+            return
+        self.step[batch.index] = chunk.step
         finite = chunk.losses[:, ~torch.isnan(chunk.losses).all(0)]
         if finite.shape[1]:
             self.losses[batch.index] = finite[:, -1]
@@ -122,7 +130,7 @@ class MilestoneReporter:
                 value = float(torch.cat(list(self.losses.values())).nanmedian())
                 self.trial.report(value, milestone)
                 if self.trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at step {milestone}: median guidance loss {value:.4g}")
+                    raise CampaignStopped(f"pruned at step {milestone}: median guidance loss {value:.4g}")
 
 
 @dataclass
@@ -174,10 +182,9 @@ class Tuner:
             method = config.method.model_copy(update={"eval_samples": config.method.heldout_samples})
             config = config.model_copy(update={"method": method})
         self.config, self.address = config, address
-        self.problem = check_config(config)  # trials share the problem: build it once
-        self.target = self.problem.target.samples
+        check_config(config)
         self.prior_fit_limit: float | None = None  # set when the study runs
-        self.executor: Any = None  # the actor pool every trial shares (made in run)
+        self.executor: Executor | None = None  # the workers every trial shares (made in run): models load once
         self.name = config.tune.study_name or config.name
         self.folder = Path(config.output) / f"study-{self.name}"
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -213,19 +220,17 @@ class Tuner:
     def _study_run(self) -> None:
         if not self.config.tracking.enabled:
             return
-        from cdm_dist.tracking import CampaignTracker
+        from cdm_dist.tracking import client_for, experiment_id
 
-        tracker = CampaignTracker(self.config)
-        self.tracker_client = tracker.client
-        found = tracker.client.search_runs(
-            [tracker.experiment_id], f"tags.`cdm.study` = '{self.name}' and tags.`cdm.kind` = 'study'"
-        )
+        client = self.tracker_client = client_for(self.config.tracking.uri)
+        experiment = experiment_id(client, self.config.tracking)
+        found = client.search_runs([experiment], f"tags.`cdm.study` = '{self.name}' and tags.`cdm.kind` = 'study'")
         if found:
             self.study_run_id = found[0].info.run_id
-            tracker.client.update_run(self.study_run_id, status="RUNNING")
+            client.update_run(self.study_run_id, status="RUNNING")
         else:
-            run = tracker.client.create_run(
-                tracker.experiment_id,
+            run = client.create_run(
+                experiment,
                 run_name=f"study-{self.name}",
                 tags={"cdm.kind": "study", "cdm.study": self.name, "cdm.storage": self.storage_label},
             )
@@ -238,37 +243,18 @@ class Tuner:
         config = config.model_copy(update={"name": f"{self.name}-trial{trial.number:04d}"})
         planned = config.chains.count * config.method.num_steps
         trial.set_user_attr(PLANNED, planned)
-        from cdm_dist.campaign import micro_batches
-
-        reporter = MilestoneReporter(trial, config, len(micro_batches(config)))
-        steps = {"run": 0}
-
-        def on_chunk(batch: MicroBatch, chunk: Chunk) -> None:
-            steps["run"] += len(batch.chains) * chunk.losses.shape[1]
-            if not self.config.tune.multi_objective:
-                reporter(batch, chunk)
-
+        reporter = MilestoneReporter(trial, config, len(micro_batches(config)), not self.config.tune.multi_objective)
         tags = {"cdm.trial": str(trial.number), "cdm.study": self.name}
         if self.study_run_id:
             tags["mlflow.parentRunId"] = self.study_run_id
-        executor = self.executor or make_executor(config, self.address)
         try:
             report: CampaignReport = run_campaign(
-                config,
-                executor,
-                CampaignStore.create(config),
-                on_chunk,
-                progress=False,
-                parent_tags=tags,
-                target=self.target,
+                config, self.executor, CampaignStore.create(config), [reporter], progress=False, parent_tags=tags
             )
-        except optuna.TrialPruned:
-            trial.set_user_attr(RUN, steps["run"])
+        except CampaignStopped:
+            trial.set_user_attr(RUN, reporter.steps_run)
             return None, optuna.trial.TrialState.PRUNED
-        finally:
-            if executor is not self.executor:
-                executor.close()
-        trial.set_user_attr(RUN, steps["run"])
+        trial.set_user_attr(RUN, reporter.steps_run)
         trial.set_user_attr("cdm.campaign_run_id", report.campaign_run_id)
         loss = aggregate(
             [r.final_loss for r in report.rows], self.config.tune.objective, self.config.tune.objective_topk
@@ -305,14 +291,22 @@ class Tuner:
         if setting != "auto":
             return float(setting)
         if PRIOR_FIT_LIMIT not in self.study.user_attrs:
-            from cdm_dist.config import ZetaConfig
-            from cdm_dist.methods import run_method
-            from cdm_dist.mlgd import Chains
-
-            seeds = range(UNGUIDED_SEED, UNGUIDED_SEED + UNGUIDED_CHAINS)
-            unguided = Chains.make(seeds, ZetaConfig(scale=0.0))
-            fits = run_method(self.problem, self.config.method.name, unguided, self.config.method.mlgd()).metrics
-            limit = float(torch.nanquantile(fits["prior_fit"], 0.95))
+            unguided = with_values(
+                self.config,
+                {
+                    "name": f"{self.name}-unguided",
+                    "chains.count": UNGUIDED_CHAINS,
+                    "chains.base_seed": UNGUIDED_SEED,
+                    "chains.zeta": [{"scale": 0.0}],
+                    "chains.zeta_grid": None,
+                    "tracking.enabled": False,
+                    "output": str(self.folder),
+                },
+                "tune",
+            )
+            report = run_campaign(unguided, self.executor, CampaignStore.create(unguided), progress=False)
+            fits = torch.tensor([r.metrics.get("prior_fit", math.nan) for r in report.rows], dtype=torch.float64)
+            limit = float(torch.nanquantile(fits, 0.95))
             self.study.set_user_attr(PRIOR_FIT_LIMIT, limit)
         return float(self.study.user_attrs[PRIOR_FIT_LIMIT])
 
@@ -336,23 +330,23 @@ class Tuner:
         """Finish `trials` trials in all (counting those already in the storage), `parallel` at a time."""
         self.enqueue_baseline()
         self.recover_stale()
-        self.prior_fit_limit = self._prior_fit_limit()
-        self._study_run()
         todo = max(0, trials - len(self._finished()))
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=todo, desc=f"study {self.name}", unit="trial")
-        running: dict[Future, optuna.Trial] = {}
-        if self.config.resources.executor == "ray" and todo > 0:  # one actor pool for every trial
+        needs_limit = self.config.tune.prior_fit_limit == "auto" and PRIOR_FIT_LIMIT not in self.study.user_attrs
+        if todo > 0 or needs_limit:  # one pool of workers for every trial: the models load once
             self.executor = make_executor(self.config, self.address)
         try:
-            self._loop(todo, parallel, running, bar)
+            self.prior_fit_limit = self._prior_fit_limit()
+            self._study_run()
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=todo, desc=f"study {self.name}", unit="trial")
+            self._loop(todo, parallel, {}, bar)
+            bar.close()
         finally:
             if self.executor is not None:
                 self.executor.close()
                 self.executor = None
-        bar.close()
         result = self.result()
         self._finish_tracking(result)
         return result

@@ -17,7 +17,8 @@ from cdm_dist.config import MLGDConfig, ZetaConfig
 from cdm_dist.digits import angle_of, base_digits, from_model_space, rotate, target_angles
 from cdm_dist.methods import run_method
 from cdm_dist.mlgd import Chains
-from cdm_dist.problems import CDMProblem, digits_problem
+from cdm_dist.problems import digits_problem
+from cdm_dist.spec import CDMProblem
 
 
 def settings(quick: bool, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfig]:

@@ -10,14 +10,27 @@ import ray
 import torch
 
 from actors.coordinator import RayExecutor
-from cdm_dist.runner import LocalExecutor, run_campaign
+from cdm_dist.callbacks import CampaignCallback
+from cdm_dist.runner import run_campaign
 from cdm_dist.store import CampaignStore
+from cdm_dist.worker import LocalExecutor
+
+
+class OnChunk(CampaignCallback):
+    """A callback calling `function(batch, chunk)` after every chunk."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def on_chunk(self, batch, chunk, progress):
+        self.function(batch, chunk)
 
 
 def _run(config, executor=None, on_chunk=None):
     executor = executor or (LocalExecutor(config) if config.resources.executor == "local" else RayExecutor(config))
+    callbacks = [OnChunk(on_chunk)] if on_chunk else []
     try:
-        return run_campaign(config, executor, CampaignStore.create(config), on_chunk=on_chunk, progress=False)
+        return run_campaign(config, executor, CampaignStore.create(config), callbacks, progress=False)
     finally:
         executor.close()
 
@@ -125,7 +138,7 @@ def test_killing_an_actor_mid_campaign_loses_no_chain(ray_cluster, small_campaig
     restarted = []
 
     def kill_once(batch, chunk):
-        if not restarted and batch.index == 1 and int(chunk.checkpoint["step"]) >= 6:
+        if not restarted and batch.index == 1 and chunk.step >= 6:
             restarted.append(_kill_and_wait(actor)["pid"])
 
     report = _run(config, executor, on_chunk=kill_once)

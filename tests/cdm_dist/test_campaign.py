@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdm_dist.campaign import build_problem, campaign_chains, load_config, micro_batches
+from cdm_dist.campaign import campaign_chains, check_config, load_config, micro_batches
 from cdm_dist.errors import InputError
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
@@ -76,24 +76,29 @@ def test_micro_batches_cover_every_chain_once():
 
 
 def test_a_target_file_replaces_the_benchmark_target(tmp_path):
+    from cdm_dist.worker import ChainWorker
+
     samples = np.linspace(-1, 1, 50)[:, None]
     np.save(tmp_path / "g.npy", samples)
-    problem = build_problem(load_config(None, [f"problem.target_file={tmp_path / 'g.npy'}"]).problem)
-    np.testing.assert_allclose(problem.target.samples.numpy(), samples)
+    worker = ChainWorker(load_config(None, [f"problem.target_file={tmp_path / 'g.npy'}"]), "sampler")
+    np.testing.assert_allclose(worker.problem.target.samples.numpy(), samples)
+    assert worker.problem.metrics is None  # the exact metrics describe the benchmark's own target
     np.save(tmp_path / "g2.npy", np.zeros((50, 2)))
-    with pytest.raises(InputError, match=r"g2\.npy: target samples have dimension 2; problem gmm2d has d_y = 1"):
-        build_problem(load_config(None, [f"problem.target_file={tmp_path / 'g2.npy'}"]).problem)
+    with pytest.raises(InputError, match=r"g2\.npy: target samples have dimension 2; .* gmm2d produces d_y = 1"):
+        ChainWorker(load_config(None, [f"problem.target_file={tmp_path / 'g2.npy'}"]), "sampler")
 
 
 @pytest.mark.parametrize(
     ("items", "message"),
     [
-        (["problem.name=digits"], "problem: .*digits problem has only learned models"),
+        (["problem.name=digits", "problem.models=exact"], r"problem\.args\.models: Input should be 'learned'"),
         (["problem.checkpoints=somewhere"], "checkpoints: only used with models: learned"),
         (["problem.models=learned", "problem.joint_seed=3"], "joint_seed: learned mixture models"),
-        (["problem.models=learned", "problem.fast_steps=0"], "problem.fast_steps"),
+        (["problem.models=learned", "problem.fast_steps=0"], r"problem\.args\.fast_steps: Input should be greater"),
+        (["problem.models=learned", "problem.checkpoints=/nowhere"], "checkpoints: /nowhere is not a folder"),
+        (["problem.digits_target=uniform"], r"problem\.args: unknown \['digits_target'\]; gmm2d takes"),
     ],
 )
-def test_learned_model_settings_are_checked_up_front(items, message):
+def test_built_in_problem_settings_are_checked_up_front(items, message):
     with pytest.raises(InputError, match=message):
-        load_config(None, items)
+        check_config(load_config(None, items))

@@ -1,10 +1,10 @@
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from cdm_dist.bench.gmm import REFERENCE
 from cdm_dist.mixtures import (
     GaussianMixture,
     l2_squared,
@@ -13,8 +13,6 @@ from cdm_dist.mixtures import (
     mixture_icdf_1d_reparam,
 )
 from cdm_dist.problems import joint_2d
-
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "gmm_2d_cond_1d.json"
 
 
 def random_mixture(k=3, d=3, seed=0):
@@ -75,9 +73,9 @@ def test_l2_gmm_reproduces_the_published_value():
     target = conditional_target(cond, x_star, 0.01)
     value = l2_squared(cond.mixture_at(torch.tensor([-4.718685626983643], dtype=torch.float64)), target).item()
     assert value == pytest.approx(0.019227, abs=1e-4)
-    if REFERENCE.is_file():
-        ref = json.loads(REFERENCE.read_text())
-        assert ref["joint"]["means"] == joint.means.tolist()
+    ref = json.loads(REFERENCE.read_text())  # the published benchmark, kept in the project
+    assert ref["joint"]["means"] == joint.means.tolist()
+    assert ref["joint"]["covariance_shared"] == joint.covs[0].tolist()
 
 
 def test_inverse_cdf_solves_the_cdf():

@@ -62,12 +62,13 @@ def test_unknown_problem_is_named():
 
 
 def test_learned_mixture_problem_keeps_the_exact_target_and_metrics(tiny_checkpoints):
-    from cdm_dist.models.learned import FlowSampler, LearnedPrior
+    from cdm_dist.models.adapters import DiffusersPrior
+    from cdm_dist.models.learned import FlowSampler
     from cdm_dist.problems import learned_gmm_problem
 
     exact = gmm_problem("gmm5d")
     learned = learned_gmm_problem("gmm5d", tiny_checkpoints("gmm5d"), fast_steps=3, full_chain_steps=9)
-    assert isinstance(learned.prior, LearnedPrior) and isinstance(learned.fast_sampler, FlowSampler)
+    assert isinstance(learned.prior, DiffusersPrior) and isinstance(learned.fast_sampler, FlowSampler)
     assert (learned.fast_sampler.num_steps, learned.full_sampler.num_steps) == (3, 9)
     assert torch.equal(learned.target.samples, exact.target.samples)
     x = exact.x_star[None]
@@ -80,7 +81,7 @@ def test_learned_problems_reject_the_wrong_checkpoints(tiny_checkpoints, tmp_pat
 
     with pytest.raises(InputError, match="does not hold models for gmm2d"):
         learned_gmm_problem("gmm2d", tiny_checkpoints("gmm5d"))
-    with pytest.raises(InputError, match="does not hold rotated-digits models"):
+    with pytest.raises(InputError, match="does not hold models for digits"):
         digits_problem("uniform", tiny_checkpoints("gmm5d"))
     with pytest.raises(InputError, match="is not a folder"):
         learned_gmm_problem("gmm2d", tmp_path / "nowhere")

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from cdm_dist.runner import LocalExecutor, chunk_end, run_campaign, top_k
+from cdm_dist.execution import chunk_end
+from cdm_dist.report import top_k
+from cdm_dist.runner import run_campaign
 from cdm_dist.store import CampaignStore
 from cdm_dist.tracking import client_for
+from cdm_dist.worker import LocalExecutor
 
 
-def _run(config, store=None, on_chunk=None):
-    return run_campaign(config, LocalExecutor(config), store or CampaignStore.create(config), on_chunk, progress=False)
+def _run(config, store=None):
+    return run_campaign(config, LocalExecutor(config), store or CampaignStore.create(config), progress=False)
 
 
 def test_chunks_end_on_checkpoint_boundaries():
@@ -72,7 +75,7 @@ def test_failed_chains_never_reach_the_top_k(tracked):
 
 
 def test_top_k_orders_by_loss_and_skips_non_finite():
-    from cdm_dist.runner import ChainRow
+    from cdm_dist.report import ChainRow
 
     rows = [
         ChainRow(i, i, "z", loss, failed, {}, "", None)
@@ -91,8 +94,8 @@ def test_resume_after_the_driver_died_redoes_no_finished_chain(small_campaign, m
 
     save_result = CampaignStore.save_result
 
-    def die_after_the_first_result(self, result, chain_ids, history):
-        save_result(self, result, chain_ids, history)
+    def die_after_the_first_result(self, result, history):
+        save_result(self, result, history)
         raise DriverDied
 
     store = CampaignStore.create(config)
@@ -104,7 +107,7 @@ def test_resume_after_the_driver_died_redoes_no_finished_chain(small_campaign, m
     stamp = finished.stat().st_mtime_ns
     parent_id = store.load_tracking()["parent_run_id"]
     # round-robin: the others had run all 12 steps (checkpointed at the end) but were not finished
-    assert [store.load_checkpoint(i)[0]["step"] for i in (1, 2)] == [12, 12]
+    assert [store.load_checkpoint(i)[0].step for i in (1, 2)] == [12, 12]
 
     resumed = _run(config, CampaignStore.open(store.root))
     assert finished.stat().st_mtime_ns == stamp  # micro-batch 0 was not redone
@@ -140,12 +143,13 @@ def test_a_campaign_tracks_to_an_mlflow_server(small_campaign, tmp_path, http_se
 @pytest.mark.parametrize("problem", ["digits", "gmm5d"])
 def test_a_campaign_runs_on_learned_models(small_campaign, tiny_checkpoints, problem):
     folder = tiny_checkpoints(problem)
+    target = {"problem__digits_target": "bimodal"} if problem == "digits" else {}
     config = small_campaign(
         problem__name=problem,
         problem__models="learned",
         problem__checkpoints=str(folder),
         problem__fast_steps=2,
-        problem__digits_target="bimodal",
+        **target,
         tracking__enabled=True,
         chains__count=4,
         method__num_steps=6,
@@ -156,6 +160,6 @@ def test_a_campaign_runs_on_learned_models(small_campaign, tiny_checkpoints, pro
     assert len(report.rows) == 4 and not any(r.failed for r in report.rows)
     assert np.load(report.rows[0].x_path).shape == event
     parent = client_for(config.tracking.uri).get_run(report.campaign_run_id)
-    assert parent.data.params["problem.models"] == "learned"
+    assert parent.data.params["problem.args.models"] == "learned"
     if problem == "gmm5d":  # exact metrics of the true mixture stay available with learned models
         assert all(math.isfinite(r.metrics["l2_gmm"]) for r in report.rows)

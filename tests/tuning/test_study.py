@@ -74,27 +74,31 @@ class _Trial:
 
 
 def test_milestones_are_reported_once_every_micro_batch_passed_them(small_campaign):
+    from cdm_dist.callbacks import CampaignStopped
     from cdm_dist.campaign import micro_batches
-    from cdm_dist.worker import Chunk
+    from cdm_dist.execution import Checkpoint, Chunk
 
     config = small_campaign()  # 12 steps: milestones at 3, 6, 9; 3 micro-batches of 2 chains
     trial = _Trial(prune_at=6)
     reporter = MilestoneReporter(trial, config, 3)
     batches = micro_batches(config)
 
-    def chunk(step, losses):
-        return Chunk({"step": step}, step - 4, torch.tensor(losses, dtype=torch.float64)[:, None].repeat(1, 4))
+    def report(batch, step, losses):
+        state = Checkpoint(step, torch.zeros(2, 1), torch.zeros(2, dtype=torch.bool))
+        chunk = Chunk(state, step - 4, torch.tensor(losses, dtype=torch.float64)[:, None].repeat(1, 4))
+        reporter.on_chunk(batches[batch], chunk, None)
 
-    reporter(batches[0], chunk(4, [1.0, 2.0]))
-    reporter(batches[1], chunk(4, [3.0, 4.0]))
+    report(0, 4, [1.0, 2.0])
+    report(1, 4, [3.0, 4.0])
     assert trial.reports == []  # micro-batch 2 has not reached step 3 yet
-    reporter(batches[2], chunk(4, [5.0, 6.0]))
+    report(2, 4, [5.0, 6.0])
     assert trial.reports == [(3, 3.0)]  # the lower median of the six chains' losses
-    reporter(batches[0], chunk(8, [1.0, 1.0]))
-    reporter(batches[1], chunk(8, [1.0, 1.0]))
-    with pytest.raises(optuna.TrialPruned):
-        reporter(batches[2], chunk(8, [1.0, 1.0]))
+    report(0, 8, [1.0, 1.0])
+    report(1, 8, [1.0, 1.0])
+    with pytest.raises(CampaignStopped, match="pruned at step 6"):
+        report(2, 8, [1.0, 1.0])
     assert trial.reports == [(3, 3.0), (6, 1.0)]
+    assert reporter.steps_run == 6 * 2 * 4
 
 
 @pytest.mark.parametrize("storage", ["journal", "postgresql"])
@@ -205,8 +209,9 @@ def test_multi_objective_study_on_rdb_storage_reports_a_pareto_front(study_confi
 
 def test_parallel_trials_share_one_ray_actor_pool_and_match_in_process_runs(ray_cluster, study_config, monkeypatch):
     import tuning.study as study_module
-    from cdm_dist.runner import LocalExecutor, run_campaign
+    from cdm_dist.runner import run_campaign
     from cdm_dist.store import CampaignStore
+    from cdm_dist.worker import LocalExecutor
 
     made = []
     real = study_module.make_executor
@@ -272,16 +277,17 @@ def test_every_trial_is_scored_on_the_same_heldout_sample_size(study_config):
 
 
 def test_the_auto_prior_fit_limit_is_the_unguided_chains_quantile_and_survives_a_restart(study_config):
-    from cdm_dist.campaign import check_config
     from cdm_dist.config import ZetaConfig
     from cdm_dist.methods import run_method
     from cdm_dist.mlgd import Chains
+    from cdm_dist.registry import resolve_problem
     from tuning.study import PRIOR_FIT_LIMIT, UNGUIDED_CHAINS, UNGUIDED_SEED
 
     config = study_config(chains__count=2)
     result = Tuner(config).run(trials=2, parallel=1)
     unguided = Chains.make(range(UNGUIDED_SEED, UNGUIDED_SEED + UNGUIDED_CHAINS), ZetaConfig(scale=0.0))
-    fits = run_method(check_config(config), "mlgd_f", unguided, config.method.mlgd()).metrics["prior_fit"]
+    problem = resolve_problem(config.problem).build()  # in-process, one batch: a second way to the same numbers
+    fits = run_method(problem, "mlgd_f", unguided, Tuner(config).config.method.mlgd()).metrics["prior_fit"]
     assert result.prior_fit_limit == pytest.approx(float(torch.quantile(fits, 0.95)), rel=1e-12)
     resumed = Tuner(config)
     resumed.study.set_user_attr(PRIOR_FIT_LIMIT, 123.0)  # as if measured when the study started

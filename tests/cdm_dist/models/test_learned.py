@@ -7,13 +7,16 @@ from diffusers import UNet2DModel
 from cdm_dist.diffusion import make_scheduler
 from cdm_dist.errors import InputError
 from cdm_dist.mixtures import GaussianMixture
-from cdm_dist.models.learned import FlowSampler, LearnedPrior, euler_flow, load_prior, load_sampler
+from cdm_dist.models.adapters import DiffusersPrior
+from cdm_dist.models.learned import FlowSampler, euler_flow, load_prior, load_sampler
+from cdm_dist.models.manifest import sha256
 from cdm_dist.models.networks import ConditionalVelocityModel, MLPNoiseModel
 from cdm_dist.priors import GaussianMixturePrior
 
 
 def _manifest(folder, role):
-    (folder / "manifest.json").write_text(json.dumps({"role": role, "weights_sha256": "-"}))
+    weights = sha256(folder / "diffusion_pytorch_model.safetensors")
+    (folder / "manifest.json").write_text(json.dumps({"role": role, "weights_sha256": weights}))
 
 
 def _perturbed(model):
@@ -49,7 +52,7 @@ def test_prior_save_load_gives_identical_noise_predictions(tmp_path, kind):
             norm_num_groups=4,
         )
         x = torch.randn(5, 1, 8, 8)
-    prior = LearnedPrior(_perturbed(model), make_scheduler(num_train_timesteps=1000))
+    prior = DiffusersPrior(_perturbed(model), make_scheduler(num_train_timesteps=1000))
     prior.save(tmp_path)
     _manifest(tmp_path, "prior")
     loaded = load_prior(tmp_path)
@@ -70,6 +73,19 @@ def test_sampler_save_load_gives_identical_samples(tmp_path, x_shape):
     x, eta = torch.randn(3, *x_shape), torch.randn(3, 7, 2)
     expected = FlowSampler(model, 3).sample(x, eta)
     assert torch.equal(load_sampler(tmp_path, 3).sample(x, eta), expected)
+
+
+def test_weights_whose_bytes_differ_from_the_manifest_are_refused(tmp_path):
+    model = _perturbed(MLPNoiseModel(dim=2, width=8, blocks=1))
+    DiffusersPrior(model, make_scheduler(num_train_timesteps=1000)).save(tmp_path)
+    _manifest(tmp_path, "prior")
+    load_prior(tmp_path)  # intact
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight: shapes and header unchanged
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"does not match the sha256 in .*manifest\.json"):
+        load_prior(tmp_path)
 
 
 def test_loading_checks_roles_and_folders(tmp_path):

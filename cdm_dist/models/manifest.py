@@ -1,0 +1,51 @@
+"""A checkpoint folder's manifest.json (how it was made, and the sha256 of its weights, checked on every load)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cdm_dist.errors import InputError
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest.json of a checkpoint folder, with a clear error when the folder is not a checkpoint."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a checkpoint folder (no config.json)")
+    if not path.is_file():
+        raise InputError(f"{folder}: checkpoint has no manifest.json")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return manifest
+
+
+def verify_manifest(folder: Path, weights: Path, field: str) -> None:
+    """Where a manifest.json records the weights' sha256 (the project's own checkpoints), the file must match."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        expected = json.loads(manifest.read_text()).get("weights_sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{field}: {manifest} is not valid JSON ({exc})") from None
+    if expected is None:
+        return
+    if sha256(weights) != expected:
+        raise InputError(f"{field}: {weights} does not match the sha256 in {manifest} (corrupted or replaced)")

@@ -1,0 +1,87 @@
+"""A campaign's outcome: one row per chain, the report `cdm run` prints and writes, and the top-k selection."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ChainRow:
+    """One chain's outcome."""
+
+    chain: int
+    seed: int
+    zeta: str
+    final_loss: float
+    failed: bool
+    metrics: dict[str, float]
+    x_path: str
+    run_id: str | None
+
+
+@dataclass
+class CampaignReport:
+    """What `cdm run` prints and writes."""
+
+    campaign_run_id: str | None
+    experiment: str
+    output_dir: str
+    executor: str
+    rows: list[ChainRow]
+    topk: list[ChainRow]
+    wall_seconds: float
+    chain_steps: int
+
+    def summary(self) -> dict[str, float]:
+        """Counts and losses over the chains (the campaign run's summary metrics)."""
+        ok = [r.final_loss for r in self.rows if not r.failed]
+        return {
+            "chains_total": len(self.rows),
+            "chains_ok": len(ok),
+            "chains_failed": len(self.rows) - len(ok),
+            "best_final_loss": min(ok) if ok else math.inf,
+            "median_final_loss": float(torch.tensor(ok).median()) if ok else math.inf,
+            "wall_seconds": self.wall_seconds,
+            "chain_steps_per_s": self.chain_steps / self.wall_seconds if self.wall_seconds > 0 else 0.0,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        summary = self.summary()
+        return {
+            "campaign_run_id": self.campaign_run_id,
+            "experiment": self.experiment,
+            "chains_total": summary["chains_total"],
+            "chains_ok": summary["chains_ok"],
+            "chains_failed": summary["chains_failed"],
+            "topk": [
+                {"chain": r.chain, "seed": r.seed, "final_loss": r.final_loss, "x_path": r.x_path, "run_id": r.run_id}
+                | ({"metrics": r.metrics} if r.metrics else {})
+                for r in self.topk
+            ],
+            "output_dir": self.output_dir,
+            "executor": self.executor,
+            "wall_seconds": self.wall_seconds,
+            "chain_steps": self.chain_steps,
+            "chain_steps_per_s": self.chain_steps / self.wall_seconds if self.wall_seconds > 0 else None,
+        }
+
+
+def top_k(rows: list[ChainRow], k: int) -> list[ChainRow]:
+    """The k chains with the lowest held-out loss; failed chains never qualify."""
+    return sorted((r for r in rows if not r.failed and math.isfinite(r.final_loss)), key=lambda r: r.final_loss)[:k]
+
+
+def format_topk(rows: list[ChainRow]) -> str:
+    """The top-k table printed by `cdm run`."""
+    metric_names = sorted({k for r in rows for k in r.metrics})
+    header = ["rank", "chain", "seed", "final_loss", *metric_names, "zeta", "x_path"]
+    lines = [header]
+    for rank, r in enumerate(rows, start=1):
+        metrics = [f"{r.metrics[m]:.4g}" for m in metric_names]
+        lines.append([str(rank), str(r.chain), str(r.seed), f"{r.final_loss:.5g}", *metrics, r.zeta, r.x_path])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
