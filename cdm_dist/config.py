@@ -90,6 +90,7 @@ class MLGDConfig(StrictModel):
 
 
 M = TypeVar("M", bound=BaseModel)
+UNION_TAG = "~"  # prefix of the tags of discriminated unions: not fields, so left out of error paths
 
 
 def parse(model: type[M], data: Any, source: str = "config") -> M:
@@ -98,6 +99,6 @@ def parse(model: type[M], data: Any, source: str = "config") -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        field = ".".join(str(p) for p in error["loc"] if not str(p).startswith(UNION_TAG)) or "(top level)"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise InputError(f"{source}: {field}: {error['msg']}{more}") from None

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from cdm_dist.config import NonNegative, StrictModel
+from cdm_dist.config import UNION_TAG, NonNegative, StrictModel
 from cdm_dist.errors import InputError
 from cdm_dist.mlgd import MetricsFn
 from cdm_dist.priors import DiffusionPrior
@@ -29,7 +30,7 @@ from cdm_dist.samplers import ConditionalSampler
 from cdm_dist.targets import Target
 
 PositiveInt = Annotated[int, Field(ge=1)]
-WeightDtype = Literal["float32", "bfloat16", "float16"]
+WeightDtype = Literal["float32", "bfloat16", "float16", "float64"]  # float64: reference models
 FACTORY_FORMAT = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 # Fields of the built-in problems that older configs wrote next to `name`; they are the built-ins' args now.
 LEGACY_PROBLEM_FIELDS = (
@@ -76,6 +77,13 @@ def existing_file(path: str) -> str:
     return file
 
 
+def factory_format(value: str) -> str:
+    """A "package.module:function" reference (checked for form only: importing it is the worker's job)."""
+    if not FACTORY_FORMAT.match(value):
+        raise ValueError(f"{value!r} is not of the form 'package.module:function'")
+    return value
+
+
 class FactorySpec(StrictModel):
     """A user function "package.module:function" called with `args` where the part is built."""
 
@@ -85,9 +93,7 @@ class FactorySpec(StrictModel):
     @field_validator("factory")
     @classmethod
     def _format(cls, value: str) -> str:
-        if not FACTORY_FORMAT.match(value):
-            raise ValueError(f"{value!r} is not of the form 'package.module:function'")
-        return value
+        return factory_format(value)
 
 
 class ConditioningSpec(StrictModel):
@@ -223,9 +229,30 @@ class CDMProblem:
         return self.fast_sampler
 
 
-PriorSpec = DiffusersPriorSpec | FactorySpec
-SamplerSpec = FlowSamplerSpec | FactorySpec
-TargetSpec = TargetFileSpec | FactorySpec
+def _by_key(*keys: str) -> Callable[[Any], str | None]:
+    """Pick a union member by the key the mapping has (a callable discriminator: errors name the right member)."""
+
+    def pick(data: Any) -> str | None:
+        fields = data if isinstance(data, dict) else vars(data) if hasattr(data, "__dict__") else {}
+        return next((f"{UNION_TAG}{key}" for key in keys if key in fields), None)
+
+    return pick
+
+
+def _either(loader: type, key: str, expected: str) -> Any:
+    return Annotated[
+        Annotated[loader, Tag(f"{UNION_TAG}{key}")] | Annotated[FactorySpec, Tag(f"{UNION_TAG}factory")],
+        Discriminator(
+            _by_key(key, "factory"),
+            custom_error_type="spec_kind",
+            custom_error_message=f"expected {expected} or {{factory: 'package.module:function', args: {{...}}}}",
+        ),
+    ]
+
+
+PriorSpec = _either(DiffusersPriorSpec, "diffusers", "{diffusers: FOLDER, ...}")
+SamplerSpec = _either(FlowSamplerSpec, "flow", "{flow: FOLDER, steps: N}")
+TargetSpec = _either(TargetFileSpec, "file", "{file: PATH}")
 PARTS = ("prior", "sampler", "full_sampler", "target", "metrics")
 
 
@@ -262,7 +289,7 @@ class ProblemConfig(StrictModel):
     @field_validator("factory")
     @classmethod
     def _factory_format(cls, value: str | None) -> str | None:
-        return None if value is None else FactorySpec(factory=value).factory
+        return None if value is None else factory_format(value)
 
     @field_validator("target_file")
     @classmethod

@@ -163,3 +163,79 @@ def postgres_server():
     yield database
     subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+PLUGIN_SOURCE = '''
+"""A user's problem package, as tests write it: every factory logs "<part> <pid>" to LOG."""
+import os
+from pathlib import Path
+
+from cdm_dist.problems import gmm_fast_sampler, gmm_metrics, gmm_prior, gmm_problem, gmm_target
+
+LOG = Path({log!r})
+
+
+def _log(part):
+    with LOG.open("a") as handle:
+        handle.write(f"{{part}} {{os.getpid()}}\\n")
+
+
+def prior(name="gmm2d"):
+    _log("prior")
+    return gmm_prior(name)
+
+
+def sampler(name="gmm2d"):
+    _log("sampler")
+    return gmm_fast_sampler(name)
+
+
+def target(name="gmm2d", target_size: int = 1000):
+    _log("target")
+    return gmm_target(name, target_size=target_size)
+
+
+def metrics(name="gmm2d"):
+    _log("metrics")
+    return gmm_metrics(name)
+
+
+def whole(name="gmm2d"):
+    _log("whole")
+    return gmm_problem(name)
+
+
+def recipe(name="gmm2d"):
+    """A registered problem that returns parts."""
+    here = __name__
+    return {{part: {{"factory": f"{{here}}:{{part}}", "args": {{"name": name}}}}
+            for part in ("prior", "sampler", "target", "metrics")}}
+
+
+def boom(name="gmm2d"):
+    raise RuntimeError("the user's model failed to load")
+
+
+def not_a_sampler():
+    return 42
+'''
+
+
+@pytest.fixture
+def user_plugin(tmp_path):
+    """A user package (one module) in its own folder, not on sys.path: (folder, module name, log of constructions).
+    `parts(log)` counts the constructions per part."""
+    import uuid
+    from types import SimpleNamespace
+
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    name = f"cdm_user_plugin_{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "constructions.log"
+    (folder / f"{name}.py").write_text(PLUGIN_SOURCE.format(log=str(log)))
+
+    def built():
+        lines = log.read_text().split() if log.is_file() else []
+        return [(part, int(pid)) for part, pid in zip(lines[::2], lines[1::2], strict=True)]
+
+    return SimpleNamespace(folder=folder, module=name, log=log, built=built)

@@ -27,7 +27,12 @@ from cdm_dist.priors import DiffusionPrior
 from cdm_dist.samplers import ConditionalSampler
 from cdm_dist.spec import DiffusersPriorSpec
 
-WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -37,8 +42,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def project_model_classes() -> dict[str, type]:
     """The project's own diffusers-style models, loadable by their config's _class_name."""
     from cdm_dist.models.networks import ConditionalVelocityModel, MLPNoiseModel
+    from cdm_dist.models.tiny import GaussianNoiseModel
 
-    return {"MLPNoiseModel": MLPNoiseModel, "ConditionalVelocityModel": ConditionalVelocityModel}
+    return {cls.__name__: cls for cls in (MLPNoiseModel, ConditionalVelocityModel, GaussianNoiseModel)}
 
 
 def model_class(name: str, field: str) -> type:
@@ -113,7 +119,7 @@ def load_scheduler(folder: Path, field: str) -> DDPMScheduler | DDIMScheduler:
 
 def infer_event_shape(config: dict[str, Any], class_name: str, field: str) -> tuple[int, ...]:
     """x's shape from a model config: (dim,) for vector models, (C, L) for 1-D UNets, (C, H, W) for images."""
-    if "dim" in config:
+    if config.get("dim") is not None:
         return (int(config["dim"]),)
     if "in_channels" in config and "sample_size" in config:
         size = config["sample_size"]
