@@ -149,8 +149,9 @@ def test_bad_specs_are_one_line_naming_the_field(small_campaign, user_plugin, mo
         ("target", "not_a_sampler", r"problem\.target: the factory returned int, not a Target"),
     ],
 )
-def test_factories_that_raise_or_return_the_wrong_type_are_named(small_campaign, user_plugin, monkeypatch, part, factory,
-                                                                 message):  # fmt: skip
+def test_factories_that_raise_or_return_the_wrong_type_are_named(
+    small_campaign, user_plugin, monkeypatch, part, factory, message
+):
     monkeypatch.syspath_prepend(str(user_plugin.folder))
     config = _campaign(
         small_campaign, _parts(user_plugin.module, **{part: {"factory": f"{user_plugin.module}:{factory}"}})

@@ -184,7 +184,7 @@ def test_a_folder_without_a_model_or_scheduler_config_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"empty/config\.json is missing: not a diffusers folder"):
         DiffusersPriorSpec(diffusers=str(tmp_path / "empty"))
     GaussianNoiseModel(dim=2).save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match="no scheduler_config.json"):
+    with pytest.raises(ValueError, match=r"no scheduler_config\.json"):
         DiffusersPriorSpec(diffusers=str(tmp_path / "model"))
 
 
