@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.workers import RemoteWorker
-from cdm_dist.campaign import CampaignConfig
+from cdm_dist.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.errors import InputError
 from cdm_dist.execution import Job, Sink, chunk_end, step_of
 from cdm_dist.schedules import guided_mask
@@ -34,15 +35,29 @@ from cdm_dist.worker import check_shapes
 PLACEMENT_TIMEOUT_S = 120.0
 
 
-def connect(address: str | None = None, **init_kwargs: Any) -> None:
-    """Join `address` (or RAY_ADDRESS), or start a fresh local Ray; nothing to do when already connected."""
+def connect(address: str | None = None, runtime_env: RuntimeEnvConfig | None = None, **init_kwargs: Any) -> bool:
+    """Join `address` (or RAY_ADDRESS), or start a fresh local Ray, with the campaign's runtime_env as the job's (Ray
+    uploads local working_dir / py_modules then, and every actor inherits them). Returns whether the runtime_env
+    still has to go on each actor: when Ray was already running in this process (remote URIs and settings only)."""
     if ray.is_initialized():
-        return
+        if runtime_env is not None and runtime_env.local_paths():
+            raise InputError(
+                f"resources.runtime_env: {runtime_env.local_paths()} are local paths, which Ray uploads only when "
+                "cdm starts or joins Ray itself (ray.init), but Ray was already running in this process; use a "
+                "remote URI (e.g. gcs://, s3://, https://...zip) or let cdm connect"
+            )
+        return runtime_env is not None
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None:  # "local": a new cluster, never a stale one recorded by an earlier `ray start`
         address = "local"
         init_kwargs.setdefault("include_dashboard", False)
-    ray.init(address=address, log_to_driver=True, **init_kwargs)
+    if runtime_env is not None:
+        init_kwargs["runtime_env"] = runtime_env.ray_dict()
+    try:
+        ray.init(address=address, log_to_driver=True, **init_kwargs)
+    except ray.exceptions.RuntimeEnvSetupError as exc:
+        raise InputError(f"resources.runtime_env: Ray could not set it up ({_last_line(exc)})") from None
+    return False
 
 
 @dataclass
@@ -86,7 +101,7 @@ class RayExecutor:
         self.resources = config.resources
         self.split = config.resources.placement == "split"
         self.name = config.resources.executor_name
-        connect(address)
+        self.per_actor_env = connect(address, config.resources.runtime_env)
         self._check_capacity()
         self.replicas: list[Replica] = []
         try:
@@ -131,7 +146,7 @@ class RayExecutor:
                 f"resources: no node can hold replica {index} ({len(roles)} x {self._bundle()}) within "
                 f"{PLACEMENT_TIMEOUT_S:.0f} s"
             ) from None
-        runtime_env = self.resources.runtime_env.ray_dict() if self.resources.runtime_env else None
+        runtime_env = self.resources.runtime_env.ray_dict() if self.per_actor_env else None
         actors = [
             RemoteWorker.options(
                 num_cpus=self.resources.num_cpus,
@@ -150,11 +165,9 @@ class RayExecutor:
         try:
             infos = self.actor_info()
         except ray.exceptions.RuntimeEnvSetupError as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"resources.runtime_env: Ray could not set it up ({first})") from None
+            raise InputError(f"resources.runtime_env: Ray could not set it up ({_last_line(exc)})") from None
         except ray.exceptions.RayActorError as exc:
-            message = getattr(exc, "error_msg", str(exc)).strip().splitlines()
-            raise RuntimeError(f"an actor died while loading its models: {message[-1] if message else exc}") from None
+            raise RuntimeError(f"an actor died while loading its models: {_last_line(exc)}") from None
         errors = [i["init_error"] for i in infos if i.get("init_error")]
         if errors:
             raise InputError(errors[0])
@@ -290,3 +303,9 @@ class RayExecutor:
 def _guided_steps(num_steps: int, start: float, stop: float) -> tuple[bool, ...]:
     """Which steps of a method get guidance (cached: the same few methods are asked about every step)."""
     return tuple(guided_mask(num_steps, start, stop).tolist())
+
+
+def _last_line(error: Exception) -> str:
+    """The last line of a Ray error's message (where the cause is), without colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", getattr(error, "error_msg", None) or str(error)).strip()
+    return text.splitlines()[-1] if text else type(error).__name__

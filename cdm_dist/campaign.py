@@ -132,10 +132,16 @@ class RuntimeEnvConfig(StrictModel):
         """As Ray takes it (unset keys left out)."""
         return self.model_dump(exclude_none=True)
 
+    def local_paths(self) -> list[str]:
+        """The working_dir and py_modules that are local paths (Ray uploads those only at ray.init)."""
+        paths = [self.working_dir, *(self.py_modules or [])]
+        return [p for p in paths if p is not None and "://" not in p]
+
     @property
     def ships_code(self) -> bool:
         """Whether user code may reach the actors through it (then the driver cannot import it itself)."""
-        return any(self.ray_dict().get(k) for k in CODE_SHIPPING_KEYS)
+        env = self.ray_dict()
+        return any(env.get(k) for k in CODE_SHIPPING_KEYS) or "PYTHONPATH" in (self.env_vars or {})
 
 
 class ResourcesConfig(StrictModel):

@@ -44,10 +44,6 @@ class Target:
     def dim(self) -> int:
         return self.samples.shape[1]
 
-    @property
-    def size(self) -> int:
-        return self.samples.shape[0]
-
     def heldout(self, n: int, seed: int) -> torch.Tensor:
         """n fresh samples from G when a sampler exists, else the whole sample set (m, d_y)."""
         if self.sampler is None:

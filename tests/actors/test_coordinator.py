@@ -1,8 +1,5 @@
 """The Ray executors against the in-process one: same chains, same numbers; pinning; faults."""
 
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
@@ -181,38 +178,3 @@ def test_a_micro_batch_that_keeps_failing_fails_only_its_chains(ray_cluster, sma
     assert all(r.chain not in (4, 5) for r in report.topk)
     for got, want in zip(report.rows[:4], local_reference.rows[:4], strict=True):
         assert got.final_loss == pytest.approx(want.final_loss, abs=1e-5)
-
-
-def test_a_two_node_cluster_keeps_each_pair_on_one_node(tmp_path):
-    """A simulated two-node cluster (ray.cluster_utils.Cluster) in its own process: two split replicas."""
-    script = textwrap.dedent(
-        f"""
-        import json, ray
-        from ray.cluster_utils import Cluster
-        from cdm_dist.campaign import load_config
-        from actors.coordinator import RayExecutor
-        from cdm_dist.runner import run_campaign
-        from cdm_dist.store import CampaignStore
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
-        cluster.add_node(num_cpus=2)
-        ray.init(address=cluster.address, log_to_driver=False)
-        cluster.wait_for_nodes()
-        config = load_config(None, {_SMALL!r} + ["output={tmp_path}", "resources.placement=split",
-                                                 "resources.replicas=2", "resources.num_cpus=1"])
-        executor = RayExecutor(config)
-        info = executor.actor_info()
-        report = run_campaign(config, executor, CampaignStore.create(config), progress=False)
-        executor.close()
-        print("RESULT", json.dumps({{"info": info, "losses": [r.final_loss for r in report.rows]}}))
-        ray.shutdown()
-        cluster.shutdown()
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
-
-    result = json.loads(out.stdout.split("RESULT", 1)[1])
-    nodes = [i["node_id"] for i in result["info"]]  # replica 0: prior, sampler; replica 1: prior, sampler
-    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]
-    assert len(result["losses"]) == 6 and all(v < float("inf") for v in result["losses"])

@@ -62,9 +62,12 @@ def ray_head(tmp_path, auth_env, free_port):
             current.unlink()
 
 
-def test_a_campaign_submitted_as_a_ray_job_succeeds_and_is_tracked(ray_head, auth_env, tmp_path):
+def test_a_users_problem_submitted_as_a_ray_job_succeeds_and_is_tracked(ray_head, auth_env, tmp_path, user_plugin):
+    """The user's problem package reaches the job's actors only through resources.runtime_env.working_dir."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parts = ", ".join(f"{p}: {{factory: '{user_plugin.module}:{p}'}}" for p in ("prior", "sampler", "target", "metrics"))
     overrides = [
+        f"problem={{{parts}}}", f"resources.runtime_env={{working_dir: '{user_plugin.folder}'}}",
         "method.num_steps=10", "method.n_c=16", "method.target_batch=16", "chains.count=4",
         "resources.placement=split", "resources.micro_batch=2", "resources.num_cpus=1",
         f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path / 'art'}", "tracking.experiment=job",
@@ -94,6 +97,7 @@ def test_a_campaign_submitted_as_a_ray_job_succeeds_and_is_tracked(ray_head, aut
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.data.tags["status"] for c in children) == ["ok"] * 4
     assert all("final_loss" in c.data.metrics for c in children)
+    assert sorted(part for part, _ in user_plugin.built()) == ["metrics", "prior", "sampler", "target"]
 
 
 def test_the_entrypoint_refuses_to_run_outside_a_cluster(monkeypatch):
