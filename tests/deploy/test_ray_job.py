@@ -65,7 +65,8 @@ def ray_head(tmp_path, auth_env, free_port):
 def test_a_users_problem_submitted_as_a_ray_job_succeeds_and_is_tracked(ray_head, auth_env, tmp_path, user_plugin):
     """The user's problem package reaches the job's actors only through resources.runtime_env.working_dir."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    parts = ", ".join(f"{p}: {{factory: '{user_plugin.module}:{p}'}}" for p in ("prior", "sampler", "target", "metrics"))
+    roles = ("prior", "sampler", "target", "metrics")
+    parts = ", ".join(f"{p}: {{factory: '{user_plugin.module}:{p}'}}" for p in roles)
     overrides = [
         f"problem={{{parts}}}", f"resources.runtime_env={{working_dir: '{user_plugin.folder}'}}",
         "method.num_steps=10", "method.n_c=16", "method.target_batch=16", "chains.count=4",
