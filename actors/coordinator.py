@@ -18,6 +18,7 @@ import functools
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,11 +108,11 @@ class RayExecutor:
         try:
             for r in range(self.resources.replicas):
                 self.replicas.append(self._start_replica(r))
-            self.infos = self._ready()
+            self.worker_infos = self._ready()
         except BaseException:
             self.close()
             raise
-        self.event_shape = tuple(next(i["event_shape"] for i in self.infos if i["event_shape"] is not None))
+        self.event_shape = tuple(next(i["event_shape"] for i in self.worker_infos if i["event_shape"] is not None))
         self.busy_fraction: dict[str, float] = {}
         self.wall_seconds = 0.0
 
@@ -180,6 +181,19 @@ class RayExecutor:
     def actor_info(self) -> list[dict[str, Any]]:
         """Per actor: role, pid, device, node id, pinned GPU ids and what it built (blocks until they are up)."""
         return ray.get([a.info.remote() for r in self.replicas for a in r.actors])
+
+    def caller(self, role: str) -> Callable[..., Any]:
+        """call(method, *args) on replica 0's actor that plays `role` ('prior' or 'sampler'; one actor when
+        colocated), waiting for the result."""
+        replica = self.replicas[0]
+        actor = replica.prior if role == "prior" else replica.sampler
+        return lambda method, *args: ray.get(getattr(actor, method).remote(*args))
+
+    def infos(self) -> list[dict[str, Any]]:
+        """What each actor built, with its peak memory."""
+        actors = [a for r in self.replicas for a in r.actors]
+        return [info | memory for info, memory in zip(self.actor_info(), ray.get([a.memory.remote() for a in actors]),
+                                                      strict=True)]  # fmt: skip
 
     def close(self) -> None:
         for replica in self.replicas:

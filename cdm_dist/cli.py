@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description="Conditional distribution matching (MLGD-F) at scale.")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    check = commands.add_parser("check", help="preflight: build the models as the campaign will, take one step")
+    check.add_argument("config", help="campaign YAML")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--executor", choices=["local", "ray_colocated", "ray_split"], help="override resources")
+    check.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    check.add_argument("--json", help="write the report here")
+
     run = commands.add_parser("run", help="a design campaign: many MLGD-F chains, tracked in MLflow")
     run.add_argument("config", nargs="?", help="campaign YAML (see examples/); default: the built-in defaults")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -148,6 +155,20 @@ def _check_bench(args: argparse.Namespace) -> None:
         unknown = [t for t in args.targets.split(",") if t not in TARGETS]
         if unknown:
             raise InputError(f"--targets: unknown {unknown}; expected some of {list(TARGETS)}")
+
+
+def _check(args: argparse.Namespace) -> int:
+    """`cdm check`: resolve the spec as the campaign's workers will, take one guided step, report per role."""
+    from cdm_dist.campaign import load_config
+    from cdm_dist.preflight import check_campaign, format_check
+    from cdm_dist.runner import write_json
+
+    config = load_config(args.config, args.overrides, args.executor)
+    report = check_campaign(config, args.address)
+    print(format_check(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -317,6 +338,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "check":
+            return _check(args)
         if args.command == "run":
             return _run(args)
         if args.command == "tune":

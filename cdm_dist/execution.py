@@ -7,8 +7,9 @@ executor ran it. Choosing one is cdm_dist.launch's job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -67,6 +68,8 @@ class Executor(Protocol):
     name: str
 
     def execute(self, jobs: list[Job], sink: Sink) -> None: ...
+    def caller(self, role: str) -> Callable[..., Any]: ...  # call(method, *args) on a worker playing `role`
+    def infos(self) -> list[dict[str, Any]]: ...  # what each worker built, and its peak memory
     def close(self) -> None: ...
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,6 +49,86 @@ def module_stats(obj: Any) -> dict[str, Any]:
     }
 
 
+class ProbeMixin:
+    """One guided step taken stage by stage, timed and checked (for `cdm check`); mixed into ChainWorker."""
+
+    def probe_denoise(self, batch: MicroBatch, checkpoint: Checkpoint) -> dict[str, Any]:
+        """Prior: x̂0 at the checkpoint's step, with ε̂ and x̂0 checked finite."""
+        torch_sync(self.device)
+        tic = time.perf_counter()
+        x0, radius = self.denoise(batch, checkpoint)
+        torch_sync(self.device)
+        seconds = time.perf_counter() - tic
+        eps = self._pending[batch.key][1].eps
+        return {
+            "x0": x0,
+            "radius": radius,
+            "seconds": seconds,
+            "eps_finite": bool(torch.isfinite(eps).all()),
+            "x0_finite": bool(torch.isfinite(x0).all()),
+            "eps_abs_max": float(eps.abs().max()),
+            "x0_abs_max": float(x0.abs().max()),
+        }
+
+    def probe_matching_grad(self, batch: MicroBatch, step: int, x0: torch.Tensor, radius: float) -> dict[str, Any]:
+        """Sampler: y at x̂0 (shape and finiteness), then the matching loss and dL/dx̂0, timed."""
+        side = self._sampler_side(batch)
+        shape = tuple(x0.shape[1:])
+        eta = torch.randn(x0.shape[0], side.config.n_c, *side.sampler.noise_shape, dtype=side.dtype)
+        try:
+            with torch.no_grad():
+                y = side.sampler.sample(x0.to(self.device, side.dtype), eta.to(self.device))
+        except Exception as exc:
+            raise InputError(
+                f"problem.sampler: cannot take x of shape {list(shape)} from the prior ({type(exc).__name__}: {exc})"
+            ) from None
+        expected = (x0.shape[0], side.config.n_c, side.sampler.y_dim)
+        if tuple(y.shape) != expected:
+            raise InputError(
+                f"problem.sampler: sample(x, eta) gave y of shape {list(y.shape)}; the contract is (B, n_c, y_dim) = "
+                f"{list(expected)}"
+            )
+        torch_sync(self.device)
+        tic = time.perf_counter()
+        loss, grad = self.matching_grad(batch, step, (x0, radius))
+        torch_sync(self.device)
+        return {
+            "seconds": time.perf_counter() - tic,
+            "y_shape": list(y.shape),
+            "y_finite": bool(torch.isfinite(y).all()),
+            "loss": loss.tolist(),
+            "grad_x0": grad,
+        }
+
+    def probe_advance(self, batch: MicroBatch, loss: torch.Tensor, grad: torch.Tensor) -> dict[str, Any]:
+        """Prior: the VJP through Tweedie and the reverse step, timed; dL/dx_t per chain."""
+        state, denoised = self._pending.pop(batch.key)
+        side = self._prior_side(batch)
+        torch_sync(self.device)
+        tic = time.perf_counter()
+        after = side.advance(state, denoised, loss, grad)
+        torch_sync(self.device)
+        return {
+            "seconds": time.perf_counter() - tic,
+            "grad_x_norm": after.grad_norm.cpu().tolist(),
+            "x_finite": bool(torch.isfinite(after.x).all()) and not bool(after.failed.any()),
+        }
+
+    def memory(self) -> dict[str, Any]:
+        """Peak memory of this worker: CUDA's peak allocation on a GPU, else the process's peak resident size."""
+        if self.device.type == "cuda":
+            return {"peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / 2**20, "memory": "cuda_peak"}
+        import resource
+
+        return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "cpu_max_rss"}
+
+
+def torch_sync(device: torch.device) -> None:
+    """Wait for the device (CUDA work is asynchronous), so timings cover the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def check_shapes(event_shape: tuple[int, ...], sampler_x_shape: tuple[int, ...] | None, spec: Any) -> None:
     """The prior's x chains into the sampler (when the sampler declares the x it takes)."""
     if sampler_x_shape is not None and tuple(sampler_x_shape) != tuple(event_shape):
@@ -57,7 +138,7 @@ def check_shapes(event_shape: tuple[int, ...], sampler_x_shape: tuple[int, ...] 
         )
 
 
-class ChainWorker:
+class ChainWorker(ProbeMixin):
     """Builds its role's parts of the campaign's problem and runs micro-batches (or their halves)."""
 
     def __init__(self, config: CampaignConfig, role: str = "both", device: str | None = None) -> None:
@@ -279,6 +360,14 @@ class LocalExecutor:
                 chunk = self.worker.run(job.batch, job.checkpoint, chunk_end(step, self.every, num_steps))
                 sink.on_chunk(job.batch, chunk)
                 job.checkpoint = chunk.checkpoint
+
+    def caller(self, role: str) -> Callable[..., Any]:
+        """call(method, *args) on the worker that plays `role` (in-process: the one worker)."""
+        return lambda method, *args: getattr(self.worker, method)(*args)
+
+    def infos(self) -> list[dict[str, Any]]:
+        """What each worker built (one here)."""
+        return [self.worker.info() | self.worker.memory()]
 
     def close(self) -> None:
         """Nothing to release in-process."""
