@@ -93,12 +93,20 @@ M = TypeVar("M", bound=BaseModel)
 UNION_TAG = "~"  # prefix of the tags of discriminated unions: not fields, so left out of error paths
 
 
+def is_field(part: str | int) -> bool:
+    """Whether a part of a pydantic error location is a field name or list index, not a union member's label
+    (e.g. "~diffusers", "literal['auto','off']", "constrained-float")."""
+    return isinstance(part, int) or (
+        not part.startswith(UNION_TAG) and part.isidentifier() and part not in ("float", "int", "str", "bool")
+    )
+
+
 def parse(model: type[M], data: Any, source: str = "config") -> M:
     """Validate data into a config, turning the first error into one InputError naming the field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"] if not str(p).startswith(UNION_TAG)) or "(top level)"
+        field = ".".join(str(p) for p in error["loc"] if is_field(p)) or "(top level)"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise InputError(f"{source}: {field}: {error['msg']}{more}") from None

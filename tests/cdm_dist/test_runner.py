@@ -163,3 +163,31 @@ def test_a_campaign_runs_on_learned_models(small_campaign, tiny_checkpoints, pro
     assert parent.data.params["problem.args.models"] == "learned"
     if problem == "gmm5d":  # exact metrics of the true mixture stay available with learned models
         assert all(math.isfinite(r.metrics["l2_gmm"]) for r in report.rows)
+
+
+def test_a_latent_campaign_saves_the_latent_and_its_decoded_image(small_campaign, tmp_path):
+    from PIL import Image
+
+    from cdm_dist.models.tiny import save_tiny_latent_pipeline
+    from cdm_dist.spec import ProblemConfig
+
+    folder = save_tiny_latent_pipeline(tmp_path / "latent")
+    problem = ProblemConfig.model_validate(
+        {
+            "prior": {"diffusers": str(folder), "subfolder": "unet", "vae_subfolder": "vae", "dtype": "bfloat16",
+                      "conditioning": {"file": str(folder / "conditioning.safetensors")}},
+            "sampler": {"factory": "cdm_dist.models.tiny:image_feature_sampler"},
+            "target": {"factory": "cdm_dist.models.tiny:gaussian_target"},
+        }
+    )  # fmt: skip
+    config = small_campaign(tracking__enabled=True, chains__count=2, method__num_steps=4, method__refine_steps=0)
+    config = config.model_copy(update={"problem": problem})
+    report = _run(config)
+    client = client_for(config.tracking.uri)
+    for row in report.rows:
+        assert not row.failed and np.load(row.x_path).shape == (4, 8, 8)  # x* is the latent
+        image = Image.open(row.x_path.replace(".npy", "_image.png"))
+        assert image.size == (128, 128) and image.mode == "RGB"  # the decoded 16x16 image, shown 8x
+        artifacts = sorted(a.path for a in client.list_artifacts(row.run_id))
+        chain = f"chain{row.chain:05d}"
+        assert artifacts == [f"{chain}.npy", f"{chain}.png", f"{chain}_image.png"]

@@ -317,3 +317,16 @@ def test_trials_over_the_prior_fit_limit_cannot_be_best(study_config):
     assert result.best_value is None and result.best_params == {}
     unconstrained = Tuner(limited("off", "no-limit")).run(trials=3, parallel=1)
     assert unconstrained.infeasible == 0 and unconstrained.best_params != {}
+
+
+def test_a_study_tunes_a_users_parts_spec(study_config, user_plugin, monkeypatch):
+    from cdm_dist.spec import ProblemConfig
+
+    monkeypatch.syspath_prepend(str(user_plugin.folder))
+    parts = {p: {"factory": f"{user_plugin.module}:{p}"} for p in ("prior", "sampler", "target", "metrics")}
+    config = study_config(chains__count=2, tune__prior_fit_limit="'off'")
+    config = config.model_copy(update={"problem": ProblemConfig.model_validate(parts)})
+    result = Tuner(config).run(trials=3, parallel=2)
+    assert result.complete + result.pruned == 3 and result.failed == 0
+    built = [part for part, _ in user_plugin.built()]
+    assert sorted(built) == ["metrics", "prior", "sampler", "target"]  # one worker for every trial: built once
