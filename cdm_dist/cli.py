@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--targets", default="uniform,bimodal,unimodal")
     digits.add_argument("--checkpoints", help="folder with prior/ and sampler/ (default: the shipped digits models)")
 
+    models = benches.add_parser("models", help="adapter overhead, split actors' memory, decoder checkpointing")
+    models.add_argument("--json", help="output JSON path (a .md table is written beside it)")
+    models.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+    models.add_argument("--device", type=_device, default="cpu")
+
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     _bench_arguments(batching, chains=256)
 
@@ -127,6 +132,8 @@ def _bench_arguments(parser: argparse.ArgumentParser, chains: int) -> None:
 def _check_bench(args: argparse.Namespace) -> None:
     from cdm_dist.methods import METHODS
 
+    if args.bench == "models":
+        return
     if args.bench == "tune":
         if args.trials < 1 or args.parallel < 1:
             raise InputError(f"--trials and --parallel: must be >= 1, got {args.trials} and {args.parallel}")
@@ -376,6 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from tuning.bench import bench_tune
 
                 bench_tune(args.json, args.trials, args.parallel, args.quick, tuple(args.problems.split(",")))
+            elif args.bench == "models":
+                from cdm_dist.bench.models import bench_models
+
+                bench_models(args.json, args.quick, args.device)
             elif args.bench == "ray":
                 from actors.bench import bench_ray
 

@@ -24,9 +24,9 @@ from cdm_dist.schedules import guided_mask
 CHAINS = 2
 
 
-def probe_batch(config: CampaignConfig) -> tuple[MicroBatch, int]:
-    """The campaign's first two chains as a micro-batch, and the index of its first guided step."""
-    chains = campaign_chains(config)[:CHAINS]
+def probe_batch(config: CampaignConfig, count: int = CHAINS) -> tuple[MicroBatch, int]:
+    """The campaign's first `count` chains as a micro-batch, and the index of its first guided step."""
+    chains = campaign_chains(config)[:count]
     method = config.method
     first = int(torch.nonzero(guided_mask(method.num_steps, method.guidance_start, method.guidance_stop))[0])
     return MicroBatch(0, 0, chains, method, f"{config.name}-check"), first

@@ -115,12 +115,18 @@ class ProbeMixin:
         }
 
     def memory(self) -> dict[str, Any]:
-        """Peak memory of this worker: CUDA's peak allocation on a GPU, else the process's peak resident size."""
-        if self.device.type == "cuda":
-            return {"peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / 2**20, "memory": "cuda_peak"}
+        """Peak memory of this worker (CUDA's peak allocation on a GPU, else the process's peak resident size), and
+        its resident size now."""
         import resource
 
-        return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "cpu_max_rss"}
+        import psutil
+
+        rss = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return rss | {"peak_memory_mb": peak, "memory": "cuda_peak"}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return rss | {"peak_memory_mb": peak, "memory": "cpu_max_rss"}
 
 
 def torch_sync(device: torch.device) -> None:
@@ -186,7 +192,8 @@ class ChainWorker(ProbeMixin):
         if self.has_prior:
             parts["prior"] = module_stats(self.problem.prior)
         if self.has_sampler:
-            parts["sampler"] = module_stats(self.problem.sampler(self.config.method.name))
+            sampler = self.problem.sampler(self.config.method.name)
+            parts["sampler"] = module_stats(getattr(sampler, "inner", sampler))  # the decoder counts apart
             if self.problem.decoder is not None:
                 parts["decoder"] = module_stats(self.problem.decoder)
         return {

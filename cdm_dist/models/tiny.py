@@ -28,9 +28,11 @@ SDXL_TEXT_EMBEDS = 12  # pooled text embedding width of the SDXL-style variant
 SDXL_TIME_EMBED = 4  # addition_time_embed_dim (6 time ids)
 
 
-def tiny_unet(sdxl: bool = False, seed: int = 0) -> UNet2DConditionModel:
-    """A 2-block UNet2DConditionModel over 4 x 8 x 8 latents with cross-attention (SDXL's added conditions when
-    sdxl)."""
+def tiny_unet(
+    sdxl: bool = False, seed: int = 0, latent_size: int = 8, channels: tuple[int, int] = (16, 32)
+) -> UNet2DConditionModel:
+    """A 2-block UNet2DConditionModel over 4 x latent_size x latent_size latents with cross-attention (SDXL's added
+    conditions when sdxl)."""
     torch.manual_seed(seed)
     extra = {}
     if sdxl:
@@ -40,11 +42,11 @@ def tiny_unet(sdxl: bool = False, seed: int = 0) -> UNet2DConditionModel:
             "projection_class_embeddings_input_dim": SDXL_TEXT_EMBEDS + 6 * SDXL_TIME_EMBED,
         }
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(16, 32),
+        block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_WIDTH,
@@ -54,19 +56,21 @@ def tiny_unet(sdxl: bool = False, seed: int = 0) -> UNet2DConditionModel:
     )
 
 
-def tiny_vae(latent_channels: int = 4, seed: int = 0) -> AutoencoderKL:
-    """A 2-block AutoencoderKL: 3 x 16 x 16 images <-> latent_channels x 8 x 8 latents."""
+def tiny_vae(
+    latent_channels: int = 4, seed: int = 0, image_size: int = 16, channels: tuple[int, int] = (8, 16)
+) -> AutoencoderKL:
+    """A 2-block AutoencoderKL: 3 x image_size² images <-> latent_channels x (image_size / 2)² latents."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         norm_num_groups=4,
-        sample_size=16,
+        sample_size=image_size,
     )
 
 
@@ -85,12 +89,19 @@ def tiny_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
 
 
 def save_tiny_latent_pipeline(
-    folder: str | Path, prediction_type: str = "v_prediction", sdxl: bool = False, seed: int = 0
+    folder: str | Path,
+    prediction_type: str = "v_prediction",
+    sdxl: bool = False,
+    seed: int = 0,
+    latent_size: int = 8,
+    unet_channels: tuple[int, int] = (16, 32),
+    vae_channels: tuple[int, int] = (8, 16),
 ) -> Path:
-    """Write unet/, vae/, scheduler/ (save_pretrained) and conditioning.safetensors + negative.safetensors."""
+    """Write unet/, vae/, scheduler/ (save_pretrained) and conditioning.safetensors + negative.safetensors; images
+    are 3 x (2 latent_size)²."""
     folder = Path(folder)
-    tiny_unet(sdxl, seed).save_pretrained(folder / "unet")
-    tiny_vae(seed=seed + 1).save_pretrained(folder / "vae")
+    tiny_unet(sdxl, seed, latent_size, unet_channels).save_pretrained(folder / "unet")
+    tiny_vae(seed=seed + 1, image_size=2 * latent_size, channels=vae_channels).save_pretrained(folder / "vae")
     tiny_scheduler(prediction_type).save_pretrained(folder / "scheduler")
     gen = torch.Generator().manual_seed(seed + 2)
     for name in ("conditioning", "negative"):
@@ -106,12 +117,19 @@ def save_tiny_latent_pipeline(
 
 
 class ImageFeatureSampler(ConditionalSampler):
-    """y = g(image) + noise_scale · eta: a tiny CNN g of a (3, 16, 16) image in [-1, 1], a Gaussian P(Y | image);
+    """y = g(image) + noise_scale · eta: a tiny CNN g of a (3, size, size) image in [-1, 1], a Gaussian P(Y | image);
     differentiable in the image. zero_output starts g's last layer at zero, as a fresh ControlNet's zero
-    convolutions: then y does not depend on the image at all."""
+    convolutions: then y does not depend on the image at all. The class is its own factory in problem specs:
+    sampler: {factory: "cdm_dist.models.tiny:ImageFeatureSampler", args: {...}}."""
 
     def __init__(
-        self, y_dim: int = 2, noise_scale: float = 0.1, seed: int = 0, zero_output: bool = False, device: str = "cpu"
+        self,
+        y_dim: int = 2,
+        noise_scale: float = 0.1,
+        seed: int = 0,
+        zero_output: bool = False,
+        device: str = "cpu",
+        image_size: int = 16,
     ) -> None:
         torch.manual_seed(seed)
         self.net = nn.Sequential(
@@ -127,7 +145,7 @@ class ImageFeatureSampler(ConditionalSampler):
             nn.init.zeros_(self.net[-1].weight)
         self.net.eval().requires_grad_(False)
         self.y_dim, self.noise_shape, self.noise_scale = y_dim, (y_dim,), noise_scale
-        self.x_shape = (3, 16, 16)
+        self.x_shape = (3, image_size, image_size)
 
     def sample(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
         net = self.net
@@ -135,13 +153,6 @@ class ImageFeatureSampler(ConditionalSampler):
             net.to(x.device)
         mean = net(x.to(next(net.parameters()).dtype)).to(x.dtype)  # (B, d_y)
         return mean[:, None] + self.noise_scale * eta  # (B, n_c, d_y)
-
-
-def image_feature_sampler(
-    y_dim: int = 2, noise_scale: float = 0.1, seed: int = 0, zero_output: bool = False, device: str = "cpu"
-) -> ImageFeatureSampler:
-    """The factory of ImageFeatureSampler (for problem specs: sampler: {factory: ...})."""
-    return ImageFeatureSampler(y_dim, noise_scale, seed, zero_output, device)
 
 
 def gaussian_target(y_dim: int = 2, center: float = 0.3, scale: float = 0.1, size: int = 500, seed: int = 0) -> Target:

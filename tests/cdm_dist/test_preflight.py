@@ -78,7 +78,7 @@ def _latent_problem(folder, **sampler_args):
             "vae_subfolder": "vae",
             "conditioning": {"file": str(folder / "conditioning.safetensors")},
         },
-        "sampler": {"factory": "cdm_dist.models.tiny:image_feature_sampler", "args": sampler_args},
+        "sampler": {"factory": "cdm_dist.models.tiny:ImageFeatureSampler", "args": sampler_args},
         "target": {"factory": "cdm_dist.models.tiny:gaussian_target"},
     }
 

@@ -176,7 +176,7 @@ def test_a_latent_campaign_saves_the_latent_and_its_decoded_image(small_campaign
         {
             "prior": {"diffusers": str(folder), "subfolder": "unet", "vae_subfolder": "vae", "dtype": "bfloat16",
                       "conditioning": {"file": str(folder / "conditioning.safetensors")}},
-            "sampler": {"factory": "cdm_dist.models.tiny:image_feature_sampler"},
+            "sampler": {"factory": "cdm_dist.models.tiny:ImageFeatureSampler"},
             "target": {"factory": "cdm_dist.models.tiny:gaussian_target"},
         }
     )  # fmt: skip
