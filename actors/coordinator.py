@@ -31,9 +31,12 @@ from cdm_dist.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.errors import InputError
 from cdm_dist.execution import Job, Sink, chunk_end, step_of
 from cdm_dist.schedules import guided_mask
-from cdm_dist.worker import check_shapes
+from cdm_dist.worker import LostStepError, check_shapes
 
 PLACEMENT_TIMEOUT_S = 120.0
+RESTART_WAIT_S = 300.0  # how long a dead actor may take to come back before its replica is given up
+PING_BACKOFF_S = (0.2, 5.0)  # the first and the longest wait between pings of a restarting actor
+PARKED = object()  # _recover's answer for a micro-batch waiting for its actor
 
 
 def connect(address: str | None = None, runtime_env: RuntimeEnvConfig | None = None, **init_kwargs: Any) -> bool:
@@ -69,10 +72,14 @@ class Replica:
     group: Any
     prior: Any
     sampler: Any
+    dead: bool = False  # an actor of it did not come back (restarts exhausted, or RESTART_WAIT_S passed)
 
     @property
     def actors(self) -> list[Any]:
         return [self.prior] if self.prior is self.sampler else [self.prior, self.sampler]
+
+
+PRIOR_STAGES = ("run", "denoise", "advance", "prior_fit")  # the others ("grad", "finish") run on the sampler actor
 
 
 @dataclass
@@ -83,11 +90,18 @@ class Flight:
     replica: Replica
     step: int
     stage: str = ""
-    retries: int = 0
+    retries: int = 0  # failures on a live actor (an actor's death is not the micro-batch's fault)
+    waiting_for: Any = None  # the actor whose restart this micro-batch waits for
+    waiting_since: float = 0.0
+    backoff: float = 0.0
 
     @property
     def num_steps(self) -> int:
         return self.job.batch.method.num_steps
+
+    def actor(self) -> Any:
+        """The actor that runs the current stage."""
+        return self.replica.prior if self.stage in PRIOR_STAGES else self.replica.sampler
 
     def guided(self, step: int) -> bool:
         method = self.job.batch.method
@@ -115,6 +129,7 @@ class RayExecutor:
         self.event_shape = tuple(next(i["event_shape"] for i in self.worker_infos if i["event_shape"] is not None))
         self.busy_fraction: dict[str, float] = {}
         self.wall_seconds = 0.0
+        self.assignments: list[tuple[str, int, int]] = []  # (campaign, micro-batch, replica) as they started
 
     # -- actors -----------------------------------------------------------------------------------------
     def _bundle(self) -> dict[str, float]:
@@ -204,31 +219,52 @@ class RayExecutor:
 
     # -- the event loop ---------------------------------------------------------------------------------
     def execute(self, jobs: list[Job], sink: Sink) -> None:
-        """Run every job to its result, at most `in_flight` micro-batches per replica at a time.
+        """Run every job to its result, at most `in_flight` micro-batches per live replica at a time, each new one on
+        the least loaded replica.
 
         Several campaigns (the trials of a study) may call this at once from their own threads: each call keeps
         its own window of micro-batches in flight, and the actors interleave their tasks."""
         waiting = list(jobs)
         in_flight: dict[ray.ObjectRef, Flight] = {}
+        parked: list[tuple[float, Flight]] = []  # (when to ping again, flight) for actors still restarting
         active = {replica.index: 0 for replica in self.replicas}  # micro-batches of this call per replica
-        capacity = self.resources.in_flight
         busy_before = self._busy()
         tic = time.perf_counter()
-        while waiting or in_flight:
-            for replica in self.replicas:
-                while waiting and active[replica.index] < capacity:
+        while waiting or in_flight or parked:
+            while waiting:
+                replica = self._least_loaded(active)
+                if replica is None:
+                    for job in waiting:
+                        sink.on_failed(job.batch, "no live replica is left", self.event_shape)
+                    waiting = []
+                elif active[replica.index] < self.resources.in_flight:
                     job = waiting.pop(0)
                     active[replica.index] += 1
+                    self.assignments.append((job.batch.campaign, job.batch.index, replica.index))
                     flight = Flight(job, replica, step_of(job.checkpoint))
                     in_flight[self._submit(flight)] = flight
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+                else:
+                    break
+            now = time.monotonic()
+            for due, flight in [p for p in parked if p[0] <= now]:
+                parked.remove((due, flight))
+                in_flight[self._ping(flight)] = flight
+            timeout = max(0.0, min(due for due, _ in parked) - now) if parked else None
+            if not in_flight:
+                time.sleep(timeout or 0.0)
+                continue
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
+            if not done:
+                continue
             flight = in_flight.pop(done[0])
             try:
                 value = ray.get(done[0])
             except ray.exceptions.RayError as exc:
-                nxt = self._recover(flight, sink, exc, active)
+                nxt = self._recover(flight, sink, exc, active, parked)
             else:
                 nxt = self._advance(flight, value, sink)
+            if nxt is PARKED:
+                continue
             if nxt is None:
                 active[flight.replica.index] -= 1
             else:
@@ -239,6 +275,10 @@ class RayExecutor:
             role: (busy_after[role] - busy_before.get(role, 0.0)) / self.wall_seconds / count
             for role, count in self._role_counts().items()
         }
+
+    def _least_loaded(self, active: dict[int, int]) -> Replica | None:
+        live = [r for r in self.replicas if not r.dead]
+        return min(live, key=lambda r: (active[r.index], r.index)) if live else None
 
     def _submit(self, flight: Flight) -> ray.ObjectRef:
         """The next task of a micro-batch, from its current checkpoint."""
@@ -263,6 +303,9 @@ class RayExecutor:
     def _advance(self, flight: Flight, value: Any, sink: Sink) -> ray.ObjectRef | None:
         """Hand a finished stage's output on; returns the next task or None when the micro-batch is done."""
         job, replica = flight.job, flight.replica
+        if flight.stage == "ping":  # the actor it waited for is back: go on from the checkpoint
+            flight.waiting_for = None
+            return self._submit(flight)
         if flight.stage == "finish" and self.split:
             flight.stage = "prior_fit"
             return replica.prior.prior_fit.remote(job.batch, value)
@@ -279,20 +322,65 @@ class RayExecutor:
         job.checkpoint, flight.step = value.checkpoint, value.step
         return self._submit(flight)
 
-    def _recover(self, flight: Flight, sink: Sink, error: Exception, active: dict[int, int]) -> ray.ObjectRef | None:
-        """Restart a micro-batch from its last checkpoint, on the least busy replica, or give it up."""
-        flight.retries += 1
-        if flight.retries > self.resources.max_retries:
-            reason = f"{type(error).__name__} after {flight.retries - 1} restarts"
-            sink.on_failed(flight.job.batch, reason, self.event_shape)
-            return None
+    # -- faults -----------------------------------------------------------------------------------------
+    def _recover(
+        self,
+        flight: Flight,
+        sink: Sink,
+        error: Exception,
+        active: dict[int, int],
+        parked: list[tuple[float, Flight]],
+    ) -> ray.ObjectRef | object | None:
+        """A stage failed. An actor that died (or restarted and lost the half-done step) is waited for, and the
+        micro-batch goes on from its last checkpoint without using a retry; a micro-batch that failed on a live
+        actor uses one, and after resources.max_retries its chains are marked failed."""
+        if flight.stage == "ping":
+            return self._wait_more(flight, sink, active, parked)
         flight.job.checkpoint = sink.restart_point(flight.job.batch)
         flight.step = step_of(flight.job.checkpoint)
-        active[flight.replica.index] -= 1
-        others = sorted(self.replicas, key=lambda r: (active[r.index], r is flight.replica))
-        flight.replica = others[0]
-        active[flight.replica.index] += 1
+        if isinstance(error, ray.exceptions.RayActorError | LostStepError):
+            flight.waiting_for = flight.actor()
+            flight.waiting_since, flight.backoff = time.monotonic(), PING_BACKOFF_S[0]
+            return self._ping(flight)  # it may be back already
+        flight.retries += 1
+        if flight.retries > self.resources.max_retries:
+            reason = f"{type(error).__name__} after {flight.retries - 1} retries: {_last_line(error)}"
+            sink.on_failed(flight.job.batch, reason, self.event_shape)
+            return None
+        if not self._move(flight, active, exclude=None):
+            sink.on_failed(flight.job.batch, "no live replica is left", self.event_shape)
+            return None
         return self._submit(flight)
+
+    def _wait_more(
+        self, flight: Flight, sink: Sink, active: dict[int, int], parked: list[tuple[float, Flight]]
+    ) -> ray.ObjectRef | object | None:
+        """The actor is not back yet: ping again later, unless Ray says it is dead for good or the wait is over."""
+        state = _actor_state(flight.waiting_for)
+        if state == "DEAD" or time.monotonic() - flight.waiting_since > RESTART_WAIT_S:
+            flight.replica.dead = True
+            flight.waiting_for = None
+            if not self._move(flight, active, exclude=flight.replica):
+                sink.on_failed(flight.job.batch, "its actor died and no live replica is left", self.event_shape)
+                return None
+            return self._submit(flight)
+        parked.append((time.monotonic() + flight.backoff, flight))
+        flight.backoff = min(2 * flight.backoff, PING_BACKOFF_S[1])
+        return PARKED
+
+    def _move(self, flight: Flight, active: dict[int, int], exclude: Replica | None) -> bool:
+        """Put the flight on the least loaded live replica (its own first among equals); False when none is left."""
+        live = [r for r in self.replicas if not r.dead and r is not exclude]
+        if not live:
+            return False
+        active[flight.replica.index] -= 1
+        flight.replica = min(live, key=lambda r: (active[r.index], r is not flight.replica, r.index))
+        active[flight.replica.index] += 1
+        return True
+
+    def _ping(self, flight: Flight) -> ray.ObjectRef:
+        flight.stage = "ping"
+        return flight.waiting_for.ping.remote()
 
     def _busy(self) -> dict[str, float]:
         """Busy seconds summed per role over live actors (an actor that restarted starts again at 0)."""
@@ -323,3 +411,14 @@ def _last_line(error: Exception) -> str:
     """The last line of a Ray error's message (where the cause is), without colour codes."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", getattr(error, "error_msg", None) or str(error)).strip()
     return text.splitlines()[-1] if text else type(error).__name__
+
+
+def _actor_state(actor: Any) -> str | None:
+    """Ray's own view of an actor (ALIVE, RESTARTING, DEAD, ...) from the GCS actor table, or None when it cannot
+    be read (the table is Ray's internal API; then the coordinator waits up to RESTART_WAIT_S)."""
+    try:
+        from ray._private.state import state
+
+        return state.actor_table(actor._actor_id.hex()).get("State")
+    except Exception:
+        return None

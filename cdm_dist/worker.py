@@ -209,6 +209,10 @@ class ChainWorker(ProbeMixin):
             "parts": parts,
         }
 
+    def ping(self) -> int:
+        """An answer (the process id) once the worker is up."""
+        return os.getpid()
+
     def busy_seconds(self) -> tuple[float, float]:
         """Seconds spent working and seconds alive."""
         return self._busy, time.perf_counter() - self._started

@@ -163,18 +163,61 @@ def test_a_prior_that_lost_a_half_done_step_resumes_from_the_checkpoint(ray_clus
     assert report.chain_steps >= 6 * 12 + 2 * 2  # micro-batch 1 (2 chains) redid steps 4 and 5 at least
 
 
-def test_a_micro_batch_that_keeps_failing_fails_only_its_chains(ray_cluster, small_campaign, local_reference):
+def test_a_micro_batch_that_keeps_failing_on_a_live_actor_fails_only_its_chains(
+    ray_cluster, small_campaign, local_reference
+):
+    """Micro-batch 2's stages raise inside a live actor (a corrupt checkpoint): it uses its retries, then fails."""
+    from cdm_dist.execution import Checkpoint
+
     config = small_campaign(resources__placement="split", resources__max_retries=1)
 
-    class AlwaysKill(RayExecutor):
-        def _advance(self, flight, value, sink):
-            nxt = super()._advance(flight, value, sink)
-            if flight.job.batch.index == 2 and flight.stage == "grad":
-                _kill_and_wait(flight.replica.prior)
-            return nxt
+    class CorruptBatch2(RayExecutor):
+        def _submit(self, flight):
+            if flight.job.batch.index == 2 and flight.step >= 4:
+                good = flight.job.checkpoint
+                flight.job.checkpoint = Checkpoint(good.step, good.x, good.failed.repeat(3))  # 6 flags for 2 chains
+            return super()._submit(flight)
 
-    report = _run(config, AlwaysKill(config))
+    report = _run(config, CorruptBatch2(config))
     assert [r.failed for r in report.rows] == [False] * 4 + [True] * 2
     assert all(r.chain not in (4, 5) for r in report.topk)
     for got, want in zip(report.rows[:4], local_reference.rows[:4], strict=True):
         assert got.final_loss == pytest.approx(want.final_loss, abs=1e-5)
+
+
+def test_repeated_actor_deaths_cost_no_retries_and_change_no_chain(ray_cluster, small_campaign, local_reference):
+    """More kills than max_retries (1), fewer than max_restarts (4) per actor, at bad moments: mid-step, twice in a
+    row while the actor is still restarting, and during the final evaluation. Every chain completes as unfaulted."""
+    config = small_campaign(
+        resources__placement="split", resources__in_flight=2, resources__max_retries=1, resources__max_restarts=4
+    )
+    executor = RayExecutor(config)
+    prior, sampler = executor.replicas[0].prior, executor.replicas[0].sampler
+    kills = []
+
+    def kill(actor, name):
+        ray.kill(actor, no_restart=False)
+        kills.append(name)
+
+    def at_chunk(batch, chunk):
+        if batch.index == 0 and chunk.step == 4 and "prior-1" not in kills:
+            kill(prior, "prior-1")
+        elif batch.index == 1 and chunk.step == 8 and "prior-2" not in kills:
+            kill(prior, "prior-2")
+            time.sleep(0.3)
+            kill(prior, "prior-3")  # again, while it restarts
+        elif batch.index == 2 and chunk.step == 8 and "sampler-1" not in kills:
+            kill(sampler, "sampler-1")
+        elif batch.index == 0 and chunk.step == 12 and "sampler-2" not in kills:
+            kill(sampler, "sampler-2")  # its micro-batch is about to be evaluated on the sampler
+
+    report = _run(config, executor, on_chunk=at_chunk)
+    assert len(kills) == 5 and not any(r.failed for r in report.rows)
+    _assert_same_chains(report, local_reference)
+
+
+def test_micro_batches_start_on_the_least_loaded_replica(ray_cluster, small_campaign):
+    config = small_campaign(resources__replicas=2, resources__in_flight=2, chains__count=4)  # 2 micro-batches
+    executor = RayExecutor(config)
+    _run(config, executor)
+    assert sorted(replica for _, _, replica in executor.assignments) == [0, 1]
