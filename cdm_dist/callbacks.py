@@ -72,6 +72,11 @@ class CampaignCallback:
     ) -> None:
         """A micro-batch finished: its result, loss history (B, T) and each chain's files (x* first)."""
 
+    def on_restored(
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: Sequence[Sequence[Path]]
+    ) -> None:
+        """A resumed campaign found this micro-batch finished by an earlier driver (after on_start)."""
+
     def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:
         """The campaign ended: with its report, or with the error that stopped it."""
 

@@ -306,6 +306,38 @@ def with_values(config: CampaignConfig, values: dict[str, Any], source: str = "t
     return parse(CampaignConfig, data, source)
 
 
+RESUME_MAY_CHANGE = ("resources.", "tracking.log_every", "topk")  # where and how to run, not which chains
+RESUME_MAY_NOT_CHANGE = ("resources.micro_batch",)  # the split of the chains into micro-batches
+
+
+def leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted path -> value (list items by index)."""
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in leaves(value, f"{prefix}{key}.").items()} or {
+            prefix.rstrip("."): {}
+        }
+    if isinstance(data, list):
+        return {k: v for i, value in enumerate(data) for k, v in leaves(value, f"{prefix}{i}.").items()} or {
+            prefix.rstrip("."): []
+        }
+    return {prefix.rstrip("."): data}
+
+
+def check_resume(stored: CampaignConfig, resumed: CampaignConfig) -> None:
+    """`--resume` may change where and how the campaign runs, never its chains or their micro-batches."""
+    before, after = leaves(stored.model_dump(mode="json")), leaves(resumed.model_dump(mode="json"))
+    for path in sorted(set(before) | set(after)):
+        if before.get(path) == after.get(path):
+            continue
+        allowed = path.startswith(RESUME_MAY_CHANGE) and not path.startswith(RESUME_MAY_NOT_CHANGE)
+        if not allowed:
+            raise InputError(
+                f"--set {path}: --resume cannot change the campaign's chains or their micro-batches (the campaign "
+                f"has {before.get(path)!r}, given {after.get(path)!r}); only resources (but micro_batch), "
+                "tracking.log_every and topk may change"
+            )
+
+
 def dump_config(config: CampaignConfig) -> str:
     """The resolved config as YAML (every default written out)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -180,7 +180,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """`cdm run`: validate everything, then launch (or resume) the campaign and print the top-k."""
-    from cdm_dist.campaign import TrackingConfig, check_config, load_config
+    from cdm_dist.campaign import TrackingConfig, check_config, check_resume, load_config
     from cdm_dist.store import CampaignStore
 
     if args.resume:
@@ -194,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
             folder = find_campaign(args.resume, uri)
         store = CampaignStore.open(folder)
         config = load_config(store.config_path, args.overrides, args.executor)
+        check_resume(load_config(store.config_path), config)
     else:
         config = load_config(args.config, args.overrides, args.executor)
         store = None

@@ -186,6 +186,11 @@ def run_campaign(
         for callback in everyone:
             callback.on_start(info, state)
             started.append(callback)
+        for index, result in driver.results.items():  # finished by an earlier driver
+            batch = driver.batches[index]
+            files = [store.chain_files(chain) for chain in batch.chain_ids]
+            for callback in everyone:
+                callback.on_restored(batch, result, driver.history[index], files)
         executor.execute(jobs, driver)
     except BaseException as exc:
         for callback in started:

@@ -93,6 +93,11 @@ class CampaignStore:
             paths.append(path)
         return paths
 
+    def chain_files(self, chain: int) -> list[Path]:
+        """The files of a chain on disk: x* first, then its pictures."""
+        x_path = self.chain_x_path(chain)
+        return [x_path, *sorted(x_path.parent.glob(f"{x_path.stem}*.png"))]
+
     def save_result(self, result: MicroBatchResult, history: torch.Tensor) -> None:
         """The micro-batch's results: the 'done' mark, written after its chains' files and tracking."""
         payload = {

@@ -53,7 +53,11 @@ def client_for(uri: str) -> Any:
 
 
 class MLflowTracker(CampaignCallback):
-    """The campaign callback that tracks it in MLflow: a parent run, one child run per chain."""
+    """The campaign callback that tracks it in MLflow: a parent run, one child run per chain.
+
+    Writing is idempotent, so the store and MLflow agree after a crash at any point: run ids are saved as they are
+    made, a resumed campaign adopts the runs it already has, a finished chain's run is never written again, and a
+    run that was half-written gets only the (metric, step) points it lacks."""
 
     def __init__(self, config: CampaignConfig, store: CampaignStore, parent_tags: dict[str, str] | None = None) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -64,14 +68,21 @@ class MLflowTracker(CampaignCallback):
         self.experiment_id = experiment_id(self.client, config.tracking)
         self.parent_id: str | None = None
         self.child_ids: dict[int, str] = {}
+        self.resumed = False  # runs made by an earlier driver may hold part of what we write
+        self._done: set[str] | None = None  # child runs already terminal (read once on resume)
+
+    def _save_ids(self) -> None:
+        self.store.save_tracking(
+            {"parent_run_id": self.parent_id, "child_run_ids": {str(k): v for k, v in self.child_ids.items()}}
+        )
 
     # -- the callback -------------------------------------------------------------------------------------
     def on_start(self, info: CampaignInfo, progress: Progress) -> None:
         """Create (or, for a resumed campaign, reopen) the parent and one child per chain; their ids go in the
-        campaign folder."""
+        campaign folder as they are made."""
         state = self.store.load_tracking()
         if state.get("parent_run_id"):
-            self.parent_id = state["parent_run_id"]
+            self.parent_id, self.resumed = state["parent_run_id"], True
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(
@@ -80,9 +91,12 @@ class MLflowTracker(CampaignCallback):
                 tags={"cdm.kind": "campaign", "cdm.output_dir": str(info.output_dir.resolve())} | self.parent_tags,
             )
             self.parent_id = run.info.run_id
+            self._save_ids()
             self._batch(self.parent_id, params=flatten(self.config.model_dump(mode="json")))
             self.client.log_artifact(self.parent_id, str(self.store.config_path))
         self.child_ids = {int(k): v for k, v in state.get("child_run_ids", {}).items()}
+        if self.resumed and len(self.child_ids) < len(info.chains):  # died while making them: adopt, not repeat
+            self.child_ids |= {int(r.data.tags["cdm.chain"]): r.info.run_id for r in self._children()}
         for chain in info.chains:
             if chain.chain not in self.child_ids:
                 run = self.client.create_run(
@@ -99,9 +113,26 @@ class MLflowTracker(CampaignCallback):
                     },
                 )
                 self.child_ids[chain.chain] = run.info.run_id
-        self.store.save_tracking(
-            {"parent_run_id": self.parent_id, "child_run_ids": {str(k): v for k, v in self.child_ids.items()}}
-        )
+        self._save_ids()
+
+    def _children(self) -> list[Any]:
+        """The parent's child runs in MLflow (every page)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'", max_results=1000,
+                page_token=token,
+            )  # fmt: skip
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def on_restored(
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: Sequence[Sequence[Path]]
+    ) -> None:
+        """A micro-batch an earlier driver finished: repair its chains' runs if that driver died while writing."""
+        self.on_result(batch, result, history, files, None)
 
     def on_result(
         self,
@@ -109,14 +140,16 @@ class MLflowTracker(CampaignCallback):
         result: MicroBatchResult,
         history: torch.Tensor,
         files: Sequence[Sequence[Path]],
-        progress: Progress,
+        progress: Progress | None,
     ) -> None:
-        """Each chain of a finished micro-batch: params, loss per step, final metrics, files, status; then the
-        campaign's progress on the parent."""
+        """Each chain of a finished micro-batch: params, loss per step, final metrics, files, status (skipped where
+        already written); then the campaign's progress on the parent."""
         method = self.config.method.model_dump(mode="json")
         every = self.config.tracking.log_every
         for row, chain in enumerate(batch.chain_ids):
             run_id = self.child_ids[chain]
+            if self._is_done(run_id):
+                continue
             failed = bool(result.failed[row])
             params = {"chain": str(chain), "seed": str(batch.chains.seeds[row])}
             params |= flatten(batch.chains.zetas[row].model_dump(mode="json"), "zeta.")
@@ -126,12 +159,31 @@ class MLflowTracker(CampaignCallback):
             if not failed:
                 metrics.append(("final_loss", result.final_loss[row].item(), len(losses)))
                 metrics += [(k, v[row].item(), len(losses)) for k, v in result.metrics.items()]
-            self._batch(run_id, metrics, params, {"status": "failed" if failed else "ok"})
+            self._batch(run_id, self._missing(run_id, metrics), params, {"status": "failed" if failed else "ok"})
             for path in files[row]:
                 self.client.log_artifact(run_id, str(path))
             self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-        done = progress.chains_done
-        self._batch(self.parent_id, [("chains_done", done, done), ("best_final_loss", progress.best_loss, done)])
+        if progress is not None:
+            done = progress.chains_done
+            metrics = [("chains_done", done, done), ("best_final_loss", progress.best_loss, done)]
+            self._batch(self.parent_id, self._missing(self.parent_id, metrics))
+
+    def _is_done(self, run_id: str) -> bool:
+        """Whether an earlier driver finished writing this run (only asked on resume; read once)."""
+        if not self.resumed:
+            return False
+        if self._done is None:
+            self._done = {r.info.run_id for r in self._children() if r.info.status in ("FINISHED", "FAILED")}
+        return run_id in self._done
+
+    def _missing(self, run_id: str, metrics: Sequence[tuple[str, float, int]]) -> list[tuple[str, float, int]]:
+        """The points an earlier driver did not write (all of them for a run this driver made)."""
+        if not self.resumed:
+            return list(metrics)
+        have = {
+            (key, m.step) for key in {k for k, _, _ in metrics} for m in self.client.get_metric_history(run_id, key)
+        }
+        return [(k, v, step) for k, v, step in metrics if (k, step) not in have]
 
     def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:
         """Summary metrics and FINISHED; or FAILED (`--resume` can finish it), KILLED when a callback stopped it."""
@@ -140,7 +192,8 @@ class MLflowTracker(CampaignCallback):
         if report is None:
             self.client.set_terminated(self.parent_id, "KILLED" if isinstance(error, CampaignStopped) else "FAILED")
             return
-        self._batch(self.parent_id, [(k, v, 0) for k, v in report.summary().items()])
+        summary = [(k, v, 0) for k, v in report.summary().items()]
+        self._batch(self.parent_id, self._missing(self.parent_id, summary))
         self.client.set_terminated(self.parent_id, "FINISHED")
         report.campaign_run_id = self.parent_id
         for row in report.rows:

@@ -159,3 +159,24 @@ def test_bench_digits_quick_writes_the_documented_schema(tmp_path, tiny_checkpoi
 def test_bench_digits_rejects_an_unknown_target(capsys):
     assert main(["bench", "digits", "--targets", "uniform,square"]) == 2
     assert "--targets: unknown ['square']" in capsys.readouterr().err
+
+
+def test_resume_refuses_overrides_that_change_the_chains_and_takes_the_others(tmp_path, capsys):
+    from cdm_dist.cli import main
+
+    args = ["--set", "method.num_steps=4", "--set", "chains.count=4", "--set", "resources.micro_batch=2",
+            "--set", "tracking.enabled=false", "--set", f"output={tmp_path / 'out'}"]  # fmt: skip
+    assert main(["run", "--executor", "local", "--quiet", *args]) == 0
+    (folder,) = (tmp_path / "out").iterdir()
+    capsys.readouterr()
+    for change, field in [
+        ("chains.count=8", "chains.count"),
+        ("resources.micro_batch=4", "resources.micro_batch"),
+        ("method.n_c=64", "method.n_c"),
+        ("chains.zeta=[{scale: 2.0}]", "chains.zeta.0"),
+    ]:
+        assert main(["run", "--resume", str(folder), "--set", change]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"cdm: error: --set {field}") and "--resume cannot change the campaign's chains" in line
+    ok = ["--set", "resources.threads=2", "--set", "tracking.log_every=2", "--set", "topk=2", "--executor", "local"]
+    assert main(["run", "--resume", str(folder), "--quiet", *ok]) == 0
