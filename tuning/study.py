@@ -37,6 +37,9 @@ from cdm_dist.runner import run_campaign
 from cdm_dist.store import CampaignStore
 
 STALE = "cdm.stale"  # user attribute of trials failed because their process died
+DUPLICATE = "cdm.duplicate_of"  # user attribute of trials not run: their parameters were already evaluated
+CAMPAIGN_DIR = "cdm.campaign_dir"  # user attribute: the trial's campaign folder (its MLflow run ids are there)
+MAX_DUPLICATES = 20  # re-asks for one trial before a repeated configuration is run anyway (the space is exhausted)
 PLANNED = "cdm.planned_chain_steps"
 RUN = "cdm.chain_steps"
 CONSTRAINT = "prior_fit"  # Optuna constraint: the trial's median prior_fit minus the limit, feasible when <= 0
@@ -198,24 +201,44 @@ class Tuner:
             directions=directions,
             load_if_exists=True,
         )
+        # A restarted process must not draw the same suggestions again: its sampler's stream starts where the
+        # study stands (the first process, with no trials yet, keeps sampler_seed itself).
+        seen = len(self.study.get_trials(deepcopy=False))
+        self.study.sampler = optuna.samplers.TPESampler(seed=config.tune.sampler_seed + seen)
         self.lock = threading.Lock()
+        self._duplicates = 0
         self.study_run_id: str | None = None
         self.tracker_client: Any = None
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _finished(self) -> list[optuna.trial.FrozenTrial]:
-        """Trials that count towards N: complete, pruned, or failed for a reason other than a dead process."""
+        """Trials that count towards N: complete, pruned, or failed for a reason other than a dead process (and
+        not skipped as duplicates)."""
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-        return [t for t in self.study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(STALE)]
+        return [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=states)
+            if not t.user_attrs.get(STALE) and DUPLICATE not in t.user_attrs
+        ]
 
     def recover_stale(self) -> int:
-        """Trials a dead process left RUNNING: marked failed (not counted) and their parameters queued again."""
+        """Trials a dead process left RUNNING: marked failed (not counted), their campaign's MLflow runs closed
+        KILLED, and their parameters queued again."""
         stale = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         for trial in stale:
             self.storage.set_trial_user_attr(trial._trial_id, STALE, True)
             self.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            if trial.user_attrs.get(CAMPAIGN_DIR) and self.config.tracking.enabled:
+                kill_campaign_runs(Path(trial.user_attrs[CAMPAIGN_DIR]), self.config.tracking.uri)
             self.study.enqueue_trial(trial.params, skip_if_exists=False)
         return len(stale)
+
+    def _twin(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+        """A finished trial with exactly these parameters (same seeds, so the same result), if any."""
+        for other in self._finished():
+            if other.number != trial.number and other.params == trial.params:
+                return other
+        return None
 
     def _study_run(self) -> None:
         if not self.config.tracking.enabled:
@@ -237,8 +260,13 @@ class Tuner:
             self.study_run_id = run.info.run_id
 
     # -- one trial --------------------------------------------------------------------------------------
-    def _run_trial(self, trial: optuna.Trial) -> tuple[Any, optuna.trial.TrialState]:
+    def _run_trial(self, trial: optuna.Trial) -> tuple[Any, optuna.trial.TrialState | str]:
         values = suggest(trial, self.config.tune.space)
+        twin = self._twin(trial)
+        if twin is not None and self._duplicates < MAX_DUPLICATES:
+            trial.set_user_attr(DUPLICATE, twin.number)
+            self._duplicates += 1
+            return None, "duplicate"
         config = with_values(self.config, values)
         config = config.model_copy(update={"name": f"{self.name}-trial{trial.number:04d}"})
         planned = config.chains.count * config.method.num_steps
@@ -247,9 +275,11 @@ class Tuner:
         tags = {"cdm.trial": str(trial.number), "cdm.study": self.name}
         if self.study_run_id:
             tags["mlflow.parentRunId"] = self.study_run_id
+        store = CampaignStore.create(config)
+        trial.set_user_attr(CAMPAIGN_DIR, str(store.root))
         try:
             report: CampaignReport = run_campaign(
-                config, self.executor, CampaignStore.create(config), [reporter], progress=False, parent_tags=tags
+                config, self.executor, store, [reporter], progress=False, parent_tags=tags
             )
         except CampaignStopped:
             trial.set_user_attr(RUN, reporter.steps_run)
@@ -370,6 +400,10 @@ class Tuner:
                     except Exception as exc:  # a crashing trial fails alone
                         trial.set_user_attr("cdm.error", "".join(traceback.format_exception(exc))[-2000:])
                         value, state = None, optuna.trial.TrialState.FAIL
+                    if state == "duplicate":  # not run and not counted: ask again
+                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        todo += 1
+                        continue
                     if state == optuna.trial.TrialState.COMPLETE:
                         self.study.tell(trial, value)
                     else:
@@ -454,3 +488,14 @@ class Tuner:
             plt.close(figure)
             paths.append(path)
         return paths
+
+
+def kill_campaign_runs(folder: Path, uri: str) -> None:
+    """Close a dead trial's campaign runs (parent and unfinished chains) as KILLED, from the ids in its folder."""
+    from cdm_dist.tracking import client_for
+
+    state = CampaignStore(folder).load_tracking()
+    client = client_for(uri)
+    for run_id in [state.get("parent_run_id"), *state.get("child_run_ids", {}).values()]:
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")

@@ -330,3 +330,64 @@ def test_a_study_tunes_a_users_parts_spec(study_config, user_plugin, monkeypatch
     assert result.complete + result.pruned == 3 and result.failed == 0
     built = [part for part, _ in user_plugin.built()]
     assert sorted(built) == ["metrics", "prior", "sampler", "target"]  # one worker for every trial: built once
+
+
+def test_a_restarted_study_never_asks_a_configuration_again(study_config):
+    """The second process's sampler starts where the study stands, not from the same seed."""
+    from tuning.study import DUPLICATE
+
+    config = study_config(chains__count=2)
+    Tuner(config).run(trials=3, parallel=1)
+    Tuner(config).run(trials=6, parallel=1)  # a new process on the same study
+    trials = Tuner(config).study.get_trials()
+    counted = [t for t in trials if DUPLICATE not in t.user_attrs and not t.user_attrs.get(STALE)]
+    assert len(counted) == 6
+    params = [tuple(sorted(t.params.items())) for t in counted]
+    assert len(set(params)) == 6
+    assert len(trials) == 6  # not even asked again (with one seed, the new process repeated the old draws)
+
+
+def test_duplicates_of_finished_trials_are_skipped_and_not_counted(study_config):
+    from tuning.study import DUPLICATE
+
+    config = study_config(chains__count=2)
+    space = {"method.n_guess": {"type": "categorical", "choices": [1, 2]}}
+    config = type(config).model_validate(config.model_dump() | {"tune": config.tune.model_dump() | {"space": space}})
+    result = Tuner(config).run(trials=2, parallel=1)
+    trials = Tuner(config).study.get_trials()
+    counted = [t for t in trials if DUPLICATE not in t.user_attrs]
+    assert result.complete + result.pruned == 2 and sorted(t.params["method.n_guess"] for t in counted) == [1, 2]
+    for twin in (t for t in trials if DUPLICATE in t.user_attrs):  # asked again, never run
+        assert twin.params == trials[twin.user_attrs[DUPLICATE]].params and "cdm.campaign_dir" not in twin.user_attrs
+
+
+def test_a_killed_study_process_leaves_no_running_runs(study_config, tmp_path):
+    """SIGKILL `cdm tune` mid-trial: the next process fails that trial (not counted), closes its MLflow runs as
+    KILLED, retries its parameters and finishes N trials."""
+    import signal
+    import subprocess
+
+    from cdm_dist.campaign import dump_config
+
+    config = study_config(chains__count=4, method__num_steps=40)
+    path = tmp_path / "study.yaml"
+    path.write_text(dump_config(config))
+    process = subprocess.Popen([sys.executable, "-m", "cdm_dist.cli", "tune", str(path), "--trials", "3"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "campaigns").glob("*trial0001*/checkpoints/*.pt")):
+        assert process.poll() is None, "the study ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = Tuner(config).run(trials=3, parallel=1)
+    assert result.complete + result.pruned == 3
+    client = client_for(config.tracking.uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    runs = client.search_runs([experiment], "")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    trials = Tuner(config).study.get_trials()
+    (stale,) = [t for t in trials if t.user_attrs.get(STALE)]
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    parent = [r for r in killed if r.data.tags.get("cdm.trial") == str(stale.number)]
+    assert len(parent) == 1 and len([r for r in killed if r.data.tags.get("cdm.campaign") == parent[0].info.run_id]) > 0
