@@ -30,6 +30,7 @@ from actors.workers import RemoteWorker
 from cdm_dist.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.errors import InputError
 from cdm_dist.execution import Job, Sink, chunk_end, step_of
+from cdm_dist.preconditions import ray_address_answers
 from cdm_dist.schedules import guided_mask
 from cdm_dist.worker import LostStepError, check_shapes
 
@@ -51,10 +52,14 @@ def connect(address: str | None = None, runtime_env: RuntimeEnvConfig | None = N
                 "remote URI (e.g. gcs://, s3://, https://...zip) or let cdm connect"
             )
         return runtime_env is not None
+    field = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None:  # "local": a new cluster, never a stale one recorded by an earlier `ray start`
         address = "local"
         init_kwargs.setdefault("include_dashboard", False)
+        init_kwargs.setdefault("dashboard_host", "127.0.0.1")  # if asked for: this machine only
+    elif address not in ("auto", "local"):
+        ray_address_answers(address, field)  # before ray.init, which waits a long time on a silent port
     if runtime_env is not None:
         init_kwargs["runtime_env"] = runtime_env.ray_dict()
     try:
@@ -139,6 +144,7 @@ class RayExecutor:
         return bundle
 
     def _check_capacity(self) -> None:
+        """The cluster holds every replica: in total, and each replica's actors on one node (STRICT_PACK)."""
         per_replica = 2 if self.split else 1
         available = ray.cluster_resources()
         for resource, amount in self._bundle().items():
@@ -149,6 +155,18 @@ class RayExecutor:
                     f"resources.{field}: {self.resources.replicas} replica(s) x {per_replica} actor(s) x {amount} "
                     f"{resource} = {need:g}, but the Ray cluster has {available.get(resource, 0.0):g} {resource}"
                 )
+        nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+        replica = {k: v * per_replica for k, v in self._bundle().items()}
+        for index in range(self.resources.replicas):  # first fit
+            node = next((n for n in nodes if all(n.get(k, 0.0) + 1e-9 >= v for k, v in replica.items())), None)
+            if node is None:
+                shapes = [{k: n.get(k, 0.0) for k in replica} for n in nodes]
+                raise InputError(
+                    f"resources: replica {index + 1} of {self.resources.replicas} needs {replica} on one node (its "
+                    f"actors share a node), but the nodes have {shapes} left"
+                )
+            for k, v in replica.items():
+                node[k] -= v
 
     def _start_replica(self, index: int) -> Replica:
         """A placement group (one node) holding the replica's actors, each on its own bundle."""

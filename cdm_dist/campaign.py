@@ -255,7 +255,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({exc})") from None
     if data is None:
@@ -389,10 +391,16 @@ def zeta_label(zeta: ZetaConfig) -> str:
 
 
 def check_config(config: CampaignConfig) -> None:
-    """What the driver checks before anything starts: the problem spec resolves as far as it can without building
+    """What the driver checks before anything starts: the chains fit in its memory, the output folder can be
+    written, the MLflow store answers and is one, and the problem spec resolves as far as it can without building
     a model (user code shipped through a runtime_env is checked by the actors when they start)."""
+    from cdm_dist import preconditions
     from cdm_dist.registry import validate_spec
 
+    preconditions.chains_fit(config.chains.count, config.method.num_steps)
+    preconditions.writable_folder(config.output, "output")
+    if config.tracking.enabled:
+        preconditions.tracking_store(config.tracking.uri)
     runtime_env = config.resources.runtime_env
     ships = config.resources.executor == "ray" and runtime_env is not None and runtime_env.ships_code
     validate_spec(config.problem, importable=not ships)

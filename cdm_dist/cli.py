@@ -247,6 +247,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _topk(args: argparse.Namespace) -> int:
     """`cdm topk`: a table of the best chains; --export downloads x* and writes a contact sheet."""
+    from cdm_dist import preconditions
     from cdm_dist.campaign import TrackingConfig
     from cdm_dist.runner import write_json
     from cdm_dist.selection import export, find_candidates, rows_json
@@ -254,6 +255,7 @@ def _topk(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise InputError(f"-k: must be >= 1, got {args.k}")
     uri = args.tracking_uri or TrackingConfig().uri
+    preconditions.tracking_store(uri, "--tracking-uri", must_exist=True)
     candidates = find_candidates(uri, args.experiment, args.k, args.selected)
     if args.export:
         print(f"contact sheet: {export(candidates, uri, args.export)}")
@@ -343,9 +345,22 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every output path a command writes can be written, before the command starts anything."""
+    from cdm_dist import preconditions
+
+    if getattr(args, "json", None):
+        preconditions.writable_file(args.json, "--json")
+    if getattr(args, "export", None):
+        preconditions.writable_folder(args.export, "--export")
+    if args.command == "train":
+        preconditions.writable_folder(args.out, "--out")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_paths(args)
         if args.command == "check":
             return _check(args)
         if args.command == "run":

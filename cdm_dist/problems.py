@@ -7,7 +7,6 @@ Y = the last, target G = P(Y | X = x*) of the joint itself.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,7 +19,7 @@ from cdm_dist.mixtures import ConditionalMixture, GaussianMixture, l2_squared
 from cdm_dist.mlgd import MetricsFn
 from cdm_dist.priors import GaussianMixturePrior
 from cdm_dist.samplers import MixtureDiffusionSampler, MixtureInverseCDFSampler
-from cdm_dist.spec import CDMProblem, ProblemConfig
+from cdm_dist.spec import CDMProblem, ProblemConfig, read_json_config
 from cdm_dist.targets import Target
 
 # -- the joints ---------------------------------------------------------------------------------------------
@@ -210,10 +209,10 @@ def _checkpoint_folder(
         raise InputError(f"checkpoints: {folder} is not a folder")
     configs = {}
     for role in ("prior", "sampler"):
-        path = folder / role / "config.json"
-        if not path.is_file():
-            raise InputError(f"checkpoints: {folder} has no {role}/config.json")
-        configs[role] = json.loads(path.read_text())
+        try:
+            configs[role] = read_json_config(folder / role / "config.json", f"the {role}")
+        except ValueError as exc:
+            raise InputError(f"checkpoints: {exc}") from None
     if x_shape is not None:
         prior = configs["prior"]
         size = prior.get("sample_size")

@@ -72,7 +72,7 @@ class CampaignStore:
         path = self._checkpoint_path(index)
         if not path.is_file():
             return None
-        payload = torch.load(path, weights_only=True)
+        payload = _load(path, "checkpoint")
         return Checkpoint.from_tensors(payload), payload["history"]
 
     # -- results ----------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class CampaignStore:
         path = self._result_path(index)
         if not path.is_file():
             return None
-        payload = torch.load(path, weights_only=True)
+        payload = _load(path, "result")
         metrics = {k.removeprefix("metric."): v for k, v in payload.items() if k.startswith("metric.")}
         result = MicroBatchResult(index, payload["x"], payload["final_loss"], payload["failed"], metrics)
         return result, payload["history"]
@@ -128,9 +128,27 @@ class CampaignStore:
         atomic_write(self.tracking_path, lambda p: p.write_text(json.dumps(state, indent=1)))
 
     def load_tracking(self) -> dict[str, Any]:
-        return json.loads(self.tracking_path.read_text()) if self.tracking_path.is_file() else {}
+        if not self.tracking_path.is_file():
+            return {}
+        try:
+            return json.loads(self.tracking_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{self.tracking_path}: not valid JSON ({exc})") from None
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with path.open("wb") as handle:
         np.save(handle, array)
+
+
+def _load(path: Path, what: str) -> dict[str, Any]:
+    """A saved micro-batch file (written atomically, so unreadable means damaged from outside the campaign)."""
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"{path}: the {what} cannot be read ({type(exc).__name__}); move it away to redo that micro-batch"
+        ) from None
+    if not isinstance(payload, dict) or "history" not in payload:
+        raise InputError(f"{path}: not a campaign {what} file")
+    return payload

@@ -16,7 +16,9 @@ TargetSampler = Callable[[int, int], torch.Tensor]  # (n, seed) -> (n, d_y)
 
 
 def check_samples(samples: torch.Tensor, source: str) -> torch.Tensor:
-    """Validate a (m, d_y) sample matrix: 2-D, at least 2 rows, finite."""
+    """Validate a (m, d_y) sample matrix: real, 2-D, at least 2 rows, finite."""
+    if samples.is_complex():
+        raise InputError(f"{source}: target samples must be real numbers; got dtype {samples.dtype}")
     if samples.dim() == 1:
         samples = samples[:, None]
     if samples.dim() != 2:
@@ -80,8 +82,8 @@ class Target:
             raise
         except Exception as exc:
             raise InputError(f"{path}: cannot read target samples ({exc})") from exc
-        if not np.issubdtype(array.dtype, np.number):
-            raise InputError(f"{path}: target samples must be numbers; got dtype {array.dtype}")
+        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            raise InputError(f"{path}: target samples must be real numbers; got dtype {array.dtype}")
         return cls(torch.as_tensor(np.asarray(array, dtype=np.float64)), None, str(path))
 
 

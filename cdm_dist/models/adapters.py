@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +77,18 @@ def check_dtype_runs(dtype: str, device: torch.device, field: str) -> torch.dtyp
     return torch_dtype
 
 
+def _json_config(path: Path, field: str) -> dict[str, Any]:
+    from cdm_dist.spec import read_json_config
+
+    try:
+        return read_json_config(path, "the model")
+    except ValueError as exc:
+        raise InputError(f"{field}: {exc}") from None
+
+
 def load_model(folder: Path, name: str | None, dtype: torch.dtype, device: torch.device, field: str) -> Any:
     """A ModelMixin from a local folder (config.json + safetensors), in dtype on device, frozen and in eval mode."""
-    config = json.loads((folder / "config.json").read_text())
+    config = _json_config(folder / "config.json", field)
     cls = model_class(name or config.get("_class_name", ""), field)
     weights = [p for p in folder.glob("*.safetensors") if p.name.startswith("diffusion_pytorch_model")]
     if not weights:
@@ -99,7 +107,7 @@ def load_scheduler(folder: Path, field: str) -> DDPMScheduler | DDIMScheduler:
     of the same noise schedule (the chain takes its own DDIM/DDPM steps; only ᾱ_t matters)."""
     from diffusers import SchedulerMixin
 
-    config = json.loads((folder / "scheduler_config.json").read_text())
+    config = _json_config(folder / "scheduler_config.json", field)
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if not isinstance(cls, type) or not issubclass(cls, SchedulerMixin):
         raise InputError(f"{field}: {folder}: unknown scheduler class {config.get('_class_name')!r}")
@@ -240,7 +248,7 @@ def load_diffusers_prior(spec: DiffusersPriorSpec, device: torch.device | str, f
     device = torch.device(device)
     dtype = check_dtype_runs(spec.dtype, device, f"{field}.dtype")
     folder = spec.model_folder
-    config = json.loads((folder / "config.json").read_text())
+    config = _json_config(folder / "config.json", field)
     model = load_model(folder, spec.model_class, dtype, device, f"{field}.diffusers")
     scheduler = load_scheduler(spec.scheduler_folder, f"{field}.scheduler")
     prediction = spec.prediction_type or scheduler.config.get("prediction_type", "epsilon")

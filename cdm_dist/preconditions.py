@@ -1,0 +1,165 @@
+"""Everything that can be checked before a campaign, a study or a selection starts, so that bad input is one line
+and nothing is created: the tracking store answers and is an MLflow store, output paths can be written, the
+chains fit in the driver's memory, a Ray address answers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cdm_dist.errors import InputError
+
+TIMEOUT_S = 10.0
+SQLITE_HEADER = b"SQLite format 3\x00"
+DB_SCHEMES = ("postgresql", "mysql", "mssql")
+DRIVER_BYTES_PER_CHAIN = 4096  # the chain's table row, result row, MLflow run id and bookkeeping in the driver
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable_folder(path: str | Path, field: str) -> Path:
+    """A folder that exists or can be made (checked without making it)."""
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{field}: {path} is a file, not a folder")
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise InputError(f"{field}: cannot make {path}: {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{field}: cannot write in {base}")
+    return path
+
+
+def writable_file(path: str | Path, field: str) -> Path:
+    """A file that can be written (its folder exists or can be made; it is not a folder)."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        raise InputError(f"{field}: {path} is a folder, not a file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{field}: cannot write {path}")
+    writable_folder(path.parent, field)
+    return path
+
+
+def tracking_store(uri: str, field: str = "tracking.uri", must_exist: bool = False) -> None:
+    """The MLflow store at uri answers and is an MLflow store (or, unless must_exist, an empty place where one can
+    be made)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"
+    if scheme == "sqlite":
+        _sqlite_store(uri, field, must_exist)
+    elif scheme in ("http", "https"):
+        _server_store(uri, field)
+    elif scheme in DB_SCHEMES:
+        _database_store(uri, field)
+    elif scheme == "file":
+        writable_folder(uri.removeprefix("file://"), field)
+    else:
+        raise InputError(
+            f"{field}: unsupported MLflow store {uri!r}; expected sqlite:///PATH, postgresql://..., mysql://..., "
+            "http(s)://SERVER or a folder"
+        )
+
+
+def _sqlite_store(uri: str, field: str, must_exist: bool) -> None:
+    path = Path(uri.removeprefix("sqlite:///")).expanduser()
+    path = path if uri.startswith("sqlite:////") else path.resolve()
+    if not path.exists():
+        if must_exist:
+            raise InputError(f"{field}: no MLflow database at {path}")
+        writable_folder(path.parent, field)
+        return
+    if path.is_dir():
+        raise InputError(f"{field}: {path} is a folder, not an MLflow database")
+    with path.open("rb") as handle:
+        header = handle.read(len(SQLITE_HEADER))
+    if header and header != SQLITE_HEADER:
+        raise InputError(f"{field}: {path} is not an MLflow database (not SQLite)")
+    if not header:  # an empty file: MLflow makes its tables in it
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error as exc:
+        raise InputError(f"{field}: {path} is not a readable SQLite database ({exc})") from None
+    if tables and not {"experiments", "runs", "alembic_version"} <= tables:
+        raise InputError(f"{field}: {path} is a SQLite database but not an MLflow store (tables {sorted(tables)[:5]})")
+
+
+def _server_store(uri: str, field: str) -> None:
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            body = response.read(4096)
+    except urllib.error.HTTPError as exc:
+        raise InputError(f"{field}: {uri} answers, but not as an MLflow server (HTTP {exc.code})") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{field}: no MLflow server answers at {uri} ({exc})") from None
+    if not body.lstrip().startswith(b"{"):
+        raise InputError(f"{field}: {uri} answers, but not as an MLflow server")
+
+
+def _database_store(uri: str, field: str) -> None:
+    import sqlalchemy
+
+    options = {"connect_timeout": int(TIMEOUT_S)} if uri.startswith(("postgresql", "mysql")) else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=options)
+        with engine.connect() as connection:
+            tables = set(sqlalchemy.inspect(connection).get_table_names())
+        engine.dispose()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{field}: cannot reach the database {_redacted(uri)} ({first})") from None
+    if tables and not {"experiments", "runs", "alembic_version"} <= tables:
+        raise InputError(f"{field}: the database {_redacted(uri)} has tables, but is not an MLflow store")
+
+
+def _redacted(uri: str) -> str:
+    """A database URL without its password."""
+    head, sep, tail = uri.partition("@")
+    if not sep or "://" not in head:
+        return uri
+    scheme, _, credentials = head.partition("://")
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{tail}"
+
+
+def chains_fit(count: int, num_steps: int, field: str = "chains.count") -> None:
+    """The driver holds every chain's loss history (and a saved copy) and its result; refuse what cannot fit."""
+    import psutil
+
+    need = count * (2 * 8 * num_steps + DRIVER_BYTES_PER_CHAIN)
+    available = psutil.virtual_memory().available
+    if need > available // 2:
+        raise InputError(
+            f"{field}: {count} chains need about {_size(need)} in the driver (loss histories and results), more than "
+            f"half of the {_size(available)} available; run them as several campaigns"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PB"
+
+
+def ray_address_answers(address: str, field: str = "--address") -> None:
+    """A Ray address (host:port, ray://host:port) takes TCP connections within TIMEOUT_S."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InputError(f"{field}: {address!r} is not HOST:PORT (or 'auto', 'local', ray://HOST:PORT)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise InputError(f"{field}: no Ray cluster answers at {target} ({exc.strerror or exc})") from None
