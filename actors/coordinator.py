@@ -44,6 +44,10 @@ def connect(address: str | None = None, runtime_env: RuntimeEnvConfig | None = N
     """Join `address` (or RAY_ADDRESS), or start a fresh local Ray, with the campaign's runtime_env as the job's (Ray
     uploads local working_dir / py_modules then, and every actor inherits them). Returns whether the runtime_env
     still has to go on each actor: when Ray was already running in this process (remote URIs and settings only)."""
+    field = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address not in (None, "auto", "local"):
+        ray_address_answers(address, field)  # before ray.init, which waits a long time on a silent port
     if ray.is_initialized():
         if runtime_env is not None and runtime_env.local_paths():
             raise InputError(
@@ -52,14 +56,10 @@ def connect(address: str | None = None, runtime_env: RuntimeEnvConfig | None = N
                 "remote URI (e.g. gcs://, s3://, https://...zip) or let cdm connect"
             )
         return runtime_env is not None
-    field = "--address" if address else "RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS")
     if address is None:  # "local": a new cluster, never a stale one recorded by an earlier `ray start`
         address = "local"
         init_kwargs.setdefault("include_dashboard", False)
         init_kwargs.setdefault("dashboard_host", "127.0.0.1")  # if asked for: this machine only
-    elif address not in ("auto", "local"):
-        ray_address_answers(address, field)  # before ray.init, which waits a long time on a silent port
     if runtime_env is not None:
         init_kwargs["runtime_env"] = runtime_env.ray_dict()
     try:
