@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     models.add_argument("--device", type=_device, default="cpu")
 
+    faults = benches.add_parser("faults", help="actor kills and a driver kill + resume vs the unfaulted campaign")
+    faults.add_argument("--json", help="output JSON path (a .md table is written beside it)")
+    faults.add_argument("--repeats", type=int, default=5)
+    faults.add_argument("--kills", type=int, default=3, help="actor kills per leg (before and after the resume)")
+    faults.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     _bench_arguments(batching, chains=256)
 
@@ -133,6 +139,10 @@ def _check_bench(args: argparse.Namespace) -> None:
     from cdm_dist.methods import METHODS
 
     if args.bench == "models":
+        return
+    if args.bench == "faults":
+        if args.repeats < 1 or args.kills < 0:
+            raise InputError(f"--repeats and --kills: must be >= 1 and >= 0, got {args.repeats} and {args.kills}")
         return
     if args.bench == "tune":
         if args.trials < 1 or args.parallel < 1:
@@ -399,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from tuning.bench import bench_tune
 
                 bench_tune(args.json, args.trials, args.parallel, args.quick, tuple(args.problems.split(",")))
+            elif args.bench == "faults":
+                from actors.faults import bench_faults
+
+                bench_faults(args.json, args.repeats, args.kills, args.quick)
             elif args.bench == "models":
                 from cdm_dist.bench.models import bench_models
 

@@ -18,3 +18,15 @@ def test_bench_ray_reports_every_executor(ray_cluster, tmp_path):
     losses = {round(r["best_final_loss"], 6) for r in payload["rows"]}
     assert len(losses) == 1
     assert out.with_suffix(".md").read_text().startswith("| executor |")
+
+
+def test_bench_faults_loses_and_changes_no_chain(tmp_path):
+    from actors.faults import bench_faults
+
+    payload = bench_faults(str(tmp_path / "faults.json"), repeats=1, kills=1, quick=True)
+    (row,) = payload["rows"]
+    totals = payload["totals"]
+    assert row["driver_killed"] and row["resume_returncode"] == 0
+    assert totals["chains_completed"] == totals["chains_identical"] == totals["mlflow_runs_complete"] == 8
+    assert row["extra_chain_steps"] == row["chain_steps_run"] - totals["unfaulted_chain_steps"] >= 0
+    assert (tmp_path / "faults.md").is_file()
