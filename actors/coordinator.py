@@ -1,22 +1,22 @@
-"""The Ray coordinator: many micro-batches of chains through prior/sampler actors, pipelined, fault tolerant.
+"""The Ray executor: many micro-batches of chains on prior/sampler actors, fault tolerant.
 
-colocated: each replica actor holds both models and runs whole chunks of steps for the micro-batches it is given.
+colocated: each replica actor holds both models and runs whole chunks of steps for the micro-batches it is given
+    (Ray tasks, at most `in_flight` per replica, each new one on the least loaded replica).
 split: per replica a prior actor and a sampler actor, each pinned to its own GPU and building only its own role's
-    models; per guided step and micro-batch,
-    prior.denoise -> (x̂0, r_t),  sampler.matching_grad -> (loss, dL/dx̂0),  prior.advance -> x_{t-1};
-    at the end sampler.finish (held-out loss, metrics, pictures), then prior.prior_fit.
-    Each stage is submitted when the previous one finishes, so with two or more micro-batches in flight one actor
-    works on one micro-batch while the other works on the next. (Each stage's output passes through the driver.)
+    models, driven as a lane (actors/lanes.py): one Ray Compiled Graph execution (or chain of tasks) per chunk of
+    `checkpoint_every` steps for `in_flight` micro-batches at once; x̂0 and gradients go actor to actor, and the
+    driver gets only the chunks' checkpoints and losses.
 
-A micro-batch whose actor dies (or whose prior lost a half-done step) restarts from its last checkpoint; Ray
-restarts the actor (max_restarts). After resources.max_retries restarts its chains are marked failed.
+A micro-batch whose actor dies restarts from its last checkpoint once Ray has restarted the actor (max_restarts),
+without using a retry; a micro-batch that fails on a live actor uses one of resources.max_retries.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,14 +26,15 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.lanes import LanePool, resolve_transport
 from actors.workers import RemoteWorker
 from cdm_dist.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.errors import InputError
 from cdm_dist.execution import Job, Sink, chunk_end, step_of
 from cdm_dist.preconditions import ray_address_answers
-from cdm_dist.schedules import guided_mask
-from cdm_dist.worker import LostStepError, check_shapes
+from cdm_dist.worker import check_shapes
 
+log = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 120.0
 RESTART_WAIT_S = 300.0  # how long a dead actor may take to come back before its replica is given up
 PING_BACKOFF_S = (0.2, 5.0)  # the first and the longest wait between pings of a restarting actor
@@ -84,12 +85,9 @@ class Replica:
         return [self.prior] if self.prior is self.sampler else [self.prior, self.sampler]
 
 
-PRIOR_STAGES = ("run", "denoise", "advance", "prior_fit")  # the others ("grad", "finish") run on the sampler actor
-
-
 @dataclass
 class Flight:
-    """A micro-batch on its way through the actors."""
+    """A micro-batch on its way through a colocated replica."""
 
     job: Job
     replica: Replica
@@ -104,23 +102,23 @@ class Flight:
     def num_steps(self) -> int:
         return self.job.batch.method.num_steps
 
-    def actor(self) -> Any:
-        """The actor that runs the current stage."""
-        return self.replica.prior if self.stage in PRIOR_STAGES else self.replica.sampler
-
-    def guided(self, step: int) -> bool:
-        method = self.job.batch.method
-        return _guided_steps(method.num_steps, method.guidance_start, method.guidance_stop)[step]
-
 
 class RayExecutor:
     """Runs a campaign's micro-batches on Ray actors, colocated or split."""
 
     def __init__(self, config: CampaignConfig, address: str | None = None) -> None:
-        self.config = config
-        self.resources = config.resources
         self.split = config.resources.placement == "split"
+        self.compiled, fallback = resolve_transport(config.resources.transport, self.split)
+        if fallback:
+            log.warning(fallback)
+        transport = "compiled" if self.compiled else "tasks"
+        resources = config.resources.model_copy(update={"transport": transport})
+        self.config = config.model_copy(update={"resources": resources})  # the workers see the transport in use
+        self.resources = resources
         self.name = config.resources.executor_name
+        self.transport = transport
+        self.lanes: LanePool | None = None  # split: made at the first campaign
+        self._lanes_lock = threading.Lock()
         self.per_actor_env = connect(address, config.resources.runtime_env)
         self._check_capacity()
         self.replicas: list[Replica] = []
@@ -229,6 +227,9 @@ class RayExecutor:
                                                       strict=True)]  # fmt: skip
 
     def close(self) -> None:
+        if self.lanes is not None:
+            self.lanes.close()
+            self.lanes = None
         for replica in self.replicas:
             for actor in replica.actors:
                 ray.kill(actor, no_restart=True)
@@ -237,17 +238,37 @@ class RayExecutor:
 
     # -- the event loop ---------------------------------------------------------------------------------
     def execute(self, jobs: list[Job], sink: Sink) -> None:
-        """Run every job to its result, at most `in_flight` micro-batches per live replica at a time, each new one on
-        the least loaded replica.
+        """Run every job to its result: split replicas as lanes (actors/lanes.py), colocated replicas chunk by chunk
+        with at most `in_flight` micro-batches per live replica, each new one on the least loaded replica.
 
-        Several campaigns (the trials of a study) may call this at once from their own threads: each call keeps
-        its own window of micro-batches in flight, and the actors interleave their tasks."""
+        Several campaigns (the trials of a study) may call this at once from their own threads."""
+        busy_before = self._busy()
+        tic = time.perf_counter()
+        if self.split:
+            with self._lanes_lock:
+                if self.lanes is None:
+                    accelerator = self.compiled and all(i["device"].startswith("cuda") for i in self.worker_infos)
+                    self.lanes = LanePool(self, self.compiled, accelerator)
+            self.lanes.execute(jobs, sink)
+        else:
+            self._execute_colocated(jobs, sink)
+        self.wall_seconds = time.perf_counter() - tic
+        busy_after = self._busy()
+        self.busy_fraction = {
+            role: (busy_after[role] - busy_before.get(role, 0.0)) / self.wall_seconds / count
+            for role, count in self._role_counts().items()
+        }
+
+    @property
+    def driver_bytes(self) -> int:
+        """Tensor bytes the split lanes sent to and received from the actors (checkpoints, losses, results)."""
+        return sum(lane.driver_bytes for lane in self.lanes.lanes) if self.lanes is not None else 0
+
+    def _execute_colocated(self, jobs: list[Job], sink: Sink) -> None:
         waiting = list(jobs)
         in_flight: dict[ray.ObjectRef, Flight] = {}
         parked: list[tuple[float, Flight]] = []  # (when to ping again, flight) for actors still restarting
         active = {replica.index: 0 for replica in self.replicas}  # micro-batches of this call per replica
-        busy_before = self._busy()
-        tic = time.perf_counter()
         while waiting or in_flight or parked:
             while waiting:
                 replica = self._least_loaded(active)
@@ -287,57 +308,31 @@ class RayExecutor:
                 active[flight.replica.index] -= 1
             else:
                 in_flight[nxt] = flight
-        self.wall_seconds = time.perf_counter() - tic
-        busy_after = self._busy()
-        self.busy_fraction = {
-            role: (busy_after[role] - busy_before.get(role, 0.0)) / self.wall_seconds / count
-            for role, count in self._role_counts().items()
-        }
 
     def _least_loaded(self, active: dict[int, int]) -> Replica | None:
         live = [r for r in self.replicas if not r.dead]
         return min(live, key=lambda r: (active[r.index], r.index)) if live else None
 
     def _submit(self, flight: Flight) -> ray.ObjectRef:
-        """The next task of a micro-batch, from its current checkpoint."""
-        job, replica, step = flight.job, flight.replica, flight.step
-        every = self.resources.checkpoint_every
+        """The next task of a micro-batch on its colocated actor, from its current checkpoint."""
+        job, actor, step = flight.job, flight.replica.prior, flight.step
         num_steps = flight.num_steps
         if step >= num_steps:
             flight.stage = "finish"
-            return replica.sampler.finish.remote(job.batch, job.checkpoint)  # with prior_fit when colocated
-        if not self.split:
-            flight.stage = "run"
-            return replica.prior.run.remote(job.batch, job.checkpoint, chunk_end(step, every, num_steps))
-        if not flight.guided(step):  # unguided steps need only the prior: run them up to the next guided one
-            until = step + 1
-            while until < chunk_end(step, every, num_steps) and not flight.guided(until):
-                until += 1
-            flight.stage = "run"
-            return replica.prior.run.remote(job.batch, job.checkpoint, until)
-        flight.stage = "denoise"
-        return replica.prior.denoise.remote(job.batch, job.checkpoint)
+            return actor.finish.remote(job.batch, job.checkpoint)
+        flight.stage = "run"
+        return actor.run.remote(job.batch, job.checkpoint, chunk_end(step, self.resources.checkpoint_every, num_steps))
 
     def _advance(self, flight: Flight, value: Any, sink: Sink) -> ray.ObjectRef | None:
-        """Hand a finished stage's output on; returns the next task or None when the micro-batch is done."""
-        job, replica = flight.job, flight.replica
+        """Hand a finished task's output on; returns the next task or None when the micro-batch is done."""
         if flight.stage == "ping":  # the actor it waited for is back: go on from the checkpoint
             flight.waiting_for = None
             return self._submit(flight)
-        if flight.stage == "finish" and self.split:
-            flight.stage = "prior_fit"
-            return replica.prior.prior_fit.remote(job.batch, value)
-        if flight.stage in ("finish", "prior_fit"):
-            sink.on_result(job.batch, value)
+        if flight.stage == "finish":
+            sink.on_result(flight.job.batch, value)
             return None
-        if flight.stage == "denoise":
-            flight.stage = "grad"
-            return replica.sampler.matching_grad.remote(job.batch, flight.step, value)
-        if flight.stage == "grad":
-            flight.stage = "advance"
-            return replica.prior.advance.remote(job.batch, value)
-        sink.on_chunk(job.batch, value)  # "run" or "advance": a chunk of steps is done
-        job.checkpoint, flight.step = value.checkpoint, value.step
+        sink.on_chunk(flight.job.batch, value)  # a chunk of steps is done
+        flight.job.checkpoint, flight.step = value.checkpoint, value.step
         return self._submit(flight)
 
     # -- faults -----------------------------------------------------------------------------------------
@@ -356,8 +351,8 @@ class RayExecutor:
             return self._wait_more(flight, sink, active, parked)
         flight.job.checkpoint = sink.restart_point(flight.job.batch)
         flight.step = step_of(flight.job.checkpoint)
-        if isinstance(error, ray.exceptions.RayActorError | LostStepError):
-            flight.waiting_for = flight.actor()
+        if isinstance(error, ray.exceptions.RayActorError):
+            flight.waiting_for = flight.replica.prior
             flight.waiting_since, flight.backoff = time.monotonic(), PING_BACKOFF_S[0]
             return self._ping(flight)  # it may be back already
         flight.retries += 1
@@ -417,12 +412,6 @@ class RayExecutor:
 
     def _role_counts(self) -> dict[str, int]:
         return {role: len(self.replicas) for role in self._roles()}
-
-
-@functools.lru_cache(maxsize=64)
-def _guided_steps(num_steps: int, start: float, stop: float) -> tuple[bool, ...]:
-    """Which steps of a method get guidance (cached: the same few methods are asked about every step)."""
-    return tuple(guided_mask(num_steps, start, stop).tolist())
 
 
 def _last_line(error: Exception) -> str:

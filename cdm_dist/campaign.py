@@ -160,6 +160,9 @@ class ResourcesConfig(StrictModel):
     max_retries: Annotated[int, Field(ge=0)] = 3  # restarts of a micro-batch from its checkpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where the actor has a GPU
     runtime_env: RuntimeEnvConfig | None = None  # user code and packages for the actors (working_dir, py_modules, ...)
+    # split placement: how stages pass tensors actor to actor: a Ray Compiled Graph per replica, or Ray tasks
+    # with ObjectRefs; auto: compiled where Ray can compile, else tasks (one log line)
+    transport: Literal["auto", "compiled", "tasks"] = "auto"
 
     @property
     def executor_name(self) -> str:

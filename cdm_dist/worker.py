@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +26,55 @@ from cdm_dist.registry import ProblemSource, resolve_problem
 
 ROLES = ("both", "prior", "sampler")
 PICTURE_SAMPLES = 512  # conditional samples at x* drawn for a chain's picture (fixed noise, not for selection)
+
+
+@dataclass
+class SlotPlan:
+    """The driver's request for one in-flight slot of a split chunk: advance the micro-batch to step `until` (from
+    `checkpoint` when given, else from the state the prior holds), or evaluate it (finish)."""
+
+    batch: MicroBatch
+    until: int
+    checkpoint: Checkpoint | None = None
+    finish: bool = False
+    start: bool = False  # the micro-batch's first plan: start from x_T when no checkpoint is given
+
+
+@dataclass
+class Relay:
+    """What one split stage hands the next, actor to actor: x̂0 and the guess radius (prior -> sampler), the loss
+    and dL/dx̂0 (sampler -> prior), the final state to evaluate, or the evaluated result."""
+
+    batch: MicroBatch
+    step: int
+    x0: torch.Tensor | None = None  # (B, *event)
+    radius: float = 0.0
+    loss: torch.Tensor | None = None  # (B,)
+    grad: torch.Tensor | None = None  # (B, *event)
+    final: Checkpoint | None = None
+    result: MicroBatchResult | None = None
+
+
+@dataclass
+class SlotOutput:
+    """What the driver gets back for a slot: the chunk (at a checkpoint boundary) or the finished result."""
+
+    key: tuple[str, int]
+    step: int
+    chunk: Chunk | None = None
+    result: MicroBatchResult | None = None
+
+
+@dataclass
+class Resident:
+    """A micro-batch's chain state held by the prior between chunks (split placement)."""
+
+    state: ChainState
+    first: int  # the step the current chunk began at
+    losses: list[torch.Tensor] = field(default_factory=list)  # (B,) per step taken in this chunk
+    denoised: Denoised | None = None  # the step the sampler is working on
+    until: int = 0
+    batch: MicroBatch | None = None
 
 
 def pick_device(preference: str, has_gpu: bool) -> torch.device:
@@ -157,6 +207,9 @@ class ChainWorker(ProbeMixin):
         self._prior_sides: dict[tuple[str, int], PriorSide] = {}
         self._sampler_sides: dict[tuple[str, int], SamplerSide] = {}
         self._pending: dict[tuple[str, int], tuple[ChainState, Denoised]] = {}
+        self._resident: dict[tuple[str, int], Resident] = {}
+        # x̂0 and gradients stay on the device when compiled graphs move them accelerator to accelerator
+        self.device_messages = self.device.type == "cuda" and config.resources.transport == "compiled"
         self._busy = 0.0
         self._started = time.perf_counter()
         self.build_parts()
@@ -336,6 +389,98 @@ class ChainWorker(ProbeMixin):
         state = self._prior_side(batch).advance(state, denoised, loss, grad)
         self._busy += time.perf_counter() - tic
         return Chunk(state.checkpoint(), state.step - 1, state.loss.cpu()[:, None])
+
+    # -- split placement, a chunk at a time: the prior holds the chain state, tensors go actor to actor ------
+    def stage_prior(self, message: SlotPlan | Relay | None) -> Relay | None:
+        """Prior: finish the step the sampler worked on (advance), then begin the next one: x̂0 for the sampler at a
+        guided step, the whole step at an unguided one. A SlotPlan starts the chunk (loading a checkpoint if given)."""
+        if message is None:
+            return None
+        tic = time.perf_counter()
+        if isinstance(message, SlotPlan):
+            resident = self._load(message)
+            if message.finish:
+                relay = Relay(message.batch, resident.state.step, final=resident.state.checkpoint())
+                self._busy += time.perf_counter() - tic
+                return relay
+        else:
+            if message.result is not None:  # a finished micro-batch passes through
+                return message
+            resident = self._finish_step(message)
+        relay = self._begin_step(resident)
+        self._busy += time.perf_counter() - tic
+        return relay
+
+    def stage_sampler(self, relay: Relay | None) -> Relay | None:
+        """Sampler: the matching loss and its gradient at x̂0, or the final evaluation; anything else passes."""
+        if relay is None or (relay.x0 is None and relay.final is None):
+            return relay
+        tic = time.perf_counter()
+        if relay.final is not None:
+            result = self.finish(relay.batch, relay.final)
+            out = Relay(relay.batch, relay.step, result=result)
+        else:
+            loss, grad = self._sampler_side(relay.batch).matching_grad(relay.x0, relay.step, relay.radius)
+            out = Relay(relay.batch, relay.step, loss=loss, grad=grad)
+        self._busy += time.perf_counter() - tic
+        return out
+
+    def stage_end(self, relay: Relay | None) -> SlotOutput | None:
+        """Prior: the chunk's last advance; returns the chunk (checkpoint + losses), or the result with prior_fit."""
+        if relay is None:
+            return None
+        tic = time.perf_counter()
+        if relay.result is not None:
+            result = self.prior_fit(relay.batch, relay.result)
+            self._resident.pop(relay.batch.key, None)
+            output = SlotOutput(relay.batch.key, relay.batch.method.num_steps, result=result)
+        else:
+            resident = self._finish_step(relay)
+            state = resident.state
+            losses = torch.stack(resident.losses, 1) if resident.losses else torch.empty(len(state.x), 0)
+            output = SlotOutput(relay.batch.key, state.step, Chunk(state.checkpoint(), resident.first, losses))
+            resident.first, resident.losses = state.step, []
+        self._busy += time.perf_counter() - tic
+        return output
+
+    def _load(self, plan: SlotPlan) -> Resident:
+        key = plan.batch.key
+        if plan.checkpoint is not None or plan.start:
+            state = self._state(plan.batch, plan.checkpoint)
+            self._resident[key] = Resident(state, state.step)
+        if key not in self._resident:
+            raise LostStepError(f"micro-batch {key}: the prior holds no state for it (worker restarted?)")
+        resident = self._resident[key]
+        resident.until, resident.batch = plan.until, plan.batch
+        return resident
+
+    def _finish_step(self, relay: Relay) -> Resident:
+        """Apply the sampler's gradient to the pending step (an unguided step was finished by _begin_step)."""
+        if relay.batch.key not in self._resident:
+            raise LostStepError(f"micro-batch {relay.batch.key}: the prior holds no state for it (worker restarted?)")
+        resident = self._resident[relay.batch.key]
+        if relay.grad is not None:
+            resident.state = self._prior_side(relay.batch).advance(
+                resident.state, resident.denoised, relay.loss, relay.grad
+            )
+            resident.denoised = None
+            resident.losses.append(resident.state.loss.cpu())
+        return resident
+
+    def _begin_step(self, resident: Resident) -> Relay:
+        """x̂0 of the next step for the sampler, or the whole step when it is unguided (or nothing past `until`)."""
+        state, batch = resident.state, resident.batch
+        if state.step >= resident.until:
+            return Relay(batch, state.step)
+        side = self._prior_side(batch)
+        denoised = side.denoise(state)
+        if side.guided[state.step]:
+            resident.denoised = denoised
+            x0 = denoised.x0 if self.device_messages else denoised.x0.cpu()
+            return Relay(batch, state.step, x0=x0, radius=denoised.radius)
+        resident.state = side.advance(state, denoised)
+        resident.losses.append(resident.state.loss.cpu())
+        return Relay(batch, resident.state.step)
 
 
 def _shape(shape: tuple[int, ...] | None) -> list[int] | None:

@@ -70,20 +70,27 @@ _SMALL = [
 
 
 @pytest.mark.parametrize(
-    ("executor", "replicas", "in_flight"),
-    [("ray_colocated", 2, 1), ("ray_split", 1, 1), ("ray_split", 1, 3)],
+    ("executor", "replicas", "in_flight", "transport"),
+    [
+        ("ray_colocated", 2, 1, "tasks"),
+        ("ray_split", 1, 1, "compiled"),
+        ("ray_split", 2, 3, "compiled"),
+        ("ray_split", 1, 2, "tasks"),
+    ],
 )
 def test_every_executor_gives_the_same_chains(
-    ray_cluster, small_campaign, local_reference, executor, replicas, in_flight
+    ray_cluster, small_campaign, local_reference, executor, replicas, in_flight, transport
 ):
     config = small_campaign(
         resources__executor="ray",
         resources__placement=executor.removeprefix("ray_"),
         resources__replicas=replicas,
         resources__in_flight=in_flight,
+        resources__transport=transport,
     )
-    report = _run(config)
-    assert report.executor == executor
+    executor_ = RayExecutor(config)
+    report = _run(config, executor_)
+    assert report.executor == executor and executor_.transport == transport
     _assert_same_chains(report, local_reference)
 
 
@@ -125,9 +132,15 @@ def _kill_and_wait(actor):
     raise AssertionError("the actor did not come back")
 
 
-@pytest.mark.parametrize(("placement", "role"), [("colocated", "prior"), ("split", "prior"), ("split", "sampler")])
-def test_killing_an_actor_mid_campaign_loses_no_chain(ray_cluster, small_campaign, local_reference, placement, role):
-    config = small_campaign(resources__placement=placement, resources__in_flight=2)
+@pytest.mark.parametrize(
+    ("placement", "role", "transport"),
+    [("colocated", "prior", "tasks"), ("split", "prior", "compiled"), ("split", "sampler", "compiled"),
+     ("split", "prior", "tasks")],
+)  # fmt: skip
+def test_killing_an_actor_mid_campaign_loses_no_chain(
+    ray_cluster, small_campaign, local_reference, placement, role, transport
+):
+    config = small_campaign(resources__placement=placement, resources__in_flight=2, resources__transport=transport)
     executor = RayExecutor(config)
     replica = executor.replicas[0]
     actor = replica.prior if role == "prior" else replica.sampler
@@ -144,41 +157,43 @@ def test_killing_an_actor_mid_campaign_loses_no_chain(ray_cluster, small_campaig
     _assert_same_chains(report, local_reference)
 
 
-def test_a_prior_that_lost_a_half_done_step_resumes_from_the_checkpoint(ray_cluster, small_campaign, local_reference):
-    """The prior dies between denoise and advance: the micro-batch restarts from its last checkpoint."""
-    config = small_campaign(resources__placement="split")
-    killed = []
+@pytest.mark.parametrize("transport", ["tasks", "compiled"])
+def test_a_prior_that_restarted_between_chunks_costs_no_retry(ray_cluster, small_campaign, local_reference, transport):
+    """The prior restarts after a chunk, so its chains' state is gone: with tasks the next chunk's stage raises
+    LostStepError, with a compiled graph the graph is down; either way the micro-batches go on from their
+    checkpoints without using a retry."""
+    config = small_campaign(resources__placement="split", resources__max_retries=0, resources__transport=transport)
+    executor = RayExecutor(config)
+    restarted = []
 
-    class KillAfterDenoise(RayExecutor):
-        def _advance(self, flight, value, sink):
-            nxt = super()._advance(flight, value, sink)
-            if not killed and flight.job.batch.index == 1 and flight.stage == "grad" and flight.step == 6:
-                killed.append(_kill_and_wait(flight.replica.prior))
-            return nxt
+    def restart_once(batch, chunk):
+        if not restarted and batch.index == 1 and chunk.step == 8:
+            restarted.append(_kill_and_wait(executor.replicas[0].prior))
 
-    report = _run(config, KillAfterDenoise(config))
-    assert killed
-    assert not any(r.failed for r in report.rows)
+    report = _run(config, executor, on_chunk=restart_once)
+    assert restarted and not any(r.failed for r in report.rows)
     _assert_same_chains(report, local_reference)
-    assert report.chain_steps >= 6 * 12 + 2 * 2  # micro-batch 1 (2 chains) redid steps 4 and 5 at least
 
 
 def test_a_micro_batch_that_keeps_failing_on_a_live_actor_fails_only_its_chains(
-    ray_cluster, small_campaign, local_reference
+    ray_cluster, small_campaign, local_reference, monkeypatch
 ):
-    """Micro-batch 2's stages raise inside a live actor (a corrupt checkpoint): it uses its retries, then fails."""
+    """Micro-batch 2's plans raise inside a live actor (a corrupt checkpoint): it uses its retries, then fails."""
+    from actors.lanes import LanePool
     from cdm_dist.execution import Checkpoint
 
     config = small_campaign(resources__placement="split", resources__max_retries=1)
+    plan = LanePool._plan
 
-    class CorruptBatch2(RayExecutor):
-        def _submit(self, flight):
-            if flight.job.batch.index == 2 and flight.step >= 4:
-                good = flight.job.checkpoint
-                flight.job.checkpoint = Checkpoint(good.step, good.x, good.failed.repeat(3))  # 6 flags for 2 chains
-            return super()._submit(flight)
+    def corrupt_batch_2(self, flight):
+        made = plan(self, flight)
+        if made is not None and flight.job.batch.index == 2 and flight.step >= 4:
+            good = flight.job.checkpoint
+            made.checkpoint = Checkpoint(good.step, good.x, good.failed.repeat(3))  # 6 flags for 2 chains
+        return made
 
-    report = _run(config, CorruptBatch2(config))
+    monkeypatch.setattr(LanePool, "_plan", corrupt_batch_2)
+    report = _run(config)
     assert [r.failed for r in report.rows] == [False] * 4 + [True] * 2
     assert all(r.chain not in (4, 5) for r in report.topk)
     for got, want in zip(report.rows[:4], local_reference.rows[:4], strict=True):
