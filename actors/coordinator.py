@@ -27,7 +27,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.lanes import LanePool, resolve_transport
-from actors.workers import RemoteWorker
+from actors.workers import NodeMonitor, RemoteWorker
 from cdm_dist.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.errors import InputError
 from cdm_dist.execution import Job, Sink, chunk_end, step_of
@@ -121,6 +121,7 @@ class RayExecutor:
         self._lanes_lock = threading.Lock()
         self.per_actor_env = connect(address, config.resources.runtime_env)
         self._check_capacity()
+        self._check_metrics_store()
         self.replicas: list[Replica] = []
         try:
             for r in range(self.resources.replicas):
@@ -227,6 +228,7 @@ class RayExecutor:
                                                       strict=True)]  # fmt: skip
 
     def close(self) -> None:
+        self.stop_system_metrics()
         if self.lanes is not None:
             self.lanes.close()
             self.lanes = None
@@ -258,6 +260,45 @@ class RayExecutor:
             role: (busy_after[role] - busy_before.get(role, 0.0)) / self.wall_seconds / count
             for role, count in self._role_counts().items()
         }
+
+    def start_system_metrics(self, run_id: str, uri: str, seconds: float) -> dict[str, str]:
+        """One MLflow system-metrics monitor per alive Ray node, on the run; returns node id -> node address."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = {n["NodeID"][:12]: n for n in ray.nodes() if n.get("Alive")}
+        self.monitors = [
+            NodeMonitor.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+                runtime_env=self.resources.runtime_env.ray_dict() if self.per_actor_env else None,
+            ).remote(run_id, uri, seconds, short)
+            for short, node in nodes.items()
+        ]
+        ray.get([m.__ray_ready__.remote() for m in self.monitors])
+        return {short: node["NodeManagerAddress"] for short, node in nodes.items()}
+
+    def stop_system_metrics(self) -> None:
+        for monitor in getattr(self, "monitors", []):
+            try:
+                ray.get(monitor.stop.remote(), timeout=60)
+            except ray.exceptions.RayError as exc:
+                log.warning("a system-metrics monitor did not stop cleanly: %s", _last_line(exc))
+            ray.kill(monitor)
+        self.monitors = []
+
+    def _check_metrics_store(self) -> None:
+        """System metrics are written by each node: a store that is a file on this machine takes no others'."""
+        tracking = self.config.tracking
+        if not (tracking.enabled and tracking.system_metrics) or tracking.uri.startswith(("http://", "https://")):
+            return
+        if "://" in tracking.uri and not tracking.uri.startswith(("sqlite:", "file:")):
+            return  # a database server every node can reach
+        here = ray.util.get_node_ip_address()
+        others = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")} - {here})
+        if others:
+            raise InputError(
+                f"tracking.system_metrics: the MLflow store {tracking.uri} is a file on this machine, and the "
+                f"cluster's nodes {others} cannot write to it; use an MLflow server (tracking.uri: http://...)"
+            )
 
     @property
     def driver_bytes(self) -> int:

@@ -37,3 +37,16 @@ class WorkerActor(ChainWorker):
 
 
 RemoteWorker = ray.remote(WorkerActor)
+
+
+@ray.remote(num_cpus=0)
+class NodeMonitor:
+    """MLflow's system-metrics monitor on one Ray node (pinned there), writing system/<node>/... to a run."""
+
+    def __init__(self, run_id: str, uri: str, seconds: float, node_id: str) -> None:
+        from cdm_dist.worker import system_metrics_monitor
+
+        self.monitor = system_metrics_monitor(run_id, uri, seconds, node_id)
+
+    def stop(self) -> None:
+        self.monitor.finish()

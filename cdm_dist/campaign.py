@@ -177,6 +177,15 @@ class TrackingConfig(StrictModel):
     experiment: str = Field("cdm", min_length=1)
     artifact_location: str = "out/mlartifacts"  # for experiments this campaign creates in a local store
     log_every: PositiveInt = 1  # loss metric every k steps
+    flush_seconds: NonNegative = 5.0  # per-chain losses reach MLflow while the campaign runs, batched this often
+    system_metrics: bool = False  # CPU, memory, disk, network, GPU of every Ray node on the campaign run (MLflow's)
+    system_metrics_seconds: Positive = 10.0  # their sampling interval
+
+    @model_validator(mode="after")
+    def _metrics_need_a_store(self) -> TrackingConfig:
+        if self.system_metrics and not self.enabled:
+            raise ValueError("system_metrics: needs tracking.enabled (there is no MLflow run to take them)")
+        return self
 
 
 class ParamSpec(StrictModel):
@@ -311,7 +320,13 @@ def with_values(config: CampaignConfig, values: dict[str, Any], source: str = "t
     return parse(CampaignConfig, data, source)
 
 
-RESUME_MAY_CHANGE = ("resources.", "tracking.log_every", "topk")  # where and how to run, not which chains
+RESUME_MAY_CHANGE = (
+    "resources.",
+    "tracking.log_every",
+    "tracking.flush_seconds",
+    "tracking.system_metrics",
+    "topk",
+)  # where and how to run, not which chains
 RESUME_MAY_NOT_CHANGE = ("resources.micro_batch",)  # the split of the chains into micro-batches
 
 

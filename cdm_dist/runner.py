@@ -155,14 +155,22 @@ def campaign_info(config: CampaignConfig, store: CampaignStore) -> CampaignInfo:
 
 
 def default_callbacks(
-    config: CampaignConfig, store: CampaignStore, progress: bool = True, parent_tags: dict[str, str] | None = None
+    config: CampaignConfig,
+    store: CampaignStore,
+    executor: Executor,
+    progress: bool = True,
+    parent_tags: dict[str, str] | None = None,
 ) -> list[CampaignCallback]:
-    """A progress bar, and MLflow tracking when the config enables it (parent_tags nest it, e.g. under a study)."""
+    """A progress bar, MLflow tracking when the config enables it (parent_tags nest it, e.g. under a study), and
+    per-node system metrics on the campaign run when asked for."""
     callbacks: list[CampaignCallback] = [ProgressBar(config.name, progress)]
     if config.tracking.enabled:
-        from cdm_dist.tracking import MLflowTracker
+        from cdm_dist.tracking import MLflowTracker, SystemMetrics
 
-        callbacks.append(MLflowTracker(config, store, parent_tags))
+        tracker = MLflowTracker(config, store, parent_tags)
+        callbacks.append(tracker)
+        if config.tracking.system_metrics:
+            callbacks.append(SystemMetrics(tracker, executor))
     return callbacks
 
 
@@ -176,7 +184,7 @@ def run_campaign(
 ) -> CampaignReport:
     """Run (or finish, for a store with progress in it) a campaign; returns its report. `callbacks` come after the
     default ones (progress bar, MLflow tracking)."""
-    everyone = [*default_callbacks(config, store, progress, parent_tags), *callbacks]
+    everyone = [*default_callbacks(config, store, executor, progress, parent_tags), *callbacks]
     driver = CampaignDriver(config, store, everyone)
     tic = time.perf_counter()
     started: list[CampaignCallback] = []

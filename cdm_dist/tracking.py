@@ -15,7 +15,7 @@ import torch
 from cdm_dist.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, Progress
 from cdm_dist.campaign import CampaignConfig, MicroBatch, TrackingConfig
 from cdm_dist.errors import InputError
-from cdm_dist.execution import MicroBatchResult
+from cdm_dist.execution import Chunk, MicroBatchResult
 from cdm_dist.store import CampaignStore
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ class MLflowTracker(CampaignCallback):
         self.child_ids: dict[int, str] = {}
         self.resumed = False  # runs made by an earlier driver may hold part of what we write
         self._done: set[str] | None = None  # child runs already terminal (read once on resume)
+        self._have: dict[tuple[str, str], set[int]] = {}  # (run, key) -> steps written (by any driver)
+        self._buffer: dict[int, dict[int, float]] = {}  # chain -> step -> loss, not written yet
+        self._flushed = time.monotonic()
 
     def _save_ids(self) -> None:
         self.store.save_tracking(
@@ -128,6 +131,30 @@ class MLflowTracker(CampaignCallback):
             if not token:
                 return runs
 
+    def on_chunk(self, batch: MicroBatch, chunk: Chunk, progress: Progress) -> None:
+        """Buffer the chunk's guidance losses per chain; write the buffer every tracking.flush_seconds (live
+        curves in the UI while the campaign runs)."""
+        every = self.config.tracking.log_every
+        for row, chain in enumerate(batch.chain_ids):
+            points = self._buffer.setdefault(chain, {})
+            for k, value in enumerate(chunk.losses[row].tolist()):
+                step = chunk.first_step + k
+                if step % every == 0 and math.isfinite(value):
+                    points[step] = value  # a step redone after a roll-back has the same value: kept once
+        if time.monotonic() - self._flushed >= self.config.tracking.flush_seconds:
+            self._flush(progress)
+
+    def _flush(self, progress: Progress | None) -> None:
+        for chain, points in self._buffer.items():
+            if points:
+                run_id = self.child_ids[chain]
+                self._batch(run_id, self._missing(run_id, [("loss", v, s) for s, v in sorted(points.items())]))
+                points.clear()
+        if progress is not None:
+            steps = progress.chain_steps_done
+            self._batch(self.parent_id, self._missing(self.parent_id, [("chain_steps_done", steps, steps)]))
+        self._flushed = time.monotonic()
+
     def on_restored(
         self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: Sequence[Sequence[Path]]
     ) -> None:
@@ -156,6 +183,7 @@ class MLflowTracker(CampaignCallback):
             params |= flatten(method, "method.")
             losses = history[row].tolist()
             metrics = [("loss", v, s) for s, v in enumerate(losses) if s % every == 0 or s == len(losses) - 1]
+            self._buffer.pop(chain, None)
             if not failed:
                 metrics.append(("final_loss", result.final_loss[row].item(), len(losses)))
                 metrics += [(k, v[row].item(), len(losses)) for k, v in result.metrics.items()]
@@ -177,13 +205,19 @@ class MLflowTracker(CampaignCallback):
         return run_id in self._done
 
     def _missing(self, run_id: str, metrics: Sequence[tuple[str, float, int]]) -> list[tuple[str, float, int]]:
-        """The points an earlier driver did not write (all of them for a run this driver made)."""
-        if not self.resumed:
-            return list(metrics)
-        have = {
-            (key, m.step) for key in {k for k, _, _ in metrics} for m in self.client.get_metric_history(run_id, key)
-        }
-        return [(k, v, step) for k, v, step in metrics if (k, step) not in have]
+        """The points no driver has written yet (read from MLflow once per run and key on resume), now counted as
+        written: a step redone after a roll-back, a live point written again at the end, or a point an earlier
+        driver wrote is never written twice."""
+        missing = []
+        for key, value, step in metrics:
+            have = self._have.get((run_id, key))
+            if have is None:
+                have = {m.step for m in self.client.get_metric_history(run_id, key)} if self.resumed else set()
+                self._have[(run_id, key)] = have
+            if step not in have and math.isfinite(value):
+                have.add(step)
+                missing.append((key, value, step))
+        return missing
 
     def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:
         """Summary metrics and FINISHED; or FAILED (`--resume` can finish it), KILLED when a callback stopped it."""
@@ -192,6 +226,7 @@ class MLflowTracker(CampaignCallback):
         if report is None:
             self.client.set_terminated(self.parent_id, "KILLED" if isinstance(error, CampaignStopped) else "FAILED")
             return
+        self._flush(None)
         summary = [(k, v, 0) for k, v in report.summary().items()]
         self._batch(self.parent_id, self._missing(self.parent_id, summary))
         self.client.set_terminated(self.parent_id, "FINISHED")
@@ -223,6 +258,24 @@ class MLflowTracker(CampaignCallback):
                 param_list[MAX_PARAMS:],
                 tag_list[MAX_TAGS:],
             )
+
+
+class SystemMetrics(CampaignCallback):
+    """Per-node system metrics on the campaign's run while it runs: the executor starts MLflow's monitor on every
+    node (tagged by node id; the run's cdm.node.<id> tags give each node's address) and stops them at the end."""
+
+    def __init__(self, tracker: MLflowTracker, executor: Any) -> None:
+        self.tracker, self.executor = tracker, executor
+
+    def on_start(self, info: CampaignInfo, progress: Progress) -> None:
+        tracking = self.tracker.config.tracking
+        nodes = self.executor.start_system_metrics(
+            self.tracker.parent_id, tracking.uri, tracking.system_metrics_seconds
+        )
+        self.tracker._batch(self.tracker.parent_id, tags={f"cdm.node.{k}": v for k, v in nodes.items()})
+
+    def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:
+        self.executor.stop_system_metrics()
 
 
 def experiment_id(client: Any, tracking: TrackingConfig) -> str:

@@ -77,6 +77,20 @@ class Resident:
     batch: MicroBatch | None = None
 
 
+def system_metrics_monitor(run_id: str, uri: str, seconds: float, node_id: str) -> Any:
+    """MLflow's SystemMetricsMonitor (CPU, memory, disk, network, GPU where present) logging to a run under
+    system/<node_id>/..., started."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from cdm_dist.tracking import resolve_uri
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=seconds, resume_logging=True, node_id=node_id, tracking_uri=resolve_uri(uri)
+    )
+    monitor.start()
+    return monitor
+
+
 def pick_device(preference: str, has_gpu: bool) -> torch.device:
     """CUDA when asked for (or 'auto' with a GPU assigned and visible), else CPU."""
     if preference == "cuda" or (preference == "auto" and has_gpu and torch.cuda.is_available()):
@@ -524,6 +538,18 @@ class LocalExecutor:
     def infos(self) -> list[dict[str, Any]]:
         """What each worker built (one here)."""
         return [self.worker.info() | self.worker.memory()]
+
+    def start_system_metrics(self, run_id: str, uri: str, seconds: float) -> dict[str, str]:
+        """MLflow's system-metrics monitor for this machine, on the run; returns node id -> address."""
+        import socket
+
+        self._monitor = system_metrics_monitor(run_id, uri, seconds, socket.gethostname())
+        return {socket.gethostname(): "localhost"}
+
+    def stop_system_metrics(self) -> None:
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.finish()
+            self._monitor = None
 
     def close(self) -> None:
         """Nothing to release in-process."""

@@ -51,6 +51,7 @@ def _args(tmp_path, name):
         "method.refine_steps": 1, "chains.count": 6, "resources.executor": "local", "resources.micro_batch": 2,
         "resources.checkpoint_every": 4, "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
         "tracking.artifact_location": str(tmp_path / "art"), "tracking.experiment": name,
+        "tracking.flush_seconds": 0,  # every chunk's losses are written live, before the driver dies
         "output": str(tmp_path / name),
     }  # fmt: skip
     return ["run", "--quiet", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
