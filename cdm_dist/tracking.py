@@ -269,9 +269,8 @@ class SystemMetrics(CampaignCallback):
 
     def on_start(self, info: CampaignInfo, progress: Progress) -> None:
         tracking = self.tracker.config.tracking
-        nodes = self.executor.start_system_metrics(
-            self.tracker.parent_id, tracking.uri, tracking.system_metrics_seconds
-        )
+        seconds = tracking.system_metrics_seconds
+        nodes = self.executor.start_system_metrics(self.tracker.parent_id, tracking.uri, seconds)
         self.tracker._batch(self.tracker.parent_id, tags={f"cdm.node.{k}": v for k, v in nodes.items()})
 
     def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:

@@ -47,8 +47,8 @@ def test_loss_curves_reach_mlflow_while_the_campaign_runs(small_campaign):
 
 def test_system_metrics_of_this_machine_reach_the_campaign_run(small_campaign):
     config = small_campaign(tracking__enabled=True, tracking__system_metrics=True, tracking__system_metrics_seconds=0.2)
-    report = run_campaign(config, LocalExecutor(config), CampaignStore.create(config), [Peek(lambda b, c: time.sleep(0.2))],
-                          progress=False)  # fmt: skip
+    slow = [Peek(lambda b, c: time.sleep(0.2))]
+    report = run_campaign(config, LocalExecutor(config), CampaignStore.create(config), slow, progress=False)
     run = client_for(config.tracking.uri).get_run(report.campaign_run_id)
     host = socket.gethostname()
     assert run.data.tags[f"cdm.node.{host}"] == "localhost"
