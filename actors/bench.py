@@ -1,9 +1,21 @@
-"""`cdm bench ray`: the same chains in-process, on colocated replicas and on split prior/sampler actors."""
+"""`cdm bench ray`: the same chains in-process, on colocated replicas, and on split prior/sampler actors over Ray tasks
+and over compiled graphs, with 1, 2 and 4 micro-batches in flight, on three problems:
+
+- gmm5d: the exact 5D mixture (its prior costs almost nothing: the sampler does all the work);
+- digits: the shipped learned models (UNet2DModel prior, CNN flow sampler), full gradient through the prior;
+- latent: the tiny latent models (UNet2DConditionModel prior; VAE decoder + image sampler), full gradient.
+
+Per row: chain-steps/s (after a warm-up micro-batch), each actor's busy fraction, the tensor bytes through the
+driver per chain-step (in all, and between checkpoints), and the Ray overhead per stage (stages that do nothing).
+"""
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -15,97 +27,143 @@ from cdm_dist.runner import CampaignDriver, run_campaign
 from cdm_dist.store import CampaignStore
 from cdm_dist.worker import LocalExecutor
 
+IN_FLIGHT = (1, 2, 4)
+COLUMNS = ["problem", "executor", "transport", "micro_batches", "chain_steps_per_s", "busy_prior", "busy_sampler",
+           "driver_bytes_per_step", "driver_bytes_between_checkpoints", "overhead_us_per_stage"]  # fmt: skip
 
-def bench_config(output: str, quick: bool, chains: int, n_c: int | None) -> list[str]:
-    """The campaign every executor runs: MLGD-F on the 5D mixture, full gradient through Tweedie."""
-    n_c = n_c or (32 if quick else 250)
-    return [
-        "name=bench-ray",
-        "problem.name=gmm5d",
-        f"method.num_steps={6 if quick else 30}",
-        f"method.n_c={n_c}",
-        f"method.target_batch={n_c}",
-        "method.n_guess=5",
-        f"chains.count={chains}",
-        f"resources.micro_batch={max(1, chains // 4)}",
-        "resources.checkpoint_every=10",
-        "tracking.enabled=false",
-        f"output={output}",
-    ]
+
+def problem_settings(problem: str, root: Path, quick: bool, n_c: int | None) -> list[str]:
+    """The campaign settings of one benchmark problem (every executor runs the same chains)."""
+    steps = 6 if quick else 20
+    common = [f"method.num_steps={steps}", "method.grad=full", "resources.checkpoint_every=5"]
+    if problem == "gmm5d":
+        n = n_c or (32 if quick else 250)
+        return [*common, "problem.name=gmm5d", f"method.n_c={n}", f"method.target_batch={n}", "method.n_guess=5"]
+    if problem == "digits":
+        n = n_c or (8 if quick else 32)
+        return [*common, "problem.name=digits", f"method.n_c={n}", "method.n_guess=1", "method.dtype=float32"]
+    from cdm_dist.bench.models import latent_problem
+    from cdm_dist.models.tiny import save_tiny_latent_pipeline
+
+    folder = root / "latent"
+    if not folder.is_dir():
+        save_tiny_latent_pipeline(folder)
+    n = n_c or (8 if quick else 16)
+    spec = latent_problem(folder, "tiny")
+    return [*common, f"problem={spec}", f"method.n_c={n}", f"method.target_batch={n}", "method.n_guess=1",
+            "method.dtype=float32"]  # fmt: skip
 
 
 def _warm_up(executor: Any, config: CampaignConfig, root: str) -> None:
-    """Run the first micro-batch once so every actor has loaded its models and caches before timing."""
-    warm = config.model_copy(update={"output": os.path.join(root, "warm")})
+    """Run the first micro-batch once so every actor has loaded its models (and a lane compiled its graph)."""
+    warm = config.model_copy(update={"output": os.path.join(root, "warm"), "name": f"{config.name}-warm"})
     driver = CampaignDriver(warm, CampaignStore.create(warm))
     executor.execute(driver.restore()[:1], driver)
 
 
-def _measure(config: CampaignConfig, root: str, in_flight: int | None = None) -> dict[str, Any]:
+def _measure(config: CampaignConfig, root: str, problem: str, in_flight: int | None) -> dict[str, Any]:
     executor = LocalExecutor(config) if config.resources.executor == "local" else RayExecutor(config)
     try:
         _warm_up(executor, config, root)
+        bytes_before = getattr(executor, "driver_bytes", 0)
         report = run_campaign(config, executor, CampaignStore.create(config), progress=False)
+        bytes_run = getattr(executor, "driver_bytes", 0) - bytes_before
+        overhead = _overhead_us_per_stage(executor) if config.resources.executor == "ray" else None
     finally:
         executor.close()
-    busy = getattr(executor, "busy_fraction", None) or None
+    busy = getattr(executor, "busy_fraction", None) or {}
+    split = config.resources.placement == "split" and config.resources.executor == "ray"
+    between = 0.0 if split else None  # split lanes move tensors through the driver only at chunk ends
     return {
+        "problem": problem,
         "executor": report.executor,
-        "micro_batches": in_flight or 1,
+        "transport": getattr(executor, "transport", None) if config.resources.executor == "ray" else None,
         "replicas": None if config.resources.executor == "local" else config.resources.replicas,
+        "micro_batches": in_flight or 1,
         "chain_steps_per_s": report.chain_steps / report.wall_seconds,
-        "actor_busy_fraction": min(busy.values()) if busy else None,
-        "busy_by_role": busy,
-        "step_ms": 1000
-        * report.wall_seconds
-        / (config.method.num_steps * len(report.rows) / config.resources.micro_batch),
+        "busy_prior": busy.get("prior", busy.get("replica")),
+        "busy_sampler": busy.get("sampler", busy.get("replica")),
+        "driver_bytes_per_step": bytes_run / report.chain_steps if config.resources.executor == "ray" else None,
+        "driver_bytes_between_checkpoints": between,
+        "overhead_us_per_stage": overhead,
         "best_final_loss": min(r.final_loss for r in report.rows),
     }
 
 
-def bench_ray(json_path: str | None, chains: int = 64, quick: bool = False, n_c: int | None = None) -> dict[str, Any]:
-    """Throughput of every executor on the same chains; Ray overhead = 1 - best Ray / in-process."""
+def _overhead_us_per_stage(executor: RayExecutor, executions: int = 30) -> float:
+    """Ray's own cost per stage: split lanes run chunks whose stages do nothing; a colocated replica answers pings."""
+    if executor.lanes is not None:
+        lane = executor.lanes.lanes[0]
+        return lane.overhead_us_per_stage(executions)
+    actor = executor.replicas[0].prior
+    ray.get(actor.ping.remote())
+    tic = time.perf_counter()
+    for _ in range(executions):
+        ray.get(actor.ping.remote())
+    return 1e6 * (time.perf_counter() - tic) / executions
+
+
+def bench_ray(
+    json_path: str | None,
+    chains: int = 32,
+    quick: bool = False,
+    n_c: int | None = None,
+    problems: tuple[str, ...] = ("gmm5d", "digits", "latent"),
+) -> dict[str, Any]:
+    """Every executor and transport on every problem; Ray overhead = 1 - best Ray / in-process (per problem)."""
     started = not ray.is_initialized()
     connect(None, num_cpus=os.cpu_count() or 1)
     cores = int(ray.cluster_resources().get("CPU", 1))
     rows = []
-    with tempfile.TemporaryDirectory() as root:
-        base = bench_config(root, quick, chains, n_c)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for problem in problems:
+            base = [
+                "name=bench-ray", f"chains.count={chains}", f"resources.micro_batch={max(1, chains // 4)}",
+                "tracking.enabled=false", f"output={root / problem}",
+                *problem_settings(problem, root, quick, n_c),
+            ]  # fmt: skip
 
-        def config(*extra: str) -> CampaignConfig:
-            return load_config(None, [*base, *extra])
+            def config(*extra: str, base: list[str] = base) -> CampaignConfig:
+                return load_config(None, [*base, *extra])
 
-        rows.append(_measure(config("resources.executor=local", f"resources.threads={cores}"), root))
-        rows.append(_measure(config("resources.placement=colocated", "resources.replicas=1",
-                                    f"resources.threads={cores}", f"resources.num_cpus={cores}"), root))  # fmt: skip
-        if cores >= 2:
-            rows.append(_measure(config("resources.placement=colocated", f"resources.replicas={cores}"), root))
-        per_actor = max(1, cores // 2)
-        for in_flight in (1, 2, 4):
-            split = config(
-                "resources.placement=split",
-                f"resources.in_flight={in_flight}",
-                f"resources.threads={per_actor}",
-                f"resources.num_cpus={cores / 2}",
-            )
-            rows.append(_measure(split, root, in_flight))
+            rows.append(_measure(config("resources.executor=local", f"resources.threads={cores}"), tmp, problem, None))
+            rows.append(_measure(config("resources.placement=colocated", "resources.replicas=1",
+                                        f"resources.threads={cores}", f"resources.num_cpus={cores}"), tmp, problem,
+                                 None))  # fmt: skip
+            if cores >= 2:
+                rows.append(_measure(config("resources.placement=colocated", f"resources.replicas={cores}"), tmp,
+                                     problem, None))  # fmt: skip
+            per_actor = max(1, cores // 2)
+            for transport in ("tasks", "compiled"):
+                for in_flight in IN_FLIGHT:
+                    split = config(
+                        "resources.placement=split",
+                        f"resources.transport={transport}",
+                        f"resources.in_flight={in_flight}",
+                        f"resources.threads={per_actor}",
+                        f"resources.num_cpus={cores / 2}",
+                    )
+                    rows.append(_measure(split, tmp, problem, in_flight))
     if started:
         ray.shutdown()
-    local = rows[0]["chain_steps_per_s"]
-    best_ray = max(r["chain_steps_per_s"] for r in rows[1:])
-    same_threads = rows[1]["chain_steps_per_s"]  # one colocated replica with the in-process thread count
+    overheads = {}
+    for problem in problems:
+        mine = [r for r in rows if r["problem"] == problem]
+        local = mine[0]["chain_steps_per_s"]
+        overheads[problem] = 1 - max(r["chain_steps_per_s"] for r in mine[1:]) / local
     payload = {
         "rows": rows,
-        "ray_overhead": 1 - best_ray / local,
-        "ray_overhead_same_threads": 1 - same_threads / local,
+        "ray_overhead": statistics.mean(overheads.values()),
+        "ray_overhead_by_problem": overheads,
         "cores": cores,
         "chains": chains,
         "quick": quick,
     }
-    columns = ["executor", "replicas", "micro_batches", "chain_steps_per_s", "actor_busy_fraction", "step_ms"]
-    markdown = markdown_table(rows, columns) + (
-        f"\nray_overhead = {payload['ray_overhead']:.3f}; one replica with the same threads: "
-        f"{payload['ray_overhead_same_threads']:.3f} ({cores} cores)\n"
+    markdown = markdown_table(rows, COLUMNS) + (
+        "\nray_overhead (1 - best Ray / in-process) by problem: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in overheads.items())
+        + f" ({cores} cores)\n"
     )
     write_report(payload, json_path, markdown)
     return payload

@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     _bench_arguments(batching, chains=256)
 
-    ray_bench = benches.add_parser("ray", help="in-process vs Ray colocated vs Ray split on the same chains")
-    _bench_arguments(ray_bench, chains=64)
+    ray_bench = benches.add_parser("ray", help="in-process vs Ray colocated vs split (tasks, compiled) on 3 problems")
+    _bench_arguments(ray_bench, chains=32)
+    ray_bench.add_argument("--problems", default="gmm5d,digits,latent", help="comma-separated: gmm5d, digits, latent")
 
     tune_bench = benches.add_parser("tune", help="tuned vs default configuration on the 5D mixture and digits")
     tune_bench.add_argument("--problems", default="gmm5d,digits", help="comma-separated: gmm5d, digits")
@@ -140,6 +141,10 @@ def _check_bench(args: argparse.Namespace) -> None:
 
     if args.bench == "models":
         return
+    if args.bench == "ray":
+        unknown = sorted(set(args.problems.split(",")) - {"gmm5d", "digits", "latent"})
+        if unknown:
+            raise InputError(f"--problems: unknown {unknown}; expected some of ['digits', 'gmm5d', 'latent']")
     if args.bench == "faults":
         if args.repeats < 1 or args.kills < 0:
             raise InputError(f"--repeats and --kills: must be >= 1 and >= 0, got {args.repeats} and {args.kills}")
@@ -420,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.bench == "ray":
                 from actors.bench import bench_ray
 
-                bench_ray(args.json, args.chains, args.quick, args.n_c)
+                bench_ray(args.json, args.chains, args.quick, args.n_c, tuple(args.problems.split(",")))
             else:
                 from cdm_dist.bench.batching import bench_batching
 

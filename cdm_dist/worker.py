@@ -429,31 +429,27 @@ class ChainWorker(ProbeMixin):
         """Sampler: the matching loss and its gradient at x̂0, or the final evaluation; anything else passes."""
         if relay is None or (relay.x0 is None and relay.final is None):
             return relay
+        if relay.final is not None:  # finish counts its own busy time
+            return Relay(relay.batch, relay.step, result=self.finish(relay.batch, relay.final))
         tic = time.perf_counter()
-        if relay.final is not None:
-            result = self.finish(relay.batch, relay.final)
-            out = Relay(relay.batch, relay.step, result=result)
-        else:
-            loss, grad = self._sampler_side(relay.batch).matching_grad(relay.x0, relay.step, relay.radius)
-            out = Relay(relay.batch, relay.step, loss=loss, grad=grad)
+        loss, grad = self._sampler_side(relay.batch).matching_grad(relay.x0, relay.step, relay.radius)
         self._busy += time.perf_counter() - tic
-        return out
+        return Relay(relay.batch, relay.step, loss=loss, grad=grad)
 
     def stage_end(self, relay: Relay | None) -> SlotOutput | None:
         """Prior: the chunk's last advance; returns the chunk (checkpoint + losses), or the result with prior_fit."""
         if relay is None:
             return None
-        tic = time.perf_counter()
-        if relay.result is not None:
+        if relay.result is not None:  # prior_fit counts its own busy time
             result = self.prior_fit(relay.batch, relay.result)
             self._resident.pop(relay.batch.key, None)
-            output = SlotOutput(relay.batch.key, relay.batch.method.num_steps, result=result)
-        else:
-            resident = self._finish_step(relay)
-            state = resident.state
-            losses = torch.stack(resident.losses, 1) if resident.losses else torch.empty(len(state.x), 0)
-            output = SlotOutput(relay.batch.key, state.step, Chunk(state.checkpoint(), resident.first, losses))
-            resident.first, resident.losses = state.step, []
+            return SlotOutput(relay.batch.key, relay.batch.method.num_steps, result=result)
+        tic = time.perf_counter()
+        resident = self._finish_step(relay)
+        state = resident.state
+        losses = torch.stack(resident.losses, 1) if resident.losses else torch.empty(len(state.x), 0)
+        output = SlotOutput(relay.batch.key, state.step, Chunk(state.checkpoint(), resident.first, losses))
+        resident.first, resident.losses = state.step, []
         self._busy += time.perf_counter() - tic
         return output
 
