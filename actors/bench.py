@@ -3,7 +3,9 @@ and over compiled graphs, with 1, 2 and 4 micro-batches in flight, on three prob
 
 - gmm5d: the exact 5D mixture (its prior costs almost nothing: the sampler does all the work);
 - digits: the shipped learned models (UNet2DModel prior, CNN flow sampler), full gradient through the prior;
-- latent: the tiny latent models (UNet2DConditionModel prior; VAE decoder + image sampler), full gradient.
+- latent: the tiny latent models (UNet2DConditionModel prior with classifier-free guidance; VAE decoder + image
+  sampler), full gradient.
+The learned problems' settings (n_c, guidance) give the two actors comparable work, so the pipeline is what shows.
 
 Per row: chain-steps/s (after a warm-up micro-batch), each actor's busy fraction, the tensor bytes through the
 driver per chain-step (in all, and between checkpoints), and the Ray overhead per stage (stages that do nothing).
@@ -40,7 +42,7 @@ def problem_settings(problem: str, root: Path, quick: bool, n_c: int | None) -> 
         n = n_c or (32 if quick else 250)
         return [*common, "problem.name=gmm5d", f"method.n_c={n}", f"method.target_batch={n}", "method.n_guess=5"]
     if problem == "digits":
-        n = n_c or (8 if quick else 32)
+        n = n_c or (8 if quick else 16)
         return [*common, "problem.name=digits", f"method.n_c={n}", "method.n_guess=1", "method.dtype=float32"]
     from cdm_dist.bench.models import latent_problem
     from cdm_dist.models.tiny import save_tiny_latent_pipeline
@@ -48,8 +50,9 @@ def problem_settings(problem: str, root: Path, quick: bool, n_c: int | None) -> 
     folder = root / "latent"
     if not folder.is_dir():
         save_tiny_latent_pipeline(folder)
-    n = n_c or (8 if quick else 16)
-    spec = latent_problem(folder, "tiny")
+    n = n_c or 8
+    spec = latent_problem(folder, "tiny")  # with classifier-free guidance: two UNet passes per step on the prior
+    spec["prior"]["conditioning"] |= {"guidance_scale": 3.0, "negative_file": str(folder / "negative.safetensors")}
     return [*common, f"problem={spec}", f"method.n_c={n}", f"method.target_batch={n}", "method.n_guess=1",
             "method.dtype=float32"]  # fmt: skip
 

@@ -26,7 +26,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.lanes import LanePool, resolve_transport
+from actors.lanes import LanePool, resolve_transport, tensor_bytes
 from actors.workers import NodeMonitor, RemoteWorker
 from cdm_dist.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.errors import InputError
@@ -108,7 +108,8 @@ class RayExecutor:
 
     def __init__(self, config: CampaignConfig, address: str | None = None) -> None:
         self.split = config.resources.placement == "split"
-        self.compiled, fallback = resolve_transport(config.resources.transport, self.split)
+        gpus = config.resources.num_gpus >= 1
+        self.compiled, fallback = resolve_transport(config.resources.transport, self.split, gpus)
         if fallback:
             log.warning(fallback)
         transport = "compiled" if self.compiled else "tasks"
@@ -134,6 +135,7 @@ class RayExecutor:
         self.busy_fraction: dict[str, float] = {}
         self.wall_seconds = 0.0
         self.assignments: list[tuple[str, int, int]] = []  # (campaign, micro-batch, replica) as they started
+        self._colocated_bytes = 0
 
     # -- actors -----------------------------------------------------------------------------------------
     def _bundle(self) -> dict[str, float]:
@@ -302,8 +304,10 @@ class RayExecutor:
 
     @property
     def driver_bytes(self) -> int:
-        """Tensor bytes the split lanes sent to and received from the actors (checkpoints, losses, results)."""
-        return sum(lane.driver_bytes for lane in self.lanes.lanes) if self.lanes is not None else 0
+        """Tensor bytes that passed through the driver: split lanes' plans and outputs, colocated chunks and results
+        (checkpoints, losses, x*)."""
+        lanes = sum(lane.driver_bytes for lane in self.lanes.lanes) if self.lanes is not None else 0
+        return lanes + self._colocated_bytes
 
     def _execute_colocated(self, jobs: list[Job], sink: Sink) -> None:
         waiting = list(jobs)
@@ -370,8 +374,10 @@ class RayExecutor:
             flight.waiting_for = None
             return self._submit(flight)
         if flight.stage == "finish":
+            self._colocated_bytes += tensor_bytes(value.x) + tensor_bytes(value.final_loss)
             sink.on_result(flight.job.batch, value)
             return None
+        self._colocated_bytes += tensor_bytes(value.checkpoint) + tensor_bytes(value.losses)
         sink.on_chunk(flight.job.batch, value)  # a chunk of steps is done
         flight.job.checkpoint, flight.step = value.checkpoint, value.step
         return self._submit(flight)

@@ -81,6 +81,7 @@ class Lane:
         self.graph: Any = None
         self.driver_bytes = 0  # tensor bytes of plans sent and outputs received
         self.executions = 0
+        self.seconds_per_step = 0.0  # running mean of a chunk's seconds per slot-step (compiled graphs)
 
     def build(self) -> None:
         """Compile the lane's graph (transport 'compiled')."""
@@ -102,17 +103,25 @@ class Lane:
 
     def run(self, plans: list[SlotPlan | None]) -> list[SlotOutput | BaseException | None]:
         """One chunk for every slot; an application error stays in its slot, an actor's death is a LaneFault."""
-        self.driver_bytes += sum(_tensor_bytes(p.checkpoint) for p in plans if p is not None)
+        self.driver_bytes += sum(tensor_bytes(p.checkpoint) for p in plans if p is not None)
         try:
             if self.compiled:
+                tic = time.perf_counter()
                 refs = self.graph.execute(*plans)
+                steps = sum(p.until - p.checkpoint_step for p in plans if p is not None and not p.finish)
+                # Ray 2.60's channel reader spins a core while it waits (ray-project/ray#55128): sleep through most
+                # of the chunk first, so the driver does not take a core from the actors
+                time.sleep(0.8 * self.seconds_per_step * steps)
                 outputs = [self._get(ref, lambda r: r.get(timeout=-1)) for ref in refs]
+                if steps and not any(p is not None and p.finish for p in plans):
+                    per_step = (time.perf_counter() - tic) / steps
+                    self.seconds_per_step = min(per_step, 0.7 * self.seconds_per_step + 0.3 * per_step or per_step)
             else:
                 outputs = self._run_tasks(plans)
         except (ray.exceptions.RayActorError, ray.exceptions.RayChannelError) as exc:
             raise LaneFault(str(exc)) from exc
         self.executions += 1
-        self.driver_bytes += sum(_tensor_bytes(o) for o in outputs if isinstance(o, SlotOutput))
+        self.driver_bytes += sum(tensor_bytes(o) for o in outputs if isinstance(o, SlotOutput))
         return outputs
 
     def overhead_us_per_stage(self, executions: int = 30) -> float:
@@ -246,7 +255,10 @@ class LanePool:
         num_steps = flight.job.batch.method.num_steps
         until = chunk_end(flight.step, self.every, num_steps) if flight.step < num_steps else num_steps
         checkpoint = flight.job.checkpoint if flight.load else None
-        plan = SlotPlan(flight.job.batch, until, checkpoint, finish=flight.step >= num_steps, start=flight.start)
+        plan = SlotPlan(
+            flight.job.batch, until, checkpoint, finish=flight.step >= num_steps, start=flight.start,
+            checkpoint_step=flight.step,
+        )  # fmt: skip
         flight.load = flight.start = False
         return plan
 
@@ -322,27 +334,31 @@ class LanePool:
             flight.owner.inbox.put(("failed", flight.job.batch, reason))
 
 
-def _tensor_bytes(value: Any) -> int:
+def tensor_bytes(value: Any) -> int:
     """Bytes of the tensors in a plan, checkpoint or output (what passes through the driver)."""
     if value is None:
         return 0
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, Checkpoint):
-        return _tensor_bytes(value.x) + _tensor_bytes(value.failed)
+        return tensor_bytes(value.x) + tensor_bytes(value.failed)
     if isinstance(value, SlotOutput):
         chunk, result = value.chunk, value.result
         total = 0
         if chunk is not None:
-            total += _tensor_bytes(chunk.checkpoint) + _tensor_bytes(chunk.losses)
+            total += tensor_bytes(chunk.checkpoint) + tensor_bytes(chunk.losses)
         if result is not None:
-            total += _tensor_bytes(result.x) + _tensor_bytes(result.final_loss)
+            total += tensor_bytes(result.x) + tensor_bytes(result.final_loss)
         return total
     return 0
 
 
-def resolve_transport(requested: str, split: bool) -> tuple[bool, str | None]:
-    """(use compiled graphs, a log line for auto's fallback); InputError where `compiled` cannot be had."""
+def resolve_transport(requested: str, split: bool, gpus: bool) -> tuple[bool, str | None]:
+    """(use compiled graphs, a log line for auto's choice of tasks); InputError where `compiled` cannot be had.
+
+    auto picks compiled graphs for GPU actors. On CPU actors it picks tasks: in Ray 2.60 a compiled graph's channel
+    readers spin a CPU core while they wait (ray-project/ray#55128), and actors that share CPU cores lose more to
+    that than compiled graphs save in overhead (`cdm bench ray` on 2 cores: 10-40% fewer chain-steps/s)."""
     if requested == "tasks":
         return False, None
     if not split:
@@ -353,8 +369,12 @@ def resolve_transport(requested: str, split: bool) -> tuple[bool, str | None]:
             )
         return False, None
     why = compiled_graphs_available()
-    if why is None:
-        return True, None
     if requested == "compiled":
-        raise InputError(f"resources.transport: Ray cannot compile graphs here: {why}")
-    return False, f"transport auto: Ray tasks between the actors ({why})"
+        if why is not None:
+            raise InputError(f"resources.transport: Ray cannot compile graphs here: {why}")
+        return True, None
+    if why is not None:
+        return False, f"transport auto: Ray tasks between the actors ({why})"
+    if not gpus:
+        return False, "transport auto: Ray tasks between CPU actors (compiled graphs' readers spin a core while waiting)"
+    return True, None

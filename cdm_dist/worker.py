@@ -38,6 +38,7 @@ class SlotPlan:
     checkpoint: Checkpoint | None = None
     finish: bool = False
     start: bool = False  # the micro-batch's first plan: start from x_T when no checkpoint is given
+    checkpoint_step: int = 0  # the step the micro-batch stands at (the driver's view), for timing estimates
 
 
 @dataclass

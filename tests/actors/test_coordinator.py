@@ -249,9 +249,18 @@ def test_transport_choices_and_their_errors(ray_cluster, small_campaign, monkeyp
     monkeypatch.setattr(actors.lanes, "compiled_graphs_available", lambda: "ray.dag is not importable (test)")
     with pytest.raises(InputError, match=r"^resources\.transport: Ray cannot compile graphs here: ray\.dag is not"):
         RayExecutor(small_campaign(resources__placement="split", resources__transport="compiled"))
-    executor = RayExecutor(small_campaign(resources__placement="split", resources__num_cpus=0.5))
+    gpus = {"resources__num_gpus": 1, "resources__num_cpus": 0.5}  # logical GPUs: auto's choice, not CUDA
+    executor = RayExecutor(small_campaign(resources__placement="split", **gpus))
     try:
         assert executor.transport == "tasks"
     finally:
         executor.close()
     assert "transport auto: Ray tasks between the actors (ray.dag is not importable (test))" in caplog.text
+    monkeypatch.undo()
+    for placement_gpus, transport in ((gpus, "compiled"), ({"resources__num_cpus": 0.5}, "tasks")):
+        executor = RayExecutor(small_campaign(resources__placement="split", **placement_gpus))
+        try:
+            assert executor.transport == transport  # auto: compiled graphs for GPU actors, tasks for CPU actors
+        finally:
+            executor.close()
+    assert "transport auto: Ray tasks between CPU actors (compiled graphs' readers spin a core" in caplog.text
