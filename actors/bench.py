@@ -4,7 +4,8 @@ and over compiled graphs, with 1, 2 and 4 micro-batches in flight, on three prob
 - gmm5d: the exact 5D mixture (its prior costs almost nothing: the sampler does all the work);
 - digits: the shipped learned models (UNet2DModel prior, CNN flow sampler), full gradient through the prior;
 - latent: the tiny latent models (UNet2DConditionModel prior with classifier-free guidance; VAE decoder + image
-  sampler), full gradient.
+  sampler), full gradient;
+- balanced: a synthetic pair whose prior and sampler each cost 10 ms of CPU per call (the pipeline itself).
 The learned problems' settings (n_c, guidance) give the two actors comparable work, so the pipeline is what shows.
 
 Per row: chain-steps/s (after a warm-up micro-batch), each actor's busy fraction, the tensor bytes through the
@@ -41,6 +42,13 @@ def problem_settings(problem: str, root: Path, quick: bool, n_c: int | None) -> 
     if problem == "gmm5d":
         n = n_c or (32 if quick else 250)
         return [*common, "problem.name=gmm5d", f"method.n_c={n}", f"method.target_batch={n}", "method.n_guess=5"]
+    if problem == "balanced":  # prior and sampler of the same, known cost: 10 ms of CPU per call each
+        steps = 12 if quick else 60  # amortizes the end's 6 prior_fit calls, which have no sampler counterpart
+        tiny = "cdm_dist.models.tiny"
+        spec = {"prior": {"factory": f"{tiny}:BusyGaussianPrior"}, "sampler": {"factory": f"{tiny}:BusyLinearSampler"},
+                "target": {"factory": f"{tiny}:gaussian_target"}}  # fmt: skip
+        return [f"method.num_steps={steps}", "method.grad=identity", "resources.checkpoint_every=5",
+                f"problem={spec}", "method.n_c=16", "method.target_batch=16", "method.n_guess=1"]  # fmt: skip
     if problem == "digits":
         n = n_c or (8 if quick else 16)
         return [*common, "problem.name=digits", f"method.n_c={n}", "method.n_guess=1", "method.dtype=float32"]
@@ -111,7 +119,7 @@ def bench_ray(
     chains: int = 32,
     quick: bool = False,
     n_c: int | None = None,
-    problems: tuple[str, ...] = ("gmm5d", "digits", "latent"),
+    problems: tuple[str, ...] = ("gmm5d", "digits", "latent", "balanced"),
 ) -> dict[str, Any]:
     """Every executor and transport on every problem; Ray overhead = 1 - best Ray / in-process (per problem)."""
     started = not ray.is_initialized()
@@ -123,7 +131,7 @@ def bench_ray(
         for problem in problems:
             base = [
                 "name=bench-ray", f"chains.count={chains}", f"resources.micro_batch={max(1, chains // 4)}",
-                "tracking.enabled=false", f"output={root / problem}",
+                "tracking.enabled=false", "pictures=false", f"output={root / problem}",
                 *problem_settings(problem, root, quick, n_c),
             ]  # fmt: skip
 

@@ -108,8 +108,7 @@ class RayExecutor:
 
     def __init__(self, config: CampaignConfig, address: str | None = None) -> None:
         self.split = config.resources.placement == "split"
-        gpus = config.resources.num_gpus >= 1
-        self.compiled, fallback = resolve_transport(config.resources.transport, self.split, gpus)
+        self.compiled, fallback = resolve_transport(config.resources.transport, self.split)
         if fallback:
             log.warning(fallback)
         transport = "compiled" if self.compiled else "tasks"

@@ -223,6 +223,22 @@ class TuneConfig(StrictModel):
     # Trials whose chains' median prior_fit exceeds this limit are infeasible (x* the sampler likes but the prior
     # does not: adversarial inputs). "auto": the 95% quantile over unguided chains, measured once per study.
     prior_fit_limit: Literal["auto", "off"] | Positive = "auto"
+    # Database storages (--storage URL): each process heartbeats its running trials; a trial whose heartbeat is
+    # older than the grace period belongs to a dead process, is failed (not counted) and retried once. None:
+    # 30 s and 3 heartbeats. The journal file (one process per file) has no heartbeats: setting these is an error.
+    heartbeat_seconds: PositiveInt | None = None
+    grace_seconds: PositiveInt | None = None
+
+    @field_validator("prior_fit_limit", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _grace_outlasts_a_heartbeat(self) -> TuneConfig:
+        if self.heartbeat_seconds and self.grace_seconds and self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError(f"grace_seconds: must exceed heartbeat_seconds ({self.heartbeat_seconds})")
+        return self
 
 
 class CampaignConfig(StrictModel):
@@ -236,6 +252,7 @@ class CampaignConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: str = "out/campaigns"
     topk: PositiveInt = 5
+    pictures: bool = True  # per chain: its samples against the target and x* as an image (output folder, MLflow)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
@@ -326,6 +343,7 @@ RESUME_MAY_CHANGE = (
     "tracking.flush_seconds",
     "tracking.system_metrics",
     "topk",
+    "pictures",
 )  # where and how to run, not which chains
 RESUME_MAY_NOT_CHANGE = ("resources.micro_batch",)  # the split of the chains into micro-batches
 
@@ -376,6 +394,7 @@ class MicroBatch:
     chains: Chains
     method: MethodConfig
     campaign: str = ""
+    pictures: bool = True  # draw each chain's pictures at the end
 
     @property
     def key(self) -> tuple[str, int]:
@@ -397,7 +416,7 @@ def micro_batches(config: CampaignConfig) -> list[MicroBatch]:
     """The campaign's chains cut into micro-batches of resources.micro_batch chains."""
     chains, size = campaign_chains(config), config.resources.micro_batch
     return [
-        MicroBatch(i, start, chains[start : start + size], config.method, config.name)
+        MicroBatch(i, start, chains[start : start + size], config.method, config.name, config.pictures)
         for i, start in enumerate(range(0, len(chains), size))
     ]
 

@@ -75,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the newest out/campaigns/study-*/optuna.journal)")  # fmt: skip
     ui.add_argument("--dashboard-port", type=int, default=8080, help="optuna-dashboard port")
 
+    serve = commands.add_parser("serve", help="team services on 127.0.0.1: an MLflow tracking server on a "
+                                "database and optuna-dashboard on the study database")  # fmt: skip
+    serve.add_argument("--tracking-db", help="MLflow's database URL (default: $CDM_TRACKING_DB)")
+    serve.add_argument("--optuna-storage", help="Optuna's database URL, a second database (default: "
+                       "$CDM_OPTUNA_STORAGE); without it, MLflow only")  # fmt: skip
+    serve.add_argument("--artifacts", default="out/mlartifacts", help="folder the MLflow server stores and serves "
+                       "artifacts from")  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 only if you mean it)")
+    serve.add_argument("--port", type=int, default=5000, help="MLflow server port")
+    serve.add_argument("--dashboard-port", type=int, default=8080, help="optuna-dashboard port")
+
     train = commands.add_parser("train", help="train a problem's learned prior or fast sampler (accelerate, EMA)")
     train.add_argument("role", choices=["prior", "sampler"])
     train.add_argument("--problem", required=True, help="a built-in problem (gmm2d, gmm5d, gmm10d, digits)")
@@ -116,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ray_bench = benches.add_parser("ray", help="in-process vs Ray colocated vs split (tasks, compiled) on 3 problems")
     _bench_arguments(ray_bench, chains=32)
-    ray_bench.add_argument("--problems", default="gmm5d,digits,latent", help="comma-separated: gmm5d, digits, latent")
+    ray_bench.add_argument("--problems", default="gmm5d,digits,latent,balanced", help="comma-separated: gmm5d, "
+                           "digits, latent, balanced")  # fmt: skip
 
     tune_bench = benches.add_parser("tune", help="tuned vs default configuration on the 5D mixture and digits")
     tune_bench.add_argument("--problems", default="gmm5d,digits", help="comma-separated: gmm5d, digits")
@@ -142,9 +154,10 @@ def _check_bench(args: argparse.Namespace) -> None:
     if args.bench == "models":
         return
     if args.bench == "ray":
-        unknown = sorted(set(args.problems.split(",")) - {"gmm5d", "digits", "latent"})
+        known = ["balanced", "digits", "gmm5d", "latent"]
+        unknown = sorted(set(args.problems.split(",")) - set(known))
         if unknown:
-            raise InputError(f"--problems: unknown {unknown}; expected some of ['digits', 'gmm5d', 'latent']")
+            raise InputError(f"--problems: unknown {unknown}; expected some of {known}")
     if args.bench == "faults":
         if args.repeats < 1 or args.kills < 0:
             raise InputError(f"--repeats and --kills: must be >= 1 and >= 0, got {args.repeats} and {args.kills}")
@@ -287,11 +300,7 @@ def _ui(args: argparse.Namespace) -> int:
 
     Each server runs in its own process group, stopped as a whole when `cdm ui` ends (Ctrl-C or SIGTERM), so no
     server outlives it."""
-    import signal
-    import subprocess
-
     from cdm_dist.campaign import TrackingConfig
-    from cdm_dist.processes import stop_process_group
     from cdm_dist.tracking import resolve_uri
 
     uri = resolve_uri(args.tracking_uri or TrackingConfig().uri)
@@ -302,21 +311,108 @@ def _ui(args: argparse.Namespace) -> int:
     if dashboard is not None:
         storage, command = dashboard
         commands[f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {storage}"] = command
-    servers = []
+    ports = {args.port: "--port"} | ({args.dashboard_port: "--dashboard-port"} if dashboard else {})
+    return _run_servers(commands, ports, args.host)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`cdm serve`: an MLflow tracking server on a database (artifacts served from a local folder) and, over the
+    Optuna database, optuna-dashboard; on 127.0.0.1 unless --host says otherwise. Stopped together (Ctrl-C)."""
+    import os
+    import shutil
+
+    tracking = args.tracking_db or os.environ.get("CDM_TRACKING_DB")
+    storage = args.optuna_storage or os.environ.get("CDM_OPTUNA_STORAGE")
+    if not tracking:
+        raise InputError(
+            "--tracking-db: required (or set CDM_TRACKING_DB), e.g. postgresql+psycopg2://user@host/mlflow"
+        )
+    if storage and storage.rstrip("/") == tracking.rstrip("/"):
+        raise InputError("--optuna-storage: must be another database than --tracking-db (MLflow and Optuna each "
+                         "keep their own alembic_version table)")  # fmt: skip
+    for flag, url in (("--tracking-db", tracking), ("--optuna-storage", storage)):
+        if url:
+            _database_answers(flag, url)
+    if storage:  # optuna-dashboard expects Optuna's tables: a new database gets them here
+        import optuna
+
+        optuna.storages.RDBStorage(storage)
+    artifacts = Path(args.artifacts).resolve()
+    from cdm_dist import preconditions
+
+    preconditions.writable_folder(str(artifacts), "--artifacts")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking, "--serve-artifacts",
+               "--artifacts-destination", str(artifacts), "--host", args.host, "--port", str(args.port),
+               "--workers", "2"]  # fmt: skip
+    commands = {f"MLflow tracking server on http://{args.host}:{args.port} over {_hide_password(tracking)}": command}
+    ports = {args.port: "--port"}
+    if storage:
+        executable = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
+        if not Path(executable).is_file():
+            raise InputError("--optuna-storage: optuna-dashboard is not installed (pip install 'cdm-dist[dashboard]')")
+        line = f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {_hide_password(storage)}"
+        commands[line] = [executable, storage, "--host", args.host, "--port", str(args.dashboard_port), "--quiet"]
+        ports[args.dashboard_port] = "--dashboard-port"
+    return _run_servers(commands, ports, args.host)
+
+
+def _database_answers(flag: str, url: str) -> None:
+    """Connect once (5 s timeout): an unreachable or misspelled database is one line before anything starts."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5} if "postgres" in url else {})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{flag}: cannot connect to {_hide_password(url)} ({reason})") from None
+
+
+def _hide_password(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _run_servers(commands: dict[str, list[str]], ports: dict[int, str], host: str) -> int:
+    """Start each server in its own process group once every port is free; wait on the first; stop them all (and
+    only them) when it ends, on Ctrl-C or on SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from cdm_dist.processes import stop_process_group
+
+    for port, flag in ports.items():
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise InputError(f"{flag}: {host}:{port} is not free ({exc.strerror})") from None
+    servers = {}
     for line, command in commands.items():
         print(line, flush=True)
-        servers.append(subprocess.Popen(command, start_new_session=True))
+        servers[line.split(" on ")[0]] = subprocess.Popen(command, start_new_session=True)
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        return servers[0].wait()
+        while True:  # until one server ends (then the others are stopped too) or we are told to stop
+            for name, server in servers.items():
+                if server.poll() is not None:
+                    print(f"cdm: {name} exited with status {server.returncode}; stopping the others", file=sys.stderr)
+                    return 1 if server.returncode else 0
+            time.sleep(0.5)
     except KeyboardInterrupt:
         return 0
     finally:
-        for server in servers:
+        for server in servers.values():
             stop_process_group(server)
 
 
@@ -386,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _topk(args)
         if args.command == "ui":
             return _ui(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "train":
             return _train(args, argv)
         if args.command == "bench":

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from cdm_dist.errors import InputError
+
 Scheduler = DDPMScheduler | DDIMScheduler
 NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t (N, *event), timestep) -> eps (N, *event)
 
@@ -43,7 +45,8 @@ class DiffusionSchedule:
     def from_scheduler(cls, scheduler: Scheduler, num_inference_steps: int) -> DiffusionSchedule:
         """Read the grid off a diffusers scheduler after set_timesteps (same maths as its step())."""
         if num_inference_steps < 1 or num_inference_steps > scheduler.config.num_train_timesteps:
-            raise ValueError(f"num_steps: {num_inference_steps} is outside 1..{scheduler.config.num_train_timesteps}")
+            top = scheduler.config.num_train_timesteps
+            raise InputError(f"method.num_steps: {num_inference_steps} is outside 1..{top} (the prior's timesteps)")
         scheduler.set_timesteps(num_inference_steps)
         steps = [int(t) for t in scheduler.timesteps]
         cumprod = scheduler.alphas_cumprod.to(torch.float64)

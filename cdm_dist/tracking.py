@@ -45,11 +45,24 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+_READY: set[str] = set()  # SQLite stores this process has opened (their tables exist)
+
+
 def client_for(uri: str) -> Any:
-    """An MlflowClient on the store at uri (relative SQLite paths resolved)."""
+    """An MlflowClient on the store at uri (relative SQLite paths resolved). A SQLite store is first opened under a
+    file lock: processes that meet a new file at once would otherwise race to create (or migrate) its tables."""
+    import fcntl
+
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri)  # opens the store: makes or migrates its tables
+    _READY.add(uri)
+    return client
 
 
 class MLflowTracker(CampaignCallback):

@@ -330,7 +330,7 @@ class ChainWorker(ProbeMixin):
         result = side.evaluate(checkpoint, self.problem.metrics)
         if self.has_prior:
             result.metrics["prior_fit"] = self._prior_side(batch).prior_fit(result.x, result.failed)
-        pictures = self._pictures(batch, side, result.x, result.final_loss, result.failed)
+        pictures = self._pictures(batch, side, result.x, result.final_loss, result.failed) if batch.pictures else []
         self._prior_sides.pop(batch.key, None)
         self._sampler_sides.pop(batch.key, None)
         self._busy += time.perf_counter() - tic

@@ -7,14 +7,17 @@
   they did not spend is counted.
 - Realism: trials whose chains' median prior_fit (the prior's noise-prediction error at x*) exceeds a limit are
   infeasible (Optuna constraints), so a study cannot win by adversarial x* that fool the sampler.
-- Storage: a journal file in the output folder by default, or any Optuna storage URL (PostgreSQL for many
-  machines). Restarted with the same study name, the study finishes N trials in all: trials left RUNNING by a
-  dead process are marked failed and their parameters retried.
+- Storage (tuning/storage.py): a journal file in the output folder by default (one process at a time), or a
+  database URL shared by many processes on many machines, which heartbeat their running trials. Together they
+  finish exactly N counted trials: a trial asked beyond N is surplus and never runs; a trial whose process died is
+  failed (not counted) and its parameters are retried once.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import statistics
 import threading
 import traceback
@@ -35,8 +38,10 @@ from cdm_dist.launch import make_executor
 from cdm_dist.report import CampaignReport
 from cdm_dist.runner import run_campaign
 from cdm_dist.store import CampaignStore
+from tuning.storage import Heartbeats, exclusive_journal, fail_dead_trials, open_storage, retry_once, uses_heartbeats
 
-STALE = "cdm.stale"  # user attribute of trials failed because their process died
+OUTCOME = "cdm.outcome"  # user attribute set as a trial is told: complete, pruned, failed, duplicate or surplus
+PROCESS = "cdm.process"  # user attribute: host:pid of the process that ran the trial
 DUPLICATE = "cdm.duplicate_of"  # user attribute of trials not run: their parameters were already evaluated
 CAMPAIGN_DIR = "cdm.campaign_dir"  # user attribute: the trial's campaign folder (its MLflow run ids are there)
 MAX_DUPLICATES = 20  # re-asks for one trial before a repeated configuration is run anyway (the space is exhausted)
@@ -79,19 +84,6 @@ def median_finite(values: list[float]) -> float:
     """The median of the finite values (nan when none)."""
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else math.nan
-
-
-def make_storage(url: str | None, folder: Path) -> tuple[Any, str]:
-    """An Optuna storage and its description: a journal file in `folder` by default, else the URL."""
-    if url is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "optuna.journal"
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend), str(path)
-    try:
-        return optuna.storages.get_storage(url), url
-    except Exception as exc:
-        raise InputError(f"--storage: cannot open {url!r} ({exc})") from None
 
 
 def make_pruner(config: CampaignConfig) -> optuna.pruners.BasePruner:
@@ -190,8 +182,8 @@ class Tuner:
         self.executor: Executor | None = None  # the workers every trial shares (made in run): models load once
         self.name = config.tune.study_name or config.name
         self.folder = Path(config.output) / f"study-{self.name}"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.storage, self.storage_label = make_storage(storage_url, self.folder)
+        self.storage, self.storage_label = open_storage(storage_url, self.folder, config.tune, self._on_dead_trial)
+        self.shared = uses_heartbeats(self.storage)  # a database: other processes may run trials of this study
         directions = ["minimize", "minimize"] if config.tune.multi_objective else ["minimize"]
         self.study = optuna.create_study(
             storage=self.storage,
@@ -201,10 +193,14 @@ class Tuner:
             directions=directions,
             load_if_exists=True,
         )
+        self.folder.mkdir(parents=True, exist_ok=True)
         # A restarted process must not draw the same suggestions again: its sampler's stream starts where the
-        # study stands (the first process, with no trials yet, keeps sampler_seed itself).
-        seen = len(self.study.get_trials(deepcopy=False))
-        self.study.sampler = optuna.samplers.TPESampler(seed=config.tune.sampler_seed + seen)
+        # study stands (the first process, with no trials yet, keeps sampler_seed itself). On a shared database,
+        # processes that start together also differ by their pid.
+        seed = config.tune.sampler_seed + len(self.study.get_trials(deepcopy=False))
+        salt = os.getpid() * 7919 if self.shared else 0
+        self.study.sampler = optuna.samplers.TPESampler(seed=(seed + salt) % 2**32)
+        self.process = f"{socket.gethostname()}:{os.getpid()}"
         self.lock = threading.Lock()
         self._duplicates = 0
         self.study_run_id: str | None = None
@@ -212,52 +208,73 @@ class Tuner:
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _finished(self) -> list[optuna.trial.FrozenTrial]:
-        """Trials that count towards N: complete, pruned, or failed for a reason other than a dead process (and
-        not skipped as duplicates)."""
+        """Trials that count towards N: complete, pruned, or failed by their own campaign (not by a dead process,
+        and not skipped as duplicates or surplus)."""
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-        return [
-            t
-            for t in self.study.get_trials(deepcopy=False, states=states)
-            if not t.user_attrs.get(STALE) and DUPLICATE not in t.user_attrs
-        ]
+        return [t for t in self.study.get_trials(deepcopy=False, states=states) if counted(t)]
+
+    def _running(self) -> list[optuna.trial.FrozenTrial]:
+        """Trials running in any process (on a database, dead ones until their grace period has passed)."""
+        return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
 
     def recover_stale(self) -> int:
-        """Trials a dead process left RUNNING: marked failed (not counted), their campaign's MLflow runs closed
-        KILLED, and their parameters queued again."""
-        stale = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        """Journal file: trials a dead process left RUNNING (this process holds the journal, so no live process
+        runs them) are failed, not counted, their MLflow runs closed KILLED and their parameters retried once.
+        Database: the trials whose heartbeat is older than the grace period, the same way."""
+        if self.shared:
+            before = len(self._running())
+            fail_dead_trials(self.study)
+            return before - len(self._running())
+        stale = self._running()
         for trial in stale:
-            self.storage.set_trial_user_attr(trial._trial_id, STALE, True)
             self.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-            if trial.user_attrs.get(CAMPAIGN_DIR) and self.config.tracking.enabled:
-                kill_campaign_runs(Path(trial.user_attrs[CAMPAIGN_DIR]), self.config.tracking.uri)
-            self.study.enqueue_trial(trial.params, skip_if_exists=False)
+            self._on_dead_trial(self.study, self.storage.get_trial(trial._trial_id))
         return len(stale)
 
+    def _on_dead_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """A trial found dead (its process is gone): close its campaign's MLflow runs, queue its parameters again."""
+        if trial.user_attrs.get(CAMPAIGN_DIR) and self.config.tracking.enabled:
+            kill_campaign_runs(Path(trial.user_attrs[CAMPAIGN_DIR]), self.config.tracking.uri)
+        retry_once(study, trial)
+
     def _twin(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-        """A finished trial with exactly these parameters (same seeds, so the same result), if any."""
-        for other in self._finished():
+        """A finished trial, or an earlier running one, with exactly these parameters (same seeds, same result)."""
+        earlier = [t for t in self._running() if t.number < trial.number]
+        for other in [*self._finished(), *earlier]:
             if other.number != trial.number and other.params == trial.params:
                 return other
         return None
 
+    def _surplus(self, trial: optuna.Trial, trials: int) -> bool:
+        """Whether N trials numbered below this one are already counted or running (in any process): then this
+        one, asked in the same instant by a second process, is beyond N and must not run."""
+        ahead = [t for t in [*self._finished(), *self._running()] if t.number < trial.number]
+        return len(ahead) >= trials
+
     def _study_run(self) -> None:
+        """The study's one MLflow run, shared by every process: found by tag, else created; when two processes
+        create it at once, both keep the earliest and the other is deleted."""
         if not self.config.tracking.enabled:
             return
         from cdm_dist.tracking import client_for, experiment_id
 
         client = self.tracker_client = client_for(self.config.tracking.uri)
         experiment = experiment_id(client, self.config.tracking)
-        found = client.search_runs([experiment], f"tags.`cdm.study` = '{self.name}' and tags.`cdm.kind` = 'study'")
-        if found:
-            self.study_run_id = found[0].info.run_id
-            client.update_run(self.study_run_id, status="RUNNING")
-        else:
-            run = client.create_run(
+        query = f"tags.`cdm.study` = '{self.name}' and tags.`cdm.kind` = 'study'"
+        found = client.search_runs([experiment], query, order_by=["attributes.start_time ASC"])
+        if not found:
+            made = client.create_run(
                 experiment,
                 run_name=f"study-{self.name}",
                 tags={"cdm.kind": "study", "cdm.study": self.name, "cdm.storage": self.storage_label},
             )
-            self.study_run_id = run.info.run_id
+            found = client.search_runs([experiment], query, order_by=["attributes.start_time ASC"])
+            found.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+            if found[0].info.run_id != made.info.run_id:
+                client.delete_run(made.info.run_id)
+        self.study_run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            client.update_run(self.study_run_id, status="RUNNING")
 
     # -- one trial --------------------------------------------------------------------------------------
     def _run_trial(self, trial: optuna.Trial) -> tuple[Any, optuna.trial.TrialState | str]:
@@ -267,6 +284,7 @@ class Tuner:
             trial.set_user_attr(DUPLICATE, twin.number)
             self._duplicates += 1
             return None, "duplicate"
+        trial.set_user_attr(PROCESS, self.process)
         config = with_values(self.config, values)
         config = config.model_copy(update={"name": f"{self.name}-trial{trial.number:04d}"})
         planned = config.chains.count * config.method.num_steps
@@ -357,58 +375,92 @@ class Tuner:
         self.study.enqueue_trial(values)
 
     def run(self, trials: int, parallel: int = 1) -> TuneResult:
-        """Finish `trials` trials in all (counting those already in the storage), `parallel` at a time."""
-        self.enqueue_baseline()
-        self.recover_stale()
-        todo = max(0, trials - len(self._finished()))
-        needs_limit = self.config.tune.prior_fit_limit == "auto" and PRIOR_FIT_LIMIT not in self.study.user_attrs
-        if todo > 0 or needs_limit:  # one pool of workers for every trial: the models load once
-            self.executor = make_executor(self.config, self.address)
-        try:
-            self.prior_fit_limit = self._prior_fit_limit()
-            self._study_run()
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            from tqdm.auto import tqdm
+        """Finish `trials` counted trials in all (those already in the storage and those other processes run
+        count too), `parallel` at a time in this process."""
+        with exclusive_journal(self.storage_label, self.storage):
+            self.enqueue_baseline()
+            self.recover_stale()
+            todo = max(0, trials - len(self._finished()))
+            needs_limit = self.config.tune.prior_fit_limit == "auto" and PRIOR_FIT_LIMIT not in self.study.user_attrs
+            if todo > 0 or needs_limit:  # one pool of workers for every trial: the models load once
+                self.executor = make_executor(self.config, self.address)
+            try:
+                self.prior_fit_limit = self._prior_fit_limit()
+                self._study_run()
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=todo, desc=f"study {self.name}", unit="trial")
-            self._loop(todo, parallel, {}, bar)
-            bar.close()
-        finally:
-            if self.executor is not None:
-                self.executor.close()
-                self.executor = None
-        result = self.result()
-        self._finish_tracking(result)
+                with tqdm(total=trials, initial=trials - todo, desc=f"study {self.name}", unit="trial") as bar:
+                    self._loop(trials, parallel, bar)
+            finally:
+                if self.executor is not None:
+                    self.executor.close()
+                    self.executor = None
+            result = self.result()
+            self._finish_tracking(result, done=result.complete + result.pruned + result.failed >= trials)
         return result
 
-    def _loop(self, todo: int, parallel: int, running: dict[Future, optuna.Trial], bar: Any) -> None:
-        """Ask while fewer than `parallel` trials run; tell each as it ends."""
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            while todo > 0 or running:
-                while todo > 0 and len(running) < parallel:
-                    trial = self.study.ask()
+    def _ask(self) -> optuna.Trial:
+        with warnings.catch_warnings():  # Optuna expects heartbeats from optimize(); here they come from ask/tell
+            warnings.simplefilter("ignore", UserWarning)
+            return self.study.ask()
+
+    def _tell(self, trial: optuna.Trial, outcome: str, value: Any = None) -> None:
+        """Mark how the trial ended, then tell Optuna (a told trial can no longer take attributes)."""
+        trial.set_user_attr(OUTCOME, outcome)
+        if outcome == "complete":
+            self.study.tell(trial, value)
+        else:
+            state = optuna.trial.TrialState.PRUNED if outcome == "pruned" else optuna.trial.TrialState.FAIL
+            self.study.tell(trial, state=state)
+
+    def _loop(self, trials: int, parallel: int, bar: Any) -> None:
+        """Until N trials are counted: ask while this process runs fewer than `parallel` and fewer than N are
+        counted or running anywhere; tell each as it ends; meanwhile fail other processes' dead trials."""
+        running: dict[Future, optuna.Trial] = {}
+        poll = float(min(self.storage.get_heartbeat_interval(), 5)) if self.shared else None
+        with ThreadPoolExecutor(max_workers=parallel) as pool, Heartbeats(self.storage) as heartbeats:
+            while True:
+                if self.shared:
+                    self.recover_stale()
+                counted = len(self._finished())
+                bar.n = min(counted, trials)
+                bar.refresh()
+                if counted >= trials and not running:
+                    return
+                while len(running) < parallel and counted + len(self._running()) < trials:
+                    trial = self._ask()
+                    heartbeats.add(trial._trial_id)
+                    if self._surplus(trial, trials):
+                        heartbeats.remove(trial._trial_id)
+                        self._tell(trial, "surplus")
+                        break
                     running[pool.submit(self._run_trial, trial)] = trial
-                    todo -= 1
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                if not running:  # other processes run the last trials: wait for them to end (or die)
+                    threading.Event().wait(poll or 1.0)
+                    continue
+                done, _ = wait(list(running), timeout=poll, return_when=FIRST_COMPLETED)
                 for future in done:
                     trial = running.pop(future)
-                    try:
-                        value, state = future.result()
-                    except InputError:
-                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                        raise
-                    except Exception as exc:  # a crashing trial fails alone
-                        trial.set_user_attr("cdm.error", "".join(traceback.format_exception(exc))[-2000:])
-                        value, state = None, optuna.trial.TrialState.FAIL
-                    if state == "duplicate":  # not run and not counted: ask again
-                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                        todo += 1
-                        continue
-                    if state == optuna.trial.TrialState.COMPLETE:
-                        self.study.tell(trial, value)
-                    else:
-                        self.study.tell(trial, state=state)
-                    bar.update(1)
+                    heartbeats.remove(trial._trial_id)
+                    self._told(trial, future)
+
+    def _told(self, trial: optuna.Trial, future: Future) -> None:
+        """Tell a finished trial's outcome; an input error stops the study, any other error fails the trial alone."""
+        try:
+            value, state = future.result()
+        except InputError:
+            self._tell(trial, "failed")
+            raise
+        except Exception as exc:  # a crashing trial fails alone
+            trial.set_user_attr("cdm.error", "".join(traceback.format_exception(exc))[-2000:])
+            value, state = None, optuna.trial.TrialState.FAIL
+        if state == "duplicate":  # not run and not counted: the loop asks again
+            self._tell(trial, "duplicate")
+        elif state == optuna.trial.TrialState.COMPLETE:
+            self._tell(trial, "complete", value)
+        else:
+            self._tell(trial, "pruned" if state == optuna.trial.TrialState.PRUNED else "failed")
 
     def result(self) -> TuneResult:
         finished = self._finished()
@@ -444,7 +496,8 @@ class Tuner:
             infeasible=sum(t.constraints.get(CONSTRAINT, 0.0) > 0 for t in complete),
         )
 
-    def _finish_tracking(self, result: TuneResult) -> None:
+    def _finish_tracking(self, result: TuneResult, done: bool) -> None:
+        """The study's summary and plots on its MLflow run; FINISHED once N trials are counted and none runs."""
         if self.tracker_client is None or self.study_run_id is None:
             return
         from mlflow.entities import Metric
@@ -459,7 +512,8 @@ class Tuner:
         self.tracker_client.log_batch(self.study_run_id, metrics=metrics)
         for path in self._plots():
             self.tracker_client.log_artifact(self.study_run_id, str(path))
-        self.tracker_client.set_terminated(self.study_run_id, "FINISHED")
+        if done and not self._running():
+            self.tracker_client.set_terminated(self.study_run_id, "FINISHED")
 
     def _plots(self) -> list[Path]:
         """Optimisation history, parameter importances and parallel coordinates as PNGs (where computable)."""
@@ -488,6 +542,18 @@ class Tuner:
             plt.close(figure)
             paths.append(path)
         return paths
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a finished trial counts towards N: complete, pruned, or failed by its own campaign."""
+    if trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        return trial.user_attrs.get(OUTCOME, "complete") in ("complete", "pruned")
+    return trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get(OUTCOME) == "failed"
+
+
+def died(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial was failed because its process died (it was never told)."""
+    return trial.state == optuna.trial.TrialState.FAIL and OUTCOME not in trial.user_attrs
 
 
 def kill_campaign_runs(folder: Path, uri: str) -> None:

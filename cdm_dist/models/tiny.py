@@ -10,6 +10,7 @@ dtypes and gradients of a latent-diffusion campaign at a size a CPU runs in seco
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import save_file
 from torch import nn
 
+from cdm_dist.priors import DiffusionPrior
 from cdm_dist.samplers import ConditionalSampler
 from cdm_dist.targets import Target
 
@@ -200,3 +202,41 @@ class GaussianNoiseModel(ModelMixin, ConfigMixin):
         kind = self.config.prediction_type
         out = eps if kind == "epsilon" else x0 if kind == "sample" else a * eps - s * x0
         return self.scale * out
+
+
+# -- a balanced synthetic pair (the pipeline benchmark) ----------------------------------------------------------
+
+
+def burn(milliseconds: float) -> None:
+    """Keep one CPU core busy for this long (small matrix products), changing nothing."""
+    deadline = time.perf_counter() + milliseconds / 1000
+    a = torch.full((64, 64), 1 / 64)
+    while time.perf_counter() < deadline:
+        a = a @ a
+
+
+class BusyGaussianPrior(DiffusionPrior):
+    """The exact prior of N(0, I) over R^dim (ε̂ = sqrt(1 - ᾱ_t) x_t), costing `milliseconds` of CPU per call: a
+    prior of known cost for measuring pipelines."""
+
+    def __init__(self, dim: int = 16, milliseconds: float = 10.0) -> None:
+        from cdm_dist.diffusion import make_scheduler
+
+        super().__init__(make_scheduler(num_train_timesteps=1000, beta_schedule="linear"), (dim,))
+        self.milliseconds = milliseconds
+
+    def predict_noise(self, x_t: torch.Tensor, timestep: int) -> torch.Tensor:
+        burn(self.milliseconds)
+        return (1 - float(self.scheduler.alphas_cumprod[timestep])) ** 0.5 * x_t
+
+
+class BusyLinearSampler(ConditionalSampler):
+    """y = x[:, :y_dim] + noise_scale · eta, costing `milliseconds` of CPU per call."""
+
+    def __init__(self, dim: int = 16, y_dim: int = 2, noise_scale: float = 0.3, milliseconds: float = 10.0) -> None:
+        self.y_dim, self.noise_shape, self.x_shape = y_dim, (y_dim,), (dim,)
+        self.noise_scale, self.milliseconds = noise_scale, milliseconds
+
+    def sample(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        burn(self.milliseconds)
+        return x[:, None, : self.y_dim] + self.noise_scale * eta

@@ -191,3 +191,13 @@ def test_a_latent_campaign_saves_the_latent_and_its_decoded_image(small_campaign
         artifacts = sorted(a.path for a in client.list_artifacts(row.run_id))
         chain = f"chain{row.chain:05d}"
         assert artifacts == [f"{chain}.npy", f"{chain}.png", f"{chain}_image.png"]
+
+
+def test_pictures_false_writes_the_same_chains_without_pictures(small_campaign):
+    drawn, bare = small_campaign(chains__count=2), small_campaign(chains__count=2, pictures=False)
+    stores = CampaignStore.create(drawn), CampaignStore.create(bare)
+    with_pictures, without = _run(drawn, stores[0]), _run(bare, stores[1])
+    assert [r.final_loss for r in without.rows] == [r.final_loss for r in with_pictures.rows]
+    for store, report, pictures in ((stores[0], with_pictures, [".png"]), (stores[1], without, [])):
+        for row in report.rows:
+            assert [p.suffix for p in store.chain_files(row.chain)] == [".npy", *pictures]

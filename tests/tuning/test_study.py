@@ -14,7 +14,7 @@ import torch
 from cdm_dist.campaign import load_config, with_values
 from cdm_dist.errors import InputError
 from cdm_dist.tracking import client_for
-from tuning.study import STALE, MilestoneReporter, Tuner, aggregate, suggest
+from tuning.study import MilestoneReporter, Tuner, aggregate, counted, died, suggest
 
 SPACE = (
     "tune.space={chains.zeta.0.scale: {type: float, low: 0.3, high: 10, log: true},"
@@ -104,17 +104,22 @@ def test_milestones_are_reported_once_every_micro_batch_passed_them(small_campai
 @pytest.mark.parametrize("storage", ["journal", "postgresql"])
 def test_a_study_tracks_trials_under_its_run_and_finishes_n_trials_after_a_crash(study_config, storage, request):
     config = study_config()
-    url = request.getfixturevalue("postgres_server")("crash") if storage == "postgresql" else None
+    url = None
+    if storage == "postgresql":  # heartbeats every second; a trial silent for 2 s belongs to a dead process
+        url = request.getfixturevalue("postgres_server")("crash")
+        config = with_values(config, {"tune.heartbeat_seconds": 1, "tune.grace_seconds": 2})
     first = Tuner(config, url).run(trials=2, parallel=2)
     assert first.complete + first.pruned == 2 and first.failed == 0
     assert first.storage == (url or str(Tuner(config).folder / "optuna.journal"))
 
-    # a process died mid-trial: its trial is still RUNNING in the storage
+    # a process died mid-trial: its trial is still RUNNING in the storage (on a database, with its last heartbeat)
     tuner = Tuner(config, url)
     orphan = tuner.study.ask({"chains.zeta.0.scale": optuna.distributions.FloatDistribution(0.3, 10, log=True)})
+    if url:
+        tuner.storage.record_heartbeat(orphan._trial_id)
     result = Tuner(config, url).run(trials=3, parallel=1)
     trials = optuna.load_study(study_name=tuner.name, storage=tuner.storage).get_trials()
-    stale = [t for t in trials if t.user_attrs.get(STALE)]
+    stale = [t for t in trials if died(t)]
     assert [t.number for t in stale] == [orphan.number] and stale[0].state == optuna.trial.TrialState.FAIL
     assert result.complete + result.pruned == 3 and result.failed == 0  # the stale trial does not count
     retried = [t for t in trials if t.number > orphan.number]
@@ -340,9 +345,9 @@ def test_a_restarted_study_never_asks_a_configuration_again(study_config):
     Tuner(config).run(trials=3, parallel=1)
     Tuner(config).run(trials=6, parallel=1)  # a new process on the same study
     trials = Tuner(config).study.get_trials()
-    counted = [t for t in trials if DUPLICATE not in t.user_attrs and not t.user_attrs.get(STALE)]
-    assert len(counted) == 6
-    params = [tuple(sorted(t.params.items())) for t in counted]
+    ran = [t for t in trials if counted(t)]
+    assert len(ran) == 6 and not [t for t in trials if DUPLICATE in t.user_attrs]
+    params = [tuple(sorted(t.params.items())) for t in ran]
     assert len(set(params)) == 6
     assert len(trials) == 6  # not even asked again (with one seed, the new process repeated the old draws)
 
@@ -387,7 +392,7 @@ def test_a_killed_study_process_leaves_no_running_runs(study_config, tmp_path):
     runs = client.search_runs([experiment], "")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     trials = Tuner(config).study.get_trials()
-    (stale,) = [t for t in trials if t.user_attrs.get(STALE)]
+    (stale,) = [t for t in trials if died(t)]
     killed = [r for r in runs if r.info.status == "KILLED"]
     parent = [r for r in killed if r.data.tags.get("cdm.trial") == str(stale.number)]
     assert len(parent) == 1 and len([r for r in killed if r.data.tags.get("cdm.campaign") == parent[0].info.run_id]) > 0
