@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune_bench.add_argument("--json", help="output JSON path (a .md table is written beside it)")
     tune_bench.add_argument("--trials", type=int, default=20)
     tune_bench.add_argument("--parallel", type=int, default=2)
+    tune_bench.add_argument("--processes", type=_int_list, default=(1, 2, 4), help="cdm tune processes sharing one "
+                            "PostgreSQL study, per row (needs initdb; empty: none)")  # fmt: skip
     tune_bench.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     return parser
 
@@ -511,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.bench == "tune":
                 from tuning.bench import bench_tune
 
-                bench_tune(args.json, args.trials, args.parallel, args.quick, tuple(args.problems.split(",")))
+                bench_tune(args.json, args.trials, args.parallel, args.quick, tuple(args.problems.split(",")),
+                           args.processes)  # fmt: skip
             elif args.bench == "faults":
                 from actors.faults import bench_faults
 

@@ -130,39 +130,15 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throwaway PostgreSQL server on 127.0.0.1 (skipped where initdb or psycopg2 is missing); yields a
-    function (name) -> URL of a new, empty database."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    """A throwaway PostgreSQL server on 127.0.0.1 (skipped, with the reason, where initdb or psycopg2 is missing);
+    yields a function (name) -> URL of a new, empty database."""
+    from cdm_dist.bench import postgres
 
-    pytest.importorskip("psycopg2")
-    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
-        pytest.skip("needs PostgreSQL's initdb and pg_ctl")
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
-            pytest.skip("running as root without a postgres user to run the server")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="cdm-postgres-"))  # not under pytest's root-only folder
-    os.chmod(root, 0o777)
-    data, port = root / "data", _free_port()
-    subprocess.run([*as_user, "initdb", "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
-                   capture_output=True)  # fmt: skip
-    options = f"-p {port} -k {root} -h 127.0.0.1"
-    subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-                   check=True, capture_output=True)  # fmt: skip
-
-    def database(name):
-        subprocess.run([*as_user, "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name],
-                       check=True, capture_output=True)  # fmt: skip
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{name}"
-
-    yield database
-    subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
+    reason = postgres.missing()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres.throwaway_server() as database:
+        yield database
 
 
 PLUGIN_SOURCE = '''

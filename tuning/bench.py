@@ -1,9 +1,13 @@
 """`cdm bench tune`: per problem (5D mixture, rotated digits), the tuned configuration against the one as written,
-both evaluated on fresh chain seeds, and the tuning wall time with 1 and K parallel trials."""
+both evaluated on fresh chain seeds, and the tuning wall time with 1 and K parallel trials; then one study on a
+throwaway PostgreSQL tuned by 1, 2 and 4 `cdm tune` processes at once, and by 2 with one killed mid-trial."""
 
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,12 +15,13 @@ from typing import Any
 
 import torch
 
+from cdm_dist.bench import postgres
 from cdm_dist.bench.report import markdown_table, write_report
-from cdm_dist.campaign import CampaignConfig, load_config, with_values
+from cdm_dist.campaign import CampaignConfig, dump_config, load_config, with_values
 from cdm_dist.runner import run_campaign
 from cdm_dist.store import CampaignStore
 from cdm_dist.worker import LocalExecutor
-from tuning.study import Tuner, median_finite
+from tuning.study import PROCESS, RUN, Tuner, counted, died, median_finite
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 STUDIES = {"gmm5d": EXAMPLES / "tune_gmm5d.yaml", "digits": EXAMPLES / "tune_digits.yaml"}
@@ -75,24 +80,94 @@ def _bench_problem(problem: str, root: str, trials: int, parallel: int, quick: b
     return {"rows": rows, "tuning": timing, "best_params": best, "heldout_improvement": improvement}
 
 
+def _shared_study(root: Path, quick: bool) -> Path:
+    """The 5D-mixture study as a YAML file for `cdm tune` processes: heartbeats every 2 s, grace 6 s, no auto
+    prior_fit limit (each process would measure it), in-process campaigns."""
+    overrides = [f"output={root}/shared", "tracking.enabled=false", "resources.executor=local",
+                 "tune.heartbeat_seconds=2", "tune.grace_seconds=6", "tune.prior_fit_limit=off"]  # fmt: skip
+    if quick:
+        overrides += ["method.num_steps=10", "chains.count=4", "method.n_c=16", "method.target_batch=16"]
+    path = root / "shared.yaml"
+    path.write_text(dump_config(load_config(STUDIES["gmm5d"], overrides)))
+    return path
+
+
+def _processes_row(path: Path, url: str, trials: int, processes: int, kill: bool, logs: Path) -> dict[str, Any]:
+    """`processes` cdm tune processes on one study at once (one SIGKILLed once two are mid-trial, if `kill`)."""
+    import optuna
+
+    command = [sys.executable, "-m", "cdm_dist.cli", "tune", str(path), "--trials", str(trials), "--storage", url]
+    tic = time.perf_counter()
+    with open(logs / f"p{processes}{'-kill' if kill else ''}.log", "w") as log:
+        started = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for _ in range(processes)]
+        if kill:
+            name = load_config(path).name
+
+            def running(process: subprocess.Popen) -> bool:
+                try:
+                    trials_now = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+                except KeyError:  # no study yet
+                    return False
+                mine = [t for t in trials_now if t.user_attrs.get(PROCESS, "").endswith(f":{process.pid}")]
+                return any(t.state == optuna.trial.TrialState.RUNNING for t in mine)
+
+            while not all(running(p) for p in started[:2]) and all(p.poll() is None for p in started):
+                time.sleep(0.1)
+            started[0].send_signal(signal.SIGKILL)
+        codes = [p.wait() for p in started]
+    wall = time.perf_counter() - tic
+    every = optuna.load_study(study_name=load_config(path).name, storage=url).get_trials(deepcopy=False)
+    return {
+        "processes": processes,
+        "killed": int(kill),
+        "trials": trials,
+        "counted": sum(counted(t) for t in every),
+        "wall_s": wall,
+        "trials_per_min": 60 * trials / wall,
+        "chain_steps_run": sum(t.user_attrs.get(RUN, 0) for t in every),
+        "trials_died": sum(died(t) for t in every),
+        "trials_retried": sum("failed_trial" in t.system_attrs for t in every),
+        "exit_codes": codes,
+    }
+
+
+def bench_processes(root: Path, trials: int, counts: tuple[int, ...], quick: bool) -> list[dict[str, Any]]:
+    """One study per row on a throwaway PostgreSQL, tuned by 1, 2, 4 processes at once, then by 2 with one killed."""
+    reason = postgres.missing()
+    if reason is not None:
+        print(f"bench tune: no shared-study rows ({reason})", file=sys.stderr)
+        return []
+    path = _shared_study(root, quick)
+    rows = []
+    with postgres.throwaway_server() as database:
+        for count in counts:
+            rows.append(_processes_row(path, database(f"p{count}"), trials, count, False, root))
+        rows.append(_processes_row(path, database("p2kill"), trials, 2, True, root))
+    return rows
+
+
 def bench_tune(
     json_path: str | None,
     trials: int = 20,
     parallel: int = 2,
     quick: bool = False,
     problems: tuple[str, ...] = tuple(STUDIES),
+    processes: tuple[int, ...] = (1, 2, 4),
 ) -> dict[str, Any]:
-    """Default vs tuned per problem (evaluated on fresh seeds); tuning wall time at 1 and `parallel` trials."""
+    """Default vs tuned per problem (evaluated on fresh seeds); tuning wall time at 1 and `parallel` trials; one
+    study shared by 1, 2 and 4 processes (and 2 with one killed)."""
     trials = 4 if quick else trials
     results = {}
     with tempfile.TemporaryDirectory() as root:
         for problem in problems:
             results[problem] = _bench_problem(problem, root, trials, parallel, quick)
+        shared = bench_processes(Path(root), 4 if quick else 24, processes, quick) if processes else []
     payload = {
         "rows": [row for r in results.values() for row in r["rows"]],
         "tuning": [row for r in results.values() for row in r["tuning"]],
         "best_params": {p: r["best_params"] for p, r in results.items()},
         "heldout_improvement": {p: r["heldout_improvement"] for p, r in results.items()},
+        "shared_study": shared,
         "eval_samples": EVAL_SAMPLES,
         "quick": quick,
     }
@@ -102,5 +177,9 @@ def bench_tune(
     columns.append("chain_steps_run")
     columns.append("chain_steps_saved_by_pruning")
     markdown += "\n" + markdown_table(payload["tuning"], columns)
+    if shared:
+        columns = ["processes", "killed", "trials", "counted", "wall_s", "trials_per_min", "chain_steps_run",
+                   "trials_died", "trials_retried"]  # fmt: skip
+        markdown += "\n" + markdown_table(shared, columns)
     write_report(payload, json_path, markdown)
     return payload

@@ -9,9 +9,9 @@ from cdm_dist.cli import main
 from tuning.bench import STUDIES
 
 
-def test_bench_tune_quick_reports_both_problems(tmp_path):
+def test_bench_tune_quick_reports_both_problems(tmp_path, postgres_server):
     out = tmp_path / "tune.json"
-    assert main(["bench", "tune", "--quick", "--parallel", "2", "--json", str(out)]) == 0
+    assert main(["bench", "tune", "--quick", "--parallel", "2", "--processes", "2", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert [(r["problem"], r["config"]) for r in payload["rows"]] == [
         ("gmm5d", "default"), ("gmm5d", "tuned"), ("digits", "default"), ("digits", "tuned"),
@@ -29,6 +29,12 @@ def test_bench_tune_quick_reports_both_problems(tmp_path):
         assert default["median_prior_fit"] > 0 and tuned["median_prior_fit"] > 0
     assert payload["rows"][0]["median_l2_gmm"] is not None and payload["rows"][2]["median_l2_gmm"] is None
     assert (tmp_path / "tune.md").read_text().startswith("| problem | config |")
+    # one study shared by two processes, then by two of which one is killed mid-trial: exactly N counted either way
+    shared = payload["shared_study"]
+    assert [(r["processes"], r["killed"]) for r in shared] == [(2, 0), (2, 1)]
+    assert all(r["counted"] == r["trials"] == 4 and r["chain_steps_run"] > 0 for r in shared)
+    assert (shared[0]["trials_died"], shared[0]["trials_retried"]) == (0, 0) and shared[0]["exit_codes"] == [0, 0]
+    assert (shared[1]["trials_died"], shared[1]["trials_retried"]) == (1, 1) and shared[1]["exit_codes"][1] == 0
 
 
 def test_bench_tune_rejects_an_unknown_problem(capsys):
