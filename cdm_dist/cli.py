@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="GPU only")
     train.add_argument("--tiny", action="store_true", help="a tiny network, for smoke tests")
     train.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    train.add_argument("--kind", choices=["flow", "one_step"], default="flow", help="sampler: a rectified flow, or "
+                       "the one-step distillation of a teacher flow")  # fmt: skip
+    train.add_argument("--teacher", help="one_step: the flow sampler folder to distil (default: the shipped one)")
 
     bench = commands.add_parser("bench", help="run a benchmark (writes JSON + markdown)")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -105,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     gmm.add_argument("--models", choices=["exact", "learned"], default="exact", help="closed-form or trained models")
     gmm.add_argument("--checkpoints", help="folder with gmm2d/ gmm5d/ gmm10d/ (default: the shipped checkpoints)")
     gmm.add_argument("--full-chain-steps", type=int, default=None, help="steps of MLGD's inner chain (default 100)")
+    gmm.add_argument("--sampler-kinds", default="flow", help="learned fast samplers, comma-separated: flow (8 Euler "
+                     "steps) and one_step (its distillation; MLGD-F rows only)")  # fmt: skip
 
     digits = benches.add_parser("digits", help="MLGD-F on rotated digits: top-5 x* per target on the circle")
     _bench_arguments(digits, chains=16)
@@ -186,6 +191,11 @@ def _check_bench(args: argparse.Namespace) -> None:
         bad = [d for d in args.dims if d not in (2, 5, 10)]
         if bad:
             raise InputError(f"--dims: unknown {bad}; expected some of [2, 5, 10]")
+        kinds = args.sampler_kinds.split(",")
+        if set(kinds) - {"flow", "one_step"} or len(set(kinds)) != len(kinds):
+            raise InputError(f"--sampler-kinds: {kinds}; expected distinct kinds from ['flow', 'one_step']")
+        if kinds != ["flow"] and args.models != "learned":
+            raise InputError("--sampler-kinds: only with --models learned (exact models have one exact sampler)")
     if args.bench == "digits":
         from cdm_dist.digits import TARGETS
 
@@ -450,9 +460,10 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.mixed_precision:
         from cdm_dist.training import settings_for
 
-        settings = replace(settings_for(args.problem, args.role), mixed_precision=args.mixed_precision)
+        settings = replace(settings_for(args.problem, args.role, args.kind), mixed_precision=args.mixed_precision)
     command = shlex.join(["cdm", *(sys.argv[1:] if argv is None else argv)])
-    manifest = train(args.role, args.problem, args.out, args.steps, args.seed, settings, args.tiny, args.cpu, command)
+    manifest = train(args.role, args.problem, args.out, args.steps, args.seed, settings, args.tiny, args.cpu, command,
+                     kind=args.kind, teacher=args.teacher)  # fmt: skip
     print(f"{args.role} for {args.problem}: final training loss {manifest['final_training_loss']:.5f}; {args.out}")
     print(json.dumps(manifest["quality"], indent=1))
     return 0
@@ -504,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     models=args.models,
                     checkpoints=args.checkpoints,
                     full_chain_steps=args.full_chain_steps,
+                    sampler_kinds=tuple(args.sampler_kinds.split(",")),
                 )
             elif args.bench == "digits":
                 from cdm_dist.bench.digits import bench_digits

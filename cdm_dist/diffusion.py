@@ -19,6 +19,7 @@ def make_scheduler(
     num_train_timesteps: int = 1000,
     beta_schedule: str = "squaredcos_cap_v2",
     timestep_spacing: str = "trailing",
+    prediction_type: str = "epsilon",
 ) -> Scheduler:
     """A diffusers scheduler with clipping off (our data are not images in [-1, 1])."""
     classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
@@ -28,7 +29,7 @@ def make_scheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
         clip_sample=False,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         timestep_spacing=timestep_spacing,
     )
 

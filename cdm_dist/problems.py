@@ -198,6 +198,7 @@ def gmm_params(name: str, joint_seed: int = 1, target_size: int = 1000, target_s
 
 SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # <problem>/{prior,sampler}/
 PositiveInt = Annotated[int, Field(ge=1)]
+SamplerKind = Literal["flow", "one_step"]  # learned fast sampler: Euler steps of the flow, or its one-step distillation
 
 
 def _checkpoint_folder(
@@ -227,18 +228,30 @@ def _checkpoint_folder(
     return folder
 
 
+def fast_sampler_part(folder: Path, kind: str, fast_steps: int | None) -> dict[str, Any]:
+    """The fast sampler of a learned problem: the flow (default 8 Euler steps) or its one-step distillation."""
+    if kind == "one_step":
+        if fast_steps not in (None, 1):
+            raise InputError(f"fast_steps: the one-step sampler takes 1 step, got {fast_steps} (or use flow)")
+        return {"flow": str(folder / "sampler_one_step"), "steps": 1}
+    return {"flow": str(folder / "sampler"), "steps": fast_steps or 8}
+
+
 def _mixture_recipe(
     name: str,
     models: Literal["exact", "learned"],
     checkpoints: str | None,
-    fast_steps: int,
+    fast_steps: int | None,
     full_chain_steps: int,
     joint_seed: int,
     target_size: int,
     target_seed: int,
+    sampler_kind: str = "flow",
 ) -> ProblemConfig:
     if checkpoints is not None and models != "learned":
         raise InputError("checkpoints: only used with models: learned")
+    if sampler_kind != "flow" and models != "learned":
+        raise InputError("sampler_kind: only used with models: learned (the exact sampler is exact)")
     if models == "learned" and joint_seed != 1:
         raise InputError("joint_seed: learned mixture models are trained on joint seed 1")
     here = "cdm_dist.problems"
@@ -252,7 +265,7 @@ def _mixture_recipe(
         folder = _checkpoint_folder(checkpoints, name, (GMM_PROBLEMS[name] - 1,), 1)
         parts = {
             "prior": {"diffusers": str(folder / "prior")},
-            "sampler": {"flow": str(folder / "sampler"), "steps": fast_steps},
+            "sampler": fast_sampler_part(folder, sampler_kind, fast_steps),
             "full_sampler": {"flow": str(folder / "sampler"), "steps": full_chain_steps},
         }
     else:
@@ -267,43 +280,46 @@ def _mixture_recipe(
 def gmm2d(
     models: Literal["exact", "learned"] = "exact",
     checkpoints: str | None = None,
-    fast_steps: PositiveInt = 8,
+    fast_steps: PositiveInt | None = None,
     full_chain_steps: PositiveInt = 100,
+    sampler_kind: SamplerKind = "flow",
     joint_seed: int = 1,
     target_size: PositiveInt = 1000,
     target_seed: int = 0,
 ) -> ProblemConfig:
     """The paper's 2D Gaussian mixture (X 1-D, Y 1-D), target P(Y | X = -5): exact or learned models."""
     return _mixture_recipe("gmm2d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
-                           target_seed)  # fmt: skip
+                           target_seed, sampler_kind)  # fmt: skip
 
 
 def gmm5d(
     models: Literal["exact", "learned"] = "exact",
     checkpoints: str | None = None,
-    fast_steps: PositiveInt = 8,
+    fast_steps: PositiveInt | None = None,
     full_chain_steps: PositiveInt = 100,
+    sampler_kind: SamplerKind = "flow",
     joint_seed: int = 1,
     target_size: PositiveInt = 1000,
     target_seed: int = 0,
 ) -> ProblemConfig:
     """The paper's 5D recipe (X 4-D, Y 1-D), seeded by joint_seed: exact or learned models."""
     return _mixture_recipe("gmm5d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
-                           target_seed)  # fmt: skip
+                           target_seed, sampler_kind)  # fmt: skip
 
 
 def gmm10d(
     models: Literal["exact", "learned"] = "exact",
     checkpoints: str | None = None,
-    fast_steps: PositiveInt = 8,
+    fast_steps: PositiveInt | None = None,
     full_chain_steps: PositiveInt = 100,
+    sampler_kind: SamplerKind = "flow",
     joint_seed: int = 1,
     target_size: PositiveInt = 1000,
     target_seed: int = 0,
 ) -> ProblemConfig:
     """The paper's 10D recipe (X 9-D, Y 1-D), seeded by joint_seed: exact or learned models."""
     return _mixture_recipe("gmm10d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
-                           target_seed)  # fmt: skip
+                           target_seed, sampler_kind)  # fmt: skip
 
 
 def digits_target(
@@ -319,8 +335,9 @@ def digits_target(
 def digits(
     models: Literal["learned"] = "learned",
     checkpoints: str | None = None,
-    fast_steps: PositiveInt = 8,
+    fast_steps: PositiveInt | None = None,
     full_chain_steps: PositiveInt = 32,
+    sampler_kind: SamplerKind = "flow",
     digits_target: Literal["uniform", "bimodal", "unimodal"] = "uniform",
     target_size: PositiveInt = 1000,
     target_seed: int = 0,
@@ -333,7 +350,7 @@ def digits(
     return ProblemConfig.model_validate(
         {
             "prior": {"diffusers": str(folder / "prior")},
-            "sampler": {"flow": str(folder / "sampler"), "steps": fast_steps},
+            "sampler": fast_sampler_part(folder, sampler_kind, fast_steps),
             "full_sampler": {"flow": str(folder / "sampler"), "steps": full_chain_steps},
             "target": {"factory": "cdm_dist.problems:digits_target", "args": target},
         }
@@ -364,10 +381,11 @@ def gmm_problem(
 def learned_gmm_problem(
     name: str,
     checkpoints: str | Path | None = None,
-    fast_steps: int = 8,
+    fast_steps: int | None = None,
     full_chain_steps: int = 100,
     target_size: int = 1000,
     target_seed: int = 0,
+    sampler_kind: str = "flow",
 ) -> CDMProblem:
     """A Gaussian-mixture problem with the learned prior and flow sampler in place of the exact ones.
 
@@ -377,13 +395,13 @@ def learned_gmm_problem(
 
     args = {"models": "learned", "checkpoints": None if checkpoints is None else str(checkpoints),
             "fast_steps": fast_steps, "full_chain_steps": full_chain_steps, "target_size": target_size,
-            "target_seed": target_seed}  # fmt: skip
+            "target_seed": target_seed, "sampler_kind": sampler_kind}  # fmt: skip
     problem = resolve_problem(ProblemConfig(name=name, args=args)).build()
     folder = _checkpoint_folder(args["checkpoints"], name)
     problem.x_star = mixture_problem(name).x_star
     problem.x_star_unique = GMM_PROBLEMS[name] == 2
-    problem.params = gmm_params(name, 1, target_size, target_seed) | _learned_params(folder, fast_steps,
-                                                                                     full_chain_steps)  # fmt: skip
+    learned = _learned_params(folder, fast_steps, full_chain_steps, sampler_kind)
+    problem.params = gmm_params(name, 1, target_size, target_seed) | learned
     problem.name = name
     return problem
 
@@ -391,10 +409,11 @@ def learned_gmm_problem(
 def digits_problem(
     target: str = "uniform",
     checkpoints: str | Path | None = None,
-    fast_steps: int = 8,
+    fast_steps: int | None = None,
     full_chain_steps: int = 32,
     target_size: int = 1000,
     target_seed: int = 0,
+    sampler_kind: str = "flow",
 ) -> CDMProblem:
     """Rotated digits with the shipped (or given) learned models, as one CDMProblem."""
     from cdm_dist.digits import TARGET_SPREAD
@@ -402,7 +421,7 @@ def digits_problem(
 
     args = {"checkpoints": None if checkpoints is None else str(checkpoints), "fast_steps": fast_steps,
             "full_chain_steps": full_chain_steps, "digits_target": target, "target_size": target_size,
-            "target_seed": target_seed}  # fmt: skip
+            "target_seed": target_seed, "sampler_kind": sampler_kind}  # fmt: skip
     problem = resolve_problem(ProblemConfig(name="digits", args=args)).build()
     problem.name = "digits"
     problem.params = {
@@ -411,16 +430,20 @@ def digits_problem(
         "target_spread_rad": TARGET_SPREAD,
         "target_size": target_size,
         "target_seed": target_seed,
-        **_learned_params(_checkpoint_folder(args["checkpoints"], "digits"), fast_steps, full_chain_steps),
+        **_learned_params(
+            _checkpoint_folder(args["checkpoints"], "digits"), fast_steps, full_chain_steps, sampler_kind
+        ),
     }
     return problem
 
 
-def _learned_params(folder: Path, fast_steps: int, full_chain_steps: int) -> dict[str, Any]:
+def _learned_params(folder: Path, fast_steps: int | None, full_chain_steps: int, kind: str = "flow") -> dict[str, Any]:
     from cdm_dist.models.manifest import read_manifest
 
-    shas = {role: read_manifest(folder / role)["weights_sha256"] for role in ("prior", "sampler")}
-    return {"models": "learned", "fast_steps": fast_steps, "full_chain_steps": full_chain_steps,
+    roles = ("prior", "sampler", *(("sampler_one_step",) if kind == "one_step" else ()))
+    shas = {role: read_manifest(folder / role)["weights_sha256"] for role in roles}
+    steps = fast_sampler_part(folder, kind, fast_steps)["steps"]
+    return {"models": "learned", "sampler_kind": kind, "fast_steps": steps, "full_chain_steps": full_chain_steps,
             "checkpoints": str(folder), "weights_sha256": shas}  # fmt: skip
 
 

@@ -3,6 +3,9 @@
 - Prior: epsilon-prediction DDPM loss (Ho et al. 2020) under the problem's DDPMScheduler.
 - Sampler: conditional rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023): z_s = (1 - s) eta + s y,
   regress v(z_s, s | x) on y - eta. A few Euler steps give the fast sampler, many the full chain.
+- One-step sampler (`--kind one_step`): the flow's own map distilled into one Euler step (Liu et al. 2023, Sec. 2.3:
+  a straight teacher's coupling, regressed directly): the student, a copy of the teacher, learns
+  z0 + v(z0, 0 | x) = Phi_teacher(z0 | x), the teacher's 32-step integral from the same noise.
 Quality is measured on held-out data and written to the manifest, not assumed.
 """
 
@@ -25,6 +28,8 @@ from cdm_dist.models.manifest import sha256
 
 Draw = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # (n, gen) -> x (n, *x), y (n, d_y)
 ROLES = ("prior", "sampler")
+KINDS = ("flow", "one_step")  # sampler kinds: a rectified flow (Euler steps), or its one-step distillation
+TEACHER_STEPS = 32  # Euler steps of the teacher flow whose map the one-step sampler learns
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ DEFAULTS: dict[tuple[str, str], TrainSettings] = {
     ("gmm", "sampler"): TrainSettings(steps=10_000, batch_size=1024, lr=2e-3),
     ("digits", "prior"): TrainSettings(steps=3_000, batch_size=64, lr=1e-3, ema_decay=0.995),
     ("digits", "sampler"): TrainSettings(steps=4_000, batch_size=128, lr=1e-3, ema_decay=0.995),
+    ("gmm", "one_step"): TrainSettings(steps=4_000, batch_size=1024, lr=5e-4, warmup=100),
+    ("digits", "one_step"): TrainSettings(steps=1_500, batch_size=128, lr=3e-4, ema_decay=0.995, warmup=100),
 }
 
 
@@ -95,9 +102,9 @@ def trainable_problems() -> list[str]:
     return [*GMM_PROBLEMS, "digits"]
 
 
-def settings_for(problem: str, role: str) -> TrainSettings:
-    """The default training settings of a problem family and role."""
-    return DEFAULTS[("digits" if problem == "digits" else "gmm", role)]
+def settings_for(problem: str, role: str, kind: str = "flow") -> TrainSettings:
+    """The default training settings of a problem family, role and sampler kind."""
+    return DEFAULTS[("digits" if problem == "digits" else "gmm", "one_step" if kind == "one_step" else role)]
 
 
 # -- models ---------------------------------------------------------------------------------------------------
@@ -146,24 +153,30 @@ def new_model(data: TrainingData, role: str, gen: torch.Generator, tiny: bool = 
     )
 
 
-def new_scheduler() -> Any:
+def new_scheduler(prediction_type: str = "epsilon") -> Any:
     """The noise schedule of every learned prior: DDPM's linear betas 1e-4..0.02 over 1000 steps (Ho et al. 2020).
 
     Not the capped cosine schedule: its last ᾱ is ~1e-9, so DDIM's first Tweedie step divides the network's
     ε error by sqrt(ᾱ_T) ~ 3e-5 and the next step cannot undo it; exact priors do not mind, learned ones do."""
     from cdm_dist.diffusion import make_scheduler
 
-    return make_scheduler("ddpm", num_train_timesteps=1000, beta_schedule="linear")
+    return make_scheduler("ddpm", num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type)
 
 
 # -- objectives -----------------------------------------------------------------------------------------------
 
 
 def prior_loss(
-    model: torch.nn.Module, alphas_cumprod: torch.Tensor, x0: torch.Tensor, gen: torch.Generator
+    model: torch.nn.Module,
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    gen: torch.Generator,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """E λ(t) ||ε - ε̂(sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, t)||², t uniform on the training grid (Ho et al. 2020);
-    λ = 1, or EDM's weight for a preconditioned MLPNoiseModel (Karras et al. 2022)."""
+    λ = 1, or EDM's weight for a preconditioned MLPNoiseModel (Karras et al. 2022). With v-prediction the target
+    is v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 (Salimans & Ho 2022), so x̂0 at high noise is the network's own output
+    rather than the ε error divided by sqrt(ᾱ_t)."""
     from cdm_dist.models.learned import noise_prediction
     from cdm_dist.models.networks import MLPNoiseModel
 
@@ -173,6 +186,9 @@ def prior_loss(
     ab = alphas_cumprod.to(x0)[t].view(n, *[1] * (x0.dim() - 1))
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     eps = noise_prediction(model, x_t, t)
+    if prediction_type == "v_prediction":
+        velocity = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        return (eps.float() - velocity.float()).square().mean()
     unwrapped = getattr(model, "module", model)  # accelerate may wrap it
     weight = unwrapped.loss_weight(t) if isinstance(unwrapped, MLPNoiseModel) else 1.0
     return (weight * (eps.float() - noise.float()).square()).mean()
@@ -189,6 +205,36 @@ def flow_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, gen: tor
     return torch.nn.functional.mse_loss(v.float(), (z1 - z0).float())
 
 
+@torch.no_grad()
+def teacher_pairs(
+    data: TrainingData, teacher: torch.nn.Module, count: int, gen: torch.Generator, steps: int, chunk: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`count` triples (x, z0, Phi_teacher(z0 | x)): fresh x from the training data, z0 ~ N(0, I), and the teacher
+    flow's `steps`-step Euler map in its standardised units; drawn once, reused by every distillation step."""
+    from cdm_dist.models.learned import flow_map
+
+    xs, zs, targets = [], [], []
+    for start in tqdm(range(0, count, chunk), desc="teacher pairs", mininterval=1.0, leave=False):
+        x, _ = data.draw(min(chunk, count - start), gen)
+        z0 = torch.randn((x.shape[0], data.y_dim), generator=gen)
+        xs.append(x), zs.append(z0), targets.append(flow_map(teacher, z0, teacher.condition(x), steps))
+    return torch.cat(xs), torch.cat(zs), torch.cat(targets)
+
+
+def distill_loss(student: torch.nn.Module, x: torch.Tensor, z0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||Phi_teacher(z0 | x) - (z0 + v_student(z0, 0 | x))||²: the teacher's map learned in one Euler step
+    (rectified-flow distillation, Liu et al. 2023)."""
+    one_step = z0 + student(z0, torch.zeros(x.shape[0], device=x.device, dtype=x.dtype), x)
+    return torch.nn.functional.mse_loss(one_step.float(), target.float())
+
+
+def shipped_sampler(problem: str) -> Path:
+    """The shipped flow sampler of a built-in problem (the default teacher)."""
+    from cdm_dist.problems import SHIPPED_CHECKPOINTS
+
+    return SHIPPED_CHECKPOINTS / problem / "sampler"
+
+
 # -- the training loop ----------------------------------------------------------------------------------------
 
 
@@ -203,16 +249,23 @@ def train(
     cpu: bool = False,
     command: str | None = None,
     progress: bool = True,
+    kind: str = "flow",
+    teacher: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train one model with accelerate and EMA; save it (safetensors + config) with its manifest, and return that."""
+    """Train one model with accelerate and EMA; save it (safetensors + config) with its manifest, and return that.
+    A sampler is a rectified flow (`kind` flow) or the one-step distillation of a teacher flow (`one_step`)."""
     from accelerate import Accelerator
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     if role not in ROLES:
         raise InputError(f"role: unknown {role!r}; expected one of {list(ROLES)}")
+    if kind not in KINDS or (kind != "flow" and role != "sampler"):
+        raise InputError(f"--kind: {kind!r} is not a {role} kind; expected flow, or one_step for a sampler")
+    if teacher is not None and kind != "one_step":
+        raise InputError("--teacher: only for --kind one_step")
     data = training_data(problem)
-    settings = settings or settings_for(problem, role)
+    settings = settings or settings_for(problem, role, kind)
     if steps is not None:
         if steps < 1:
             raise InputError(f"--steps: must be >= 1; got {steps}")
@@ -226,23 +279,48 @@ def train(
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=settings.mixed_precision, gradient_accumulation_steps=settings.gradient_accumulation
     )
-    model = new_model(data, role, gen, tiny)
-    scheduler = new_scheduler() if role == "prior" else None
+    teacher_model, teacher_folder = None, None
+    if kind == "one_step":
+        from cdm_dist.models.learned import load_flow_model
+
+        teacher_folder = Path(teacher) if teacher is not None else shipped_sampler(problem)
+        teacher_model = load_flow_model(teacher_folder, field="--teacher").float().eval().requires_grad_(False)
+        shape = (tuple(teacher_model.config.x_shape or [1]), teacher_model.config.y_dim)
+        if shape != (data.x_shape, data.y_dim):
+            found = f"x {list(shape[0])} to y_dim {shape[1]}"
+            raise InputError(f"--teacher: {teacher_folder} maps {found}, not {problem}'s x and y")
+        model = type(teacher_model).from_config(teacher_model.config)  # the student starts as the teacher
+        model.load_state_dict(teacher_model.state_dict())
+        model.requires_grad_(True).train()
+    else:
+        model = new_model(data, role, gen, tiny)
+    image_prior = role == "prior" and len(data.x_shape) == 3
+    scheduler = new_scheduler("v_prediction" if image_prior else "epsilon") if role == "prior" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup, settings.steps)
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=settings.ema_decay, use_ema_warmup=True)
+    pairs = None
+    if teacher_model is not None:
+        count = (32_768 if data.problem == "digits" else 262_144) if not tiny else 4_096
+        pairs = teacher_pairs(data, teacher_model, count, gen, TEACHER_STEPS)
 
     recent: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(settings.steps), desc=f"train {role} {problem}", disable=not progress, mininterval=1.0)
     for _ in bar:
-        x, y = data.draw(settings.batch_size, gen)
-        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        if pairs is not None:
+            pick = torch.randint(len(pairs[0]), (settings.batch_size,), generator=gen)
+            x, z0, target = (t[pick].to(accelerator.device) for t in pairs)
+        else:
+            x, y = data.draw(settings.batch_size, gen)
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 if role == "prior":
-                    loss = prior_loss(model, scheduler.alphas_cumprod, x, gen)
+                    loss = prior_loss(model, scheduler.alphas_cumprod, x, gen, scheduler.config.prediction_type)
+                elif pairs is not None:
+                    loss = distill_loss(model, x, z0, target)
                 else:
                     loss = flow_loss(model, x, y, gen)
             accelerator.backward(loss)
@@ -260,7 +338,8 @@ def train(
     trained = accelerator.unwrap_model(model)
     ema.copy_to(trained.parameters())
     trained = trained.to("cpu").float().eval()
-    quality = measure_quality(role, data, trained, scheduler, seed, small=tiny)
+    steps_measured = (1, 2) if kind == "one_step" else FLOW_STEPS
+    quality = measure_quality(role, data, trained, scheduler, seed, small=tiny, flow_steps=steps_measured)
     out.mkdir(parents=True, exist_ok=True)
     trained.save_pretrained(out, safe_serialization=True)
     if scheduler is not None:
@@ -271,7 +350,15 @@ def train(
         "model_class": type(trained).__name__,
         "parameters": sum(p.numel() for p in trained.parameters()),
         "data": data.description,
-        "objective": _objective(role, trained),
+        "objective": _objective(role, trained, scheduler.config.prediction_type if scheduler else kind),
+        "kind": kind if role == "sampler" else None,
+        "teacher": None
+        if teacher_folder is None
+        else {
+            "folder": str(teacher_folder),
+            "euler_steps": TEACHER_STEPS,
+            "weights_sha256": sha256(teacher_folder / "diffusion_pytorch_model.safetensors"),
+        },
         "steps": settings.steps,
         "seed": seed,
         "settings": asdict(settings),
@@ -289,11 +376,15 @@ def train(
     return manifest
 
 
-def _objective(role: str, model: torch.nn.Module) -> str:
+def _objective(role: str, model: torch.nn.Module, kind: str = "flow") -> str:
+    if kind == "one_step":
+        return f"one-step distillation of a conditional rectified flow ({TEACHER_STEPS} teacher Euler steps)"
     if role == "sampler":
         return "conditional rectified flow"
     if getattr(model.config, "preconditioning", "none") == "edm":
         return "EDM-preconditioned, EDM-weighted epsilon-prediction DDPM loss"
+    if kind == "v_prediction":
+        return "v-prediction DDPM loss (Salimans & Ho 2022)"
     return "epsilon-prediction DDPM loss"
 
 
@@ -307,11 +398,18 @@ def _versions() -> dict[str, str]:
 # -- quality --------------------------------------------------------------------------------------------------
 
 FLOW_STEPS = (1, 2, 4, 8, 32)
+X0_TIMESTEPS = (250, 500, 750, 999)
 
 
 @torch.no_grad()
 def measure_quality(
-    role: str, data: TrainingData, model: torch.nn.Module, scheduler: Any, seed: int, small: bool = False
+    role: str,
+    data: TrainingData,
+    model: torch.nn.Module,
+    scheduler: Any,
+    seed: int,
+    small: bool = False,
+    flow_steps: tuple[int, ...] = FLOW_STEPS,
 ) -> dict[str, Any]:
     """Held-out quality: prior MMD² to data (with the data-vs-data floor); sampler error against the truth."""
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -321,8 +419,8 @@ def measure_quality(
 
         return prior_quality(DiffusersPrior(model, scheduler), data, gen, n, 10 if small else 50)
     if data.problem == "digits":
-        return digits_sampler_quality(model, data, gen, n)
-    return gmm_sampler_quality(model, data.problem, gen, 4 if small else 64, n)
+        return digits_sampler_quality(model, data, gen, n, flow_steps)
+    return gmm_sampler_quality(model, data.problem, gen, 4 if small else 64, n, flow_steps)
 
 
 def prior_quality(
@@ -341,11 +439,29 @@ def prior_quality(
         "heldout_mmd2_floor": float(mmd2(held_b[None].double(), held_a.double())[0]),
         "samples": n,
         "ddim_steps": steps,
+        "x0_rmse_by_t": x0_errors(prior, data.heldout(min(n, 512), gen)[0], gen),
     }
 
 
+@torch.no_grad()
+def x0_errors(prior: Any, x0: torch.Tensor, gen: torch.Generator, timesteps: tuple[int, ...] = X0_TIMESTEPS) -> dict:
+    """RMS error of Tweedie's x̂0 on held-out data noised to each timestep (what guidance differentiates)."""
+    errors = {}
+    for t in timesteps:
+        ab = float(prior.scheduler.alphas_cumprod[t])
+        x_t = ab**0.5 * x0 + (1 - ab) ** 0.5 * torch.randn(x0.shape, generator=gen)
+        _, x0_hat = prior.denoise(x_t, t)
+        errors[str(t)] = float((x0_hat - x0).square().mean().sqrt())
+    return errors
+
+
 def gmm_sampler_quality(
-    model: torch.nn.Module, problem: str, gen: torch.Generator, points: int = 64, n: int = 1000
+    model: torch.nn.Module,
+    problem: str,
+    gen: torch.Generator,
+    points: int = 64,
+    n: int = 1000,
+    flow_steps: tuple[int, ...] = FLOW_STEPS,
 ) -> dict[str, Any]:
     """Wasserstein-1 between the flow's P(Y | x) and the exact mixture conditional at random x and at x*.
 
@@ -370,7 +486,7 @@ def gmm_sampler_quality(
     eta = torch.randn((len(x), n, 1), generator=gen, dtype=torch.float64)
     floor = w1(exact.fast_sampler.sample(x, eta)[..., 0])
     result: dict[str, Any] = {"points": points, "samples": n, "exact_w1_floor_mean": float(floor[:-1].mean())}
-    for steps in FLOW_STEPS:
+    for steps in flow_steps:
         err = w1(FlowSampler(model, steps).sample(x, eta)[..., 0])
         result[f"w1_mean_{steps}_steps"] = float(err[:-1].mean())
         result[f"w1_at_x_star_{steps}_steps"] = float(err[-1])
@@ -378,7 +494,11 @@ def gmm_sampler_quality(
 
 
 def digits_sampler_quality(
-    model: torch.nn.Module, data: TrainingData, gen: torch.Generator, n: int = 1000
+    model: torch.nn.Module,
+    data: TrainingData,
+    gen: torch.Generator,
+    n: int = 1000,
+    flow_steps: tuple[int, ...] = FLOW_STEPS,
 ) -> dict[str, Any]:
     """Angular error |theta_hat - theta| (one draw per held-out rotated digit) for several Euler step counts."""
     from cdm_dist.digits import angle_of
@@ -388,7 +508,7 @@ def digits_sampler_quality(
     eta = torch.randn((n, 1, 2), generator=gen)
     truth = angle_of(y)
     result: dict[str, Any] = {"samples": n}
-    for steps in FLOW_STEPS:
+    for steps in flow_steps:
         theta = angle_of(FlowSampler(model, steps).sample(x, eta)[:, 0])
         error = torch.remainder(theta - truth + math.pi, 2 * math.pi) - math.pi
         result[f"median_abs_angle_error_deg_{steps}_steps"] = float(error.abs().median().rad2deg())

@@ -31,6 +31,22 @@ def settings(quick: bool, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfi
     return config, ZetaConfig(kind="linear", scale=0.3, final=0.1, normalize=True)
 
 
+ZETA_SCALES = (0.15, 0.3, 0.6)  # per-chain schedules cycled over the chains: step lengths in pixels ...
+ZETA_FINALS = (0.1, 0.3)  # ... and end-to-start ratios
+
+
+def chain_schedules(zeta: ZetaConfig, chains: int) -> list[ZetaConfig]:
+    """Chain k's zeta schedule: the settings' schedule at grid point k modulo the grid of scales x final ratios."""
+    grid = [zeta.model_copy(update={"scale": a, "final": b}) for a in ZETA_SCALES for b in ZETA_FINALS]
+    return [grid[k % len(grid)] for k in range(chains)]
+
+
+def circular_spread(y: torch.Tensor) -> torch.Tensor:
+    """Mean resultant length of the angles of y (..., n, 2) = (cos, sin): 1 for one angle, 0 for a uniform circle."""
+    theta = angle_of(y)
+    return torch.stack([theta.cos().mean(-1), theta.sin().mean(-1)]).norm(dim=0)
+
+
 @cache
 def _rotated_training_digits(angles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every training digit at `angles` evenly spaced rotations: pixels (angles * N, 256), labels (angles * N,)."""
@@ -107,15 +123,19 @@ def bench_digits(
     out = Path(json_path).parent if json_path else Path("out/bench_digits")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    schedules = chain_schedules(zeta, chains)
     for kind in tqdm(targets, desc="bench digits", unit="target"):
         problem = digits_problem(kind, checkpoints)
         start = time.perf_counter()
-        guided = run_method(problem, "mlgd_f", Chains.make(range(chains), zeta), config, dev)
+        guided = run_method(problem, "mlgd_f", Chains.make(range(chains), schedules), config, dev)
         seconds = time.perf_counter() - start
         unguided = run_method(problem, "mlgd_f", Chains.make(range(chains), ZetaConfig(scale=0.0)), config, dev)
         order = torch.argsort(guided.final_loss)[:5]
         x_top = guided.x[order].detach().cpu()
         labels, distances = nearest_digits(x_top)
+        with torch.no_grad():  # f(x*) of each top-5 x*: 500 draws of the fast sampler, fixed noise
+            eta = torch.randn((len(x_top), 500, 2), generator=torch.Generator().manual_seed(0))
+            spread = circular_spread(problem.fast_sampler.sample(x_top.to(eta.dtype), eta)).tolist()
         _, unguided_distances = nearest_digits(unguided.x[torch.argsort(unguided.final_loss)[:5]].detach().cpu())
         x_path = out / f"digits_{kind}_top5.npy"
         np.save(x_path, x_top[:, 0].float().numpy())
@@ -133,6 +153,10 @@ def bench_digits(
                 "x_npy": str(x_path),
                 "top5_nearest_digits": labels,
                 "top5_nearest_distance_mean": sum(distances) / len(distances),
+                "top5_zeros": labels.count(0),
+                "top5_spread": spread,
+                "top5_spread_mean": sum(spread) / len(spread),
+                "top5_zeta": [f"{schedules[i].scale}/{schedules[i].final}" for i in order.tolist()],
                 "top5_prior_fit_mean": float(guided.metrics["prior_fit"][order].mean()),
                 "unguided_top5_prior_fit_mean": float(
                     unguided.metrics["prior_fit"][torch.argsort(unguided.final_loss)[:5]].mean()
@@ -146,7 +170,8 @@ def bench_digits(
         )
     payload = {
         "rows": rows,
-        "settings": {"mlgd": config.model_dump(), "zeta": zeta.model_dump(), "fast_steps": 8},
+        "settings": {"mlgd": config.model_dump(), "zeta": [z.model_dump() for z in schedules[:6]], "fast_steps": 8},
+        "spread": "mean resultant length of the angles of 500 f(x*) draws: 0 uniform on the circle, 1 one angle",
         "x_npy_space": "model space: pixels in [-1, 1], shape [5, 16, 16]",
         "nearest_distance": "L2 pixel distance ([0, 1] pixels) to the closest training digit over 36 rotations",
         "environment": environment(dev),
@@ -162,6 +187,8 @@ def bench_digits(
         "seconds_per_chain",
         "top5_nearest_digits",
         "top5_nearest_distance_mean",
+        "top5_zeros",
+        "top5_spread_mean",
         "unguided_top5_nearest_distance_mean",
         "top5_prior_fit_mean",
         "unguided_top5_prior_fit_mean",

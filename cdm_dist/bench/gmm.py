@@ -72,31 +72,37 @@ def bench_gmm(
     models: str = "exact",
     checkpoints: str | None = None,
     full_chain_steps: int | None = None,
+    sampler_kinds: tuple[str, ...] = ("flow",),
 ) -> dict[str, Any]:
     """Run every method on every problem and write the rows; problem parameters are saved next to the JSON.
 
     models = "learned" swaps in the trained prior and flow sampler (checkpoints/<gmmNd>/, default the shipped
-    ones); targets and exact metrics stay those of the true mixture."""
+    ones); targets and exact metrics stay those of the true mixture. Each further sampler kind (e.g. one_step, the
+    flow's one-step distillation) adds MLGD-F rows with that fast sampler (the other methods do not use it)."""
     dev = torch.device(device)
     rows = []
     used: dict[str, dict[str, Any]] = {}
     params_dir = Path(out_dir or (Path(json_path).parent if json_path else "."))
-    with tqdm(total=len(dims) * len(methods), desc="bench gmm", unit="run") as bar:
-        for dim in dims:
+    kinds = sampler_kinds if models == "learned" else ("flow",)
+    runs = [(kind, m) for i, kind in enumerate(kinds) for m in methods if i == 0 or m == "mlgd_f"]
+    with tqdm(total=len(dims) * len(runs), desc="bench gmm", unit="run") as bar:
+        for dim, kind in ((d, k) for d in dims for k in kinds):
             s = settings(quick, n_c)
             if full_chain_steps is not None:
                 s["full_chain_steps"] = full_chain_steps
-            used[str(dim)] = {k: _dump(v) for k, v in s.items()}
+            if kind == "one_step":
+                s["fast_steps"] = 1
+            used[str(dim) if kind == kinds[0] else f"{dim}-{kind}"] = {k: _dump(v) for k, v in s.items()}
             name = f"gmm{dim}d"
             if models == "learned":
                 folder = f"{checkpoints}/{name}" if checkpoints else None
-                problem = learned_gmm_problem(name, folder, s["fast_steps"], s["full_chain_steps"])
+                problem = learned_gmm_problem(name, folder, s["fast_steps"], s["full_chain_steps"], sampler_kind=kind)
             else:
                 problem = gmm_problem(name, full_chain_steps=s["full_chain_steps"])
-            if json_path:
+            if json_path and kind == kinds[0]:
                 params_dir.mkdir(parents=True, exist_ok=True)
                 (params_dir / f"gmm{dim}d_params.json").write_text(json.dumps(problem.params, indent=1))
-            for method in methods:
+            for method in (m for k, m in runs if k == kind):
                 bar.set_postfix(dim=dim, method=method)
                 batch = Chains.make(range(chains), s["zeta"])
                 if dev.type == "cuda":
@@ -110,6 +116,8 @@ def bench_gmm(
                 row = _row(method, dim, chains, seconds, peak.mb, result, problem.x_star_unique)
                 row["memory_method"] = peak.method
                 row["models"] = models
+                row["sampler_kind"] = kind if models == "learned" else "exact"
+                row["fast_steps"] = s["fast_steps"] if models == "learned" and method == "mlgd_f" else None
                 rows.append(row)
                 bar.update()
     payload = {
@@ -123,6 +131,8 @@ def bench_gmm(
     columns = [
         "models",
         "method",
+        "sampler_kind",
+        "fast_steps",
         "dim",
         "chains",
         "seconds_per_chain",

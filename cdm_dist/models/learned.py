@@ -57,11 +57,16 @@ class FlowSampler(ConditionalSampler):
 
 def euler_flow(model: ConditionalVelocityModel, z: torch.Tensor, features: torch.Tensor, steps: int) -> torch.Tensor:
     """Integrate dz/ds = v(z, s | x) from s = 0 (noise z (N, d_y)) to s = 1 with Euler; returns y in data units."""
+    return model.to_data(flow_map(model, z, features, steps))
+
+
+def flow_map(model: ConditionalVelocityModel, z: torch.Tensor, features: torch.Tensor, steps: int) -> torch.Tensor:
+    """The Euler integral of dz/ds = v(z, s | x) from s = 0 to 1 in the model's standardised units, z (N, d_y)."""
     ds = 1.0 / steps
     for k in range(steps):
         s = torch.full((z.shape[0],), k * ds, device=z.device, dtype=z.dtype)
         z = z + ds * model.velocity(z, s, features)
-    return model.to_data(z)
+    return z
 
 
 def load_prior(folder: str | Path) -> DiffusersPrior:

@@ -154,6 +154,24 @@ def test_bench_digits_quick_writes_the_documented_schema(tmp_path, tiny_checkpoi
     assert {"top5_loss_mean", "seconds_per_chain", "grid_png", "circle_png", "x_npy"} <= set(row)
     assert np.load(row["x_npy"]).shape == (5, 16, 16)
     assert (tmp_path / "digits_bimodal_top5.png").is_file() and (tmp_path / "digits_bimodal_circle.png").is_file()
+    assert len(row["top5_spread"]) == 5 and all(0 <= r <= 1 for r in row["top5_spread"])
+    assert row["top5_zeros"] == row["top5_nearest_digits"].count(0) and len(row["top5_zeta"]) == 5
+
+
+def test_circular_spread_is_one_for_a_point_and_zero_for_an_even_circle():
+    import math
+
+    import torch
+
+    from cdm_dist.bench.digits import circular_spread
+
+    even = torch.arange(12, dtype=torch.float64) * 2 * math.pi / 12
+    half = torch.cat([torch.zeros(6), torch.full((6,), math.pi)]).double()  # two opposite angles: no direction
+    point = torch.full((12,), 0.7, dtype=torch.float64)
+    y = torch.stack([torch.stack([a.cos(), a.sin()], -1) for a in (even, half, point)])  # (3, 12, 2)
+    assert circular_spread(y).tolist() == pytest.approx([0.0, 0.0, 1.0], abs=1e-6)
+    ragged = torch.tensor([0.0, math.pi / 2], dtype=torch.float64)  # |(1 + i) / 2| by hand
+    assert float(circular_spread(torch.stack([ragged.cos(), ragged.sin()], -1))) == pytest.approx(2**0.5 / 2)
 
 
 def test_bench_digits_rejects_an_unknown_target(capsys):

@@ -95,3 +95,41 @@ def test_digits_problem_has_image_chains_and_circle_targets(tiny_checkpoints):
     assert problem.target.samples.shape == (300, 2)
     torch.testing.assert_close(problem.target.samples.norm(dim=1), torch.ones(300, dtype=torch.float64))
     assert problem.metrics is None and problem.x_star is None
+
+
+@pytest.mark.parametrize("name", ["gmm2d", "gmm5d", "gmm10d", "digits"])
+def test_the_one_step_sampler_is_a_config_choice(name):
+    """sampler_kind: one_step swaps the fast sampler for the shipped distillation, one step; the full chain keeps the
+    flow. Both are the shipped files, recorded by sha256 in the problem's params."""
+    from cdm_dist.models.learned import FlowSampler
+    from cdm_dist.models.manifest import read_manifest
+    from cdm_dist.problems import SHIPPED_CHECKPOINTS, digits_problem, learned_gmm_problem
+
+    make = (lambda **k: digits_problem(**k)) if name == "digits" else (lambda **k: learned_gmm_problem(name, **k))
+    flow, one_step = make(), make(sampler_kind="one_step")
+    assert isinstance(one_step.fast_sampler, FlowSampler) and one_step.fast_sampler.num_steps == 1
+    assert flow.fast_sampler.num_steps == 8 and one_step.full_sampler.num_steps == flow.full_sampler.num_steps
+    shipped = read_manifest(SHIPPED_CHECKPOINTS / name / "sampler_one_step")
+    assert shipped["kind"] == "one_step" and one_step.params["sampler_kind"] == "one_step"
+    assert one_step.params["weights_sha256"]["sampler_one_step"] == shipped["weights_sha256"]
+    x = torch.zeros(2, *one_step.fast_sampler.x_shape)
+    eta = torch.randn(2, 3, *one_step.fast_sampler.noise_shape)
+    assert not torch.equal(one_step.fast_sampler.sample(x, eta), flow.fast_sampler.sample(x, eta))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            {"models": "learned", "sampler_kind": "one_step", "fast_steps": 4},
+            "fast_steps: the one-step sampler takes 1",
+        ),
+        ({"sampler_kind": "one_step"}, "sampler_kind: only used with models: learned"),
+    ],
+)
+def test_one_step_settings_that_contradict_are_one_line(args, message):
+    from cdm_dist.registry import resolve_problem
+    from cdm_dist.spec import ProblemConfig
+
+    with pytest.raises(InputError, match=message):
+        resolve_problem(ProblemConfig(name="gmm2d", args=args)).build()

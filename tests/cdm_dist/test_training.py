@@ -85,3 +85,86 @@ def test_cdm_train_refuses_a_non_empty_folder(tmp_path, capsys):
     assert main(["train", "prior", "--problem", "gmm2d", "--out", str(tmp_path), "--tiny", "--steps", "1"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_the_distillation_target_is_the_teachers_euler_map_and_a_copy_scores_its_one_step_error(tiny_checkpoints):
+    """distill_loss against a loop written out here: a student equal to the teacher scores exactly the gap between
+    the teacher's 1-step and 32-step Euler maps."""
+    from cdm_dist.models.learned import load_flow_model
+    from cdm_dist.training import TEACHER_STEPS, distill_loss, teacher_pairs
+
+    teacher = load_flow_model(tiny_checkpoints("gmm5d") / "sampler")
+    x, z0, target = teacher_pairs(training_data("gmm5d"), teacher, 64, torch.Generator().manual_seed(0),
+                                  TEACHER_STEPS, chunk=16)  # fmt: skip
+    with torch.no_grad():
+        z = z0.clone()
+        for k in range(TEACHER_STEPS):  # Euler by hand: z += ds v(z, k ds | x), the model called on x directly
+            z = z + teacher(z, torch.full((64,), k / TEACHER_STEPS), x) / TEACHER_STEPS
+        assert torch.allclose(target, z, atol=1e-5)
+        one_step = z0 + teacher(z0, torch.zeros(64), x)
+        expected = (one_step - z).square().mean()
+        assert float(distill_loss(teacher, x, z0, target)) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_a_one_step_sampler_distils_its_teacher_and_records_it(tiny_checkpoints, tmp_path):
+    teacher = tiny_checkpoints("gmm2d") / "sampler"
+    out = tmp_path / "one_step"
+    argv = ["train", "sampler", "--problem", "gmm2d", "--kind", "one_step", "--teacher", str(teacher), "--out",
+            str(out), "--steps", "300", "--tiny"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "one_step" and manifest["objective"].startswith("one-step distillation")
+    assert manifest["teacher"]["weights_sha256"] == sha256(teacher / "diffusion_pytorch_model.safetensors")
+    assert set(manifest["quality"]) >= {"w1_mean_1_steps", "w1_at_x_star_1_steps"}
+    # one step of the student is closer to the teacher's 32-step map than one step of the teacher itself
+    from cdm_dist.models.learned import load_flow_model
+    from cdm_dist.training import TEACHER_STEPS, distill_loss, teacher_pairs
+
+    pairs = teacher_pairs(training_data("gmm2d"), load_flow_model(teacher), 2048, torch.Generator().manual_seed(9),
+                          TEACHER_STEPS)  # fmt: skip
+    with torch.no_grad():
+        student_gap = float(distill_loss(load_flow_model(out), *pairs))
+        teacher_gap = float(distill_loss(load_flow_model(teacher), *pairs))
+    assert student_gap < 0.5 * teacher_gap
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "prior", "--problem", "gmm2d", "--kind", "one_step"], "--kind: 'one_step' is not a prior kind"),
+        (["train", "sampler", "--problem", "gmm2d", "--teacher", "x"], "--teacher: only for --kind one_step"),
+        (["train", "sampler", "--problem", "gmm5d", "--kind", "one_step", "--teacher", "SHIPPED_GMM2D"],
+         "maps x [1] to y_dim 1, not gmm5d's x and y"),
+    ],
+)  # fmt: skip
+def test_one_step_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    from cdm_dist.problems import SHIPPED_CHECKPOINTS
+
+    argv = [str(SHIPPED_CHECKPOINTS / "gmm2d" / "sampler") if a == "SHIPPED_GMM2D" else a for a in argv]
+    out = tmp_path / "model"
+    assert main([*argv, "--out", str(out), "--tiny"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_an_oracle_that_knows_x0_scores_zero_prior_loss(prediction_type):
+    """The v target is v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0: an oracle that knows x0 and answers in the scheduler's
+    parameterisation has zero loss, and answering in the other one does not."""
+    from cdm_dist.training import new_scheduler
+
+    alphas = new_scheduler(prediction_type).alphas_cumprod.double()
+    x0 = torch.randn(1, 1, 4, 4, dtype=torch.float64).expand(64, 1, 4, 4)
+
+    def oracle(kind):
+        def model(x_t, t):
+            ab = alphas[t].view(-1, 1, 1, 1)
+            eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+            return eps if kind == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+        return model
+
+    other = "epsilon" if prediction_type == "v_prediction" else "v_prediction"
+    gen = torch.Generator().manual_seed(0)
+    assert float(prior_loss(oracle(prediction_type), alphas, x0, gen, prediction_type)) < 1e-20
+    assert float(prior_loss(oracle(other), alphas, x0, torch.Generator().manual_seed(0), prediction_type)) > 0.1
