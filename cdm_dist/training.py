@@ -417,7 +417,8 @@ def measure_quality(
     if role == "prior":
         from cdm_dist.models.adapters import DiffusersPrior
 
-        return prior_quality(DiffusersPrior(model, scheduler), data, gen, n, 10 if small else 50)
+        prior = DiffusersPrior(model, scheduler, prediction_type=scheduler.config.prediction_type)
+        return prior_quality(prior, data, gen, n, 10 if small else 50)
     if data.problem == "digits":
         return digits_sampler_quality(model, data, gen, n, flow_steps)
     return gmm_sampler_quality(model, data.problem, gen, 4 if small else 64, n, flow_steps)

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Reproduce the shipped checkpoints under cdm_dist/checkpoints/ (CPU: about 40 minutes on 2 cores).
+# Reproduce the shipped checkpoints under cdm_dist/checkpoints/ (CPU: about 50 minutes on 2 cores).
 # Usage: scripts/train_checkpoints.sh [OUT_DIR] [PROBLEM...]   (default: cdm_dist/checkpoints, every problem)
+# The one-step sampler distils the flow sampler trained just before it (its teacher).
 set -euo pipefail
 out=${1:-cdm_dist/checkpoints}
 shift || true
 problems=("${@:-gmm2d gmm5d gmm10d digits}")
 for problem in ${problems[*]}; do
-  for role in prior sampler; do
+  for role in prior sampler sampler_one_step; do
     if [[ -f "$out/$problem/$role/manifest.json" ]]; then
       echo "skip $out/$problem/$role (exists)"
       continue
     fi
-    cdm train "$role" --problem "$problem" --out "$out/$problem/$role" --seed 0
+    if [[ $role == sampler_one_step ]]; then
+      cdm train sampler --problem "$problem" --kind one_step --teacher "$out/$problem/sampler" \
+        --out "$out/$problem/$role" --seed 0
+    else
+      cdm train "$role" --problem "$problem" --out "$out/$problem/$role" --seed 0
+    fi
   done
 done

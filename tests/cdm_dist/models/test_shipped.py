@@ -31,8 +31,16 @@ def test_every_checkpoint_has_a_manifest_that_matches_its_weights():
             assert manifest["weights_sha256"] == sha256(weights)
             assert manifest["command"].startswith(f"cdm train {role} --problem {problem} ")
             assert not manifest["tiny"]
-            total += sum(p.stat().st_size for p in folder.iterdir())
-    assert total <= 25 * 2**20
+        for role in ("sampler_one_step",):
+            folder = SHIPPED_CHECKPOINTS / problem / role
+            manifest = json.loads((folder / "manifest.json").read_text())
+            assert manifest["kind"] == "one_step" and manifest["problem"] == problem
+            assert manifest["weights_sha256"] == sha256(folder / "diffusion_pytorch_model.safetensors")
+            teacher = SHIPPED_CHECKPOINTS / problem / "sampler" / "diffusion_pytorch_model.safetensors"
+            assert manifest["teacher"]["weights_sha256"] == sha256(teacher)  # distilled from the shipped flow
+            assert manifest["command"].startswith(f"cdm train sampler --problem {problem} --kind one_step ")
+    total = sum(p.stat().st_size for p in SHIPPED_CHECKPOINTS.rglob("*") if p.is_file())
+    assert total <= 25 * 2**20  # the whole checkpoints/ folder
 
 
 @pytest.mark.parametrize("problem", ["gmm2d", "gmm5d", "gmm10d"])
@@ -43,6 +51,20 @@ def test_mixture_samplers_match_the_exact_conditional(problem):
     assert quality["w1_mean_8_steps"] < W1_MEAN_BOUND
     assert quality["w1_at_x_star_8_steps"] < W1_X_STAR_BOUND
     assert quality["w1_mean_32_steps"] <= quality["w1_mean_1_steps"]  # more steps, closer
+
+
+@pytest.mark.parametrize("problem", ["gmm2d", "gmm5d", "gmm10d"])
+def test_one_step_samplers_match_the_exact_conditional_as_well_as_eight_flow_steps(problem):
+    """W1 to the exact P(Y | x) with ONE step of the distilled sampler: within the 8-step bound, and far from the
+    flow's own one-step collapse to the conditional mean."""
+    one_step = load_sampler(SHIPPED_CHECKPOINTS / problem / "sampler_one_step", 1)
+    flow = load_sampler(SHIPPED_CHECKPOINTS / problem / "sampler", 8)
+    quality = gmm_sampler_quality(one_step.model, problem, torch.Generator().manual_seed(1), points=16, n=500,
+                                  flow_steps=(1,))  # fmt: skip
+    collapse = gmm_sampler_quality(flow.model, problem, torch.Generator().manual_seed(1), points=16, n=500,
+                                   flow_steps=(1,))  # fmt: skip
+    assert quality["w1_mean_1_steps"] < W1_MEAN_BOUND and quality["w1_at_x_star_1_steps"] < W1_X_STAR_BOUND
+    assert quality["w1_mean_1_steps"] < 0.3 * collapse["w1_mean_1_steps"]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
@@ -72,7 +94,23 @@ def test_mixture_priors_denoise_like_the_exact_prior_at_every_noise_level(proble
         assert rms < 0.05 * spread, f"t = {t}: x̂0 off by {float(rms):.3f} (data spread {float(spread):.2f})"
 
 
-def test_digits_sampler_reads_the_rotation_angle():
-    sampler = load_sampler(SHIPPED_CHECKPOINTS / "digits" / "sampler", 8)
-    quality = digits_sampler_quality(sampler.model, training_data("digits"), torch.Generator().manual_seed(3), 500)
-    assert quality["median_abs_angle_error_deg_8_steps"] < DIGITS_ANGLE_BOUND_DEG
+@pytest.mark.parametrize(("role", "steps"), [("sampler", 8), ("sampler_one_step", 1)])
+def test_digits_sampler_reads_the_rotation_angle(role, steps):
+    sampler = load_sampler(SHIPPED_CHECKPOINTS / "digits" / role, steps)
+    gen = torch.Generator().manual_seed(3)
+    quality = digits_sampler_quality(sampler.model, training_data("digits"), gen, 500, flow_steps=(steps,))
+    assert quality[f"median_abs_angle_error_deg_{steps}_steps"] < DIGITS_ANGLE_BOUND_DEG
+
+
+def test_the_digits_prior_predicts_v_so_its_x0_is_sane_at_high_noise():
+    """v-prediction: Tweedie's x̂0 on held-out digits noised to t = 999 is the network's own estimate, within the
+    pixels' spread (an ε-prior divides its error by sqrt(ᾱ) = 0.006 there)."""
+    from cdm_dist.training import x0_errors
+
+    prior = load_prior(SHIPPED_CHECKPOINTS / "digits" / "prior")
+    assert prior.prediction_type == "v_prediction"
+    x0 = training_data("digits").heldout(256, torch.Generator().manual_seed(5))[0]
+    errors = x0_errors(prior, x0, torch.Generator().manual_seed(6))
+    spread = float((x0 - x0.mean(0)).square().mean().sqrt())
+    assert errors["999"] < spread  # no worse than predicting the mean image
+    assert errors["250"] < errors["999"]
