@@ -103,8 +103,9 @@ def test_digits_sampler_reads_the_rotation_angle(role, steps):
 
 
 def test_the_digits_prior_predicts_v_so_its_x0_is_sane_at_high_noise():
-    """v-prediction: Tweedie's x̂0 on held-out digits noised to t = 999 is the network's own estimate, within the
-    pixels' spread (an ε-prior divides its error by sqrt(ᾱ) = 0.006 there)."""
+    """v-prediction: Tweedie's x̂0 on held-out digits noised to t = 999, where x_t says almost nothing, is about
+    the mean image (error ≈ the pixels' spread around it); the ε-prior it replaced was 7.7x that, dividing its
+    ε error by sqrt(ᾱ) = 0.006."""
     from cdm_dist.training import x0_errors
 
     prior = load_prior(SHIPPED_CHECKPOINTS / "digits" / "prior")
@@ -112,5 +113,5 @@ def test_the_digits_prior_predicts_v_so_its_x0_is_sane_at_high_noise():
     x0 = training_data("digits").heldout(256, torch.Generator().manual_seed(5))[0]
     errors = x0_errors(prior, x0, torch.Generator().manual_seed(6))
     spread = float((x0 - x0.mean(0)).square().mean().sqrt())
-    assert errors["999"] < spread  # no worse than predicting the mean image
+    assert errors["999"] < 1.1 * spread  # about as good as the best guess there, the mean image
     assert errors["250"] < errors["999"]
