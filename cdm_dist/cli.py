@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cdm_dist.errors import InputError
+from cdm_dist.errors import InputError, first_line
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -331,7 +331,8 @@ def _serve(args: argparse.Namespace) -> int:
     """`cdm serve`: an MLflow tracking server on a database (artifacts served from a local folder) and, over the
     Optuna database, optuna-dashboard; on 127.0.0.1 unless --host says otherwise. Stopped together (Ctrl-C)."""
     import os
-    import shutil
+
+    from cdm_dist import preconditions
 
     tracking = args.tracking_db or os.environ.get("CDM_TRACKING_DB")
     storage = args.optuna_storage or os.environ.get("CDM_OPTUNA_STORAGE")
@@ -350,43 +351,31 @@ def _serve(args: argparse.Namespace) -> int:
 
         optuna.storages.RDBStorage(storage)
     artifacts = Path(args.artifacts).resolve()
-    from cdm_dist import preconditions
-
     preconditions.writable_folder(str(artifacts), "--artifacts")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking, "--serve-artifacts",
                "--artifacts-destination", str(artifacts), "--host", args.host, "--port", str(args.port),
                "--workers", "2"]  # fmt: skip
-    commands = {f"MLflow tracking server on http://{args.host}:{args.port} over {_hide_password(tracking)}": command}
+    where = f"http://{args.host}:{args.port} over {preconditions.redacted(tracking)}"
+    commands = {f"MLflow tracking server on {where}": command}
     ports = {args.port: "--port"}
     if storage:
-        executable = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
-        if not Path(executable).is_file():
+        executable = _optuna_dashboard_executable()
+        if executable is None:
             raise InputError("--optuna-storage: optuna-dashboard is not installed (pip install 'cdm-dist[dashboard]')")
-        line = f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {_hide_password(storage)}"
+        line = f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {preconditions.redacted(storage)}"
         commands[line] = [executable, storage, "--host", args.host, "--port", str(args.dashboard_port), "--quiet"]
         ports[args.dashboard_port] = "--dashboard-port"
     return _run_servers(commands, ports, args.host)
 
 
 def _database_answers(flag: str, url: str) -> None:
-    """Connect once (5 s timeout): an unreachable or misspelled database is one line before anything starts."""
-    import sqlalchemy
+    """Connect once: an unreachable or misspelled database is one line before anything starts."""
+    from cdm_dist import preconditions
 
     try:
-        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5} if "postgres" in url else {})
-        with engine.connect():
-            pass
-        engine.dispose()
+        preconditions.database_tables(url)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{flag}: cannot connect to {_hide_password(url)} ({reason})") from None
-
-
-def _hide_password(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    import re
-
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+        raise InputError(f"{flag}: cannot connect to {preconditions.redacted(url)} ({first_line(exc)})") from None
 
 
 def _run_servers(commands: dict[str, list[str]], ports: dict[int, str], host: str) -> int:
@@ -428,10 +417,17 @@ def _run_servers(commands: dict[str, list[str]], ports: dict[int, str], host: st
             stop_process_group(server)
 
 
+def _optuna_dashboard_executable() -> str | None:
+    """optuna-dashboard on PATH or beside this Python (a venv not on PATH), else None."""
+    import shutil
+
+    executable = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
+    return executable if Path(executable).is_file() else None
+
+
 def _optuna_dashboard_command(args: argparse.Namespace) -> tuple[str, list[str]] | None:
     """The study storage and the optuna-dashboard command over it (`--optuna-storage`, else the newest study
     journal), or None with a note."""
-    import shutil
 
     storage = args.optuna_storage
     if storage is None:
@@ -441,8 +437,8 @@ def _optuna_dashboard_command(args: argparse.Namespace) -> tuple[str, list[str]]
         storage = str(journals[-1])
     elif "://" not in storage and not Path(storage).is_file():
         raise InputError(f"--optuna-storage: {storage} is not a file or a storage URL")
-    executable = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
-    if not Path(executable).is_file():
+    executable = _optuna_dashboard_executable()
+    if executable is None:
         print("optuna-dashboard is not installed (pip install 'cdm-dist[dashboard]'); MLflow UI only", flush=True)
         return None
     return storage, [executable, storage, "--host", args.host, "--port", str(args.dashboard_port), "--quiet"]

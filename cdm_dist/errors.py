@@ -3,3 +3,9 @@
 
 class InputError(ValueError):
     """Bad user input (a config field, a file, a value); the message names what is wrong."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when empty), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

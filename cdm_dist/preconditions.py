@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cdm_dist.errors import InputError
+from cdm_dist.errors import InputError, first_line
 
 TIMEOUT_S = 10.0
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -106,23 +106,29 @@ def _server_store(uri: str, field: str) -> None:
         raise InputError(f"{field}: {uri} answers, but not as an MLflow server")
 
 
-def _database_store(uri: str, field: str) -> None:
+def database_tables(uri: str) -> set[str]:
+    """Connect once (TIMEOUT_S for PostgreSQL and MySQL) and list the tables; the driver's error if it cannot."""
     import sqlalchemy
 
     options = {"connect_timeout": int(TIMEOUT_S)} if uri.startswith(("postgresql", "mysql")) else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=options)
     try:
-        engine = sqlalchemy.create_engine(uri, connect_args=options)
         with engine.connect() as connection:
-            tables = set(sqlalchemy.inspect(connection).get_table_names())
+            return set(sqlalchemy.inspect(connection).get_table_names())
+    finally:
         engine.dispose()
+
+
+def _database_store(uri: str, field: str) -> None:
+    try:
+        tables = database_tables(uri)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{field}: cannot reach the database {_redacted(uri)} ({first})") from None
+        raise InputError(f"{field}: cannot reach the database {redacted(uri)} ({first_line(exc)})") from None
     if tables and not {"experiments", "runs", "alembic_version"} <= tables:
-        raise InputError(f"{field}: the database {_redacted(uri)} has tables, but is not an MLflow store")
+        raise InputError(f"{field}: the database {redacted(uri)} has tables, but is not an MLflow store")
 
 
-def _redacted(uri: str) -> str:
+def redacted(uri: str) -> str:
     """A database URL without its password."""
     head, sep, tail = uri.partition("@")
     if not sep or "://" not in head:

@@ -1,10 +1,18 @@
-"""Child services (MLflow UI, servers) run in their own process group and are stopped as a whole."""
+"""Child services (MLflow UI, servers) run in their own process group and are stopped as a whole; free ports."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 20.0) -> None:

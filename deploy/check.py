@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from cdm_dist.errors import first_line
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The RayClusterSpec and RayJobSpec fields of KubeRay's ray.io/v1 CRDs (v1.5-v1.7).
@@ -154,7 +156,7 @@ def check_manifest(path: Path, root: Path, ray_version: str, copied: set[str]) -
     try:
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
+        raise ManifestError(f"{path}: not YAML ({first_line(exc)})") from None
     if len(documents) != 1:
         raise ManifestError(f"{path}: expected one resource, found {len(documents)}")
     (doc,) = documents

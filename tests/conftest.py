@@ -58,18 +58,12 @@ def _small_campaign(tmp_path, overrides):
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def free_port():
     """A function returning a free TCP port on 127.0.0.1."""
-    return _free_port
+    from cdm_dist.processes import free_port
+
+    return free_port
 
 
 @pytest.fixture
@@ -81,10 +75,12 @@ def http_service():
     import urllib.error
     import urllib.request
 
+    from cdm_dist.processes import free_port
+
     started = []
 
     def start(command, path="/health"):
-        port = _free_port()
+        port = free_port()
         process = subprocess.Popen(
             [str(c).format(port=port) for c in command],
             stdout=subprocess.DEVNULL,

@@ -83,7 +83,7 @@ def _bench_problem(problem: str, root: str, trials: int, parallel: int, quick: b
 def _shared_study(root: Path, quick: bool) -> Path:
     """The 5D-mixture study as a YAML file for `cdm tune` processes: heartbeats every 2 s, grace 6 s, no auto
     prior_fit limit (each process would measure it), in-process campaigns."""
-    overrides = [f"output={root}/shared", "tracking.enabled=false", "resources.executor=local",
+    overrides = [f"output={root}/study", "tracking.enabled=false", "resources.executor=local",
                  "tune.heartbeat_seconds=2", "tune.grace_seconds=6", "tune.prior_fit_limit=off"]  # fmt: skip
     if quick:
         overrides += ["method.num_steps=10", "chains.count=4", "method.n_c=16", "method.target_batch=16"]
@@ -97,11 +97,11 @@ def _processes_row(path: Path, url: str, trials: int, processes: int, kill: bool
     import optuna
 
     command = [sys.executable, "-m", "cdm_dist.cli", "tune", str(path), "--trials", str(trials), "--storage", url]
+    name = load_config(path).name
     tic = time.perf_counter()
     with open(logs / f"p{processes}{'-kill' if kill else ''}.log", "w") as log:
         started = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for _ in range(processes)]
         if kill:
-            name = load_config(path).name
 
             def running(process: subprocess.Popen) -> bool:
                 try:
@@ -116,7 +116,7 @@ def _processes_row(path: Path, url: str, trials: int, processes: int, kill: bool
             started[0].send_signal(signal.SIGKILL)
         codes = [p.wait() for p in started]
     wall = time.perf_counter() - tic
-    every = optuna.load_study(study_name=load_config(path).name, storage=url).get_trials(deepcopy=False)
+    every = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     return {
         "processes": processes,
         "killed": int(kill),

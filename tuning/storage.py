@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 
 from cdm_dist.campaign import TuneConfig
-from cdm_dist.errors import InputError
+from cdm_dist.errors import InputError, first_line
 
 HEARTBEAT_SECONDS = 30  # defaults for database storages
 GRACE_HEARTBEATS = 3
@@ -79,8 +79,7 @@ def open_storage(
             if "IntegrityError" in type(exc).__name__ + str(exc) and attempt + 1 < TABLE_RACE_ATTEMPTS:
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InputError(f"--storage: cannot open {url} ({reason})") from None
+            raise InputError(f"--storage: cannot open {url} ({first_line(exc)})") from None
     raise AssertionError("unreachable")
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from cdm_dist.processes import free_port
 
 
 def missing() -> str | None:
@@ -29,12 +30,6 @@ def missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def throwaway_server() -> Iterator[Callable[[str], str]]:
     """Start a server; yield a function (name) -> SQLAlchemy URL of a new, empty database on it."""
@@ -44,7 +39,7 @@ def throwaway_server() -> Iterator[Callable[[str], str]]:
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # PostgreSQL refuses root
     root = Path(tempfile.mkdtemp(prefix="cdm-postgres-"))
     os.chmod(root, 0o777)
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     try:
         subprocess.run([*as_user, "initdb", "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
                        capture_output=True)  # fmt: skip

@@ -64,7 +64,7 @@ def _check_mlflow(config, trials):
 
 def test_two_processes_finish_exactly_n_trials_of_one_study(shared_config, postgres_server, tmp_path):
     config, start = shared_config
-    url = postgres_server("shared")
+    url = postgres_server("two_processes")
     with open(tmp_path / "a.log", "w") as a, open(tmp_path / "b.log", "w") as b:
         processes = [start(url, a), start(url, b)]
         codes = [p.wait(timeout=600) for p in processes]
