@@ -180,8 +180,11 @@ def _check_bench(args: argparse.Namespace) -> None:
         return
     if args.chains < 1:
         raise InputError(f"--chains: must be >= 1, got {args.chains}")
-    if args.n_c is not None and args.n_c < 2:
-        raise InputError(f"--n-c: must be >= 2 (the unbiased MMD), got {args.n_c}")
+    from cdm_dist.config import MLGDConfig
+
+    loss = MLGDConfig().loss  # the benches' loss
+    if args.n_c is not None and args.n_c < loss.min_samples:
+        raise InputError(f"--n-c: must be >= {loss.min_samples} (the {loss.name} loss), got {args.n_c}")
     if args.bench == "gmm":
         if args.full_chain_steps is not None and args.full_chain_steps < 1:
             raise InputError(f"--full-chain-steps: must be >= 1, got {args.full_chain_steps}")

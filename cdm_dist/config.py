@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cdm_dist.errors import InputError
+from cdm_dist.losses import UNION_TAG, LossConfig, MMDLoss  # LossConfig: the union of the losses' configs
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -18,17 +19,6 @@ class StrictModel(BaseModel):
     """Frozen, no unknown keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LossConfig(StrictModel):
-    """The matching loss D(P(Y|X=x), G)."""
-
-    name: Literal["mmd", "energy", "sliced_wasserstein"] = "mmd"
-    bandwidth: Literal["median", "mean"] | Positive = "median"  # RBF scale: a statistic of distances, or h
-    multipliers: list[Positive] = Field(default_factory=lambda: [1.0], min_length=1)  # multi-bandwidth mixture
-    unbiased: bool = True  # U-statistic MMD² (else V-statistic)
-    sqrt: bool = False  # sqrt(max(L, 0) + 1e-8), as the MLGD-F code
-    n_projections: Annotated[int, Field(ge=1)] = 64  # sliced Wasserstein directions
 
 
 class ZetaConfig(StrictModel):
@@ -62,7 +52,7 @@ class MLGDConfig(StrictModel):
     # or r_t = guess_scale sqrt(1 - ᾱ_t), LGD's posterior-std radius for data of std guess_scale
     guess_scale: Positive = 1.0
     target_batch: Annotated[int, Field(ge=2)] = 250  # target samples seen per guess and step
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = MMDLoss()  # the matching loss D(P(Y|X=x), G): one of cdm_dist.losses.LOSSES by name
     grad: Literal["full", "identity"] = "full"  # through Tweedie and the prior, or d x̂0/d x_t = I
     guidance_start: Fraction = 0.0  # fraction of the steps before guidance starts
     guidance_stop: Fraction = 1.0  # fraction of the steps after which guidance stops
@@ -80,8 +70,8 @@ class MLGDConfig(StrictModel):
             raise ValueError(
                 f"guidance_start ({self.guidance_start}) must be below guidance_stop ({self.guidance_stop})"
             )
-        if self.n_c < 2 and (self.loss.name != "mmd" or self.loss.unbiased):
-            raise ValueError(f"n_c = {self.n_c}: the {self.loss.name} loss needs n_c >= 2 (or a biased MMD)")
+        if self.n_c < self.loss.min_samples:
+            raise ValueError(f"n_c = {self.n_c}: the {self.loss.name} loss needs n_c >= {self.loss.min_samples}")
         return self
 
     @property
@@ -90,7 +80,6 @@ class MLGDConfig(StrictModel):
 
 
 M = TypeVar("M", bound=BaseModel)
-UNION_TAG = "~"  # prefix of the tags of discriminated unions: not fields, so left out of error paths
 
 
 def is_field(part: str | int) -> bool:

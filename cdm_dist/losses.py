@@ -1,18 +1,26 @@
 """Matching losses between each chain's conditional samples and the target samples, batched over chains.
 
 Every loss maps y (B, n, d) and target (m, d) or (B, m, d) to (B,), and is differentiable in y.
+
+Configs: one LossSpec subclass per loss, with `name: Literal["its_name"] = "its_name"`, its own options, `base()`
+(the loss as a function) and, if not 2, `min_samples`. Defining the class registers it; `LossConfig`, the union of
+the registered losses discriminated on `name`, is built at the end of this module. So a new loss is one class here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import torch
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
 from cdm_dist.errors import InputError
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+UNION_TAG = "~"  # prefix of the tags of discriminated unions: not fields, so left out of error paths (config.parse)
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def _batched_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -26,6 +34,11 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a - b.transpose(-1, -2)) ** 2  # exact, and cheaper, in 1-D
     cross = a @ b.transpose(-1, -2)
     return ((a**2).sum(-1, keepdim=True) + (b**2).sum(-1).unsqueeze(-2) - 2 * cross).clamp_min(0)
+
+
+def distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a_i - b_j||, a (B, n, d), b (B, m, d) -> (B, n, m); the clamp keeps the gradient finite at 0."""
+    return torch.sqrt(squared_distances(a, b).clamp_min(1e-30))
 
 
 def _off_diagonal_mean(k: torch.Tensor) -> torch.Tensor:
@@ -57,30 +70,26 @@ def mmd2(
 ) -> torch.Tensor:
     """MMD² with the kernel Σ_j exp(-d² / (c_j s)) (Gretton et al. 2012); U-statistic if unbiased, else V."""
     t = _batched_target(y, target)
-    if unbiased and (y.shape[1] < 2 or t.shape[1] < 2):
-        raise InputError("loss: the unbiased MMD needs at least 2 samples on each side (n_c >= 2)")
     d_xx, d_yy, d_xy = squared_distances(y, y), squared_distances(t, t), squared_distances(y, t)
     scale = kernel_scale(d_xy, d_xx, d_yy, bandwidth)[:, None, None]  # (B, 1, 1)
 
     def kernel(d: torch.Tensor) -> torch.Tensor:
         return sum(torch.exp(-d / (c * scale)) for c in multipliers)
 
-    k_xx, k_yy, k_xy = kernel(d_xx), kernel(d_yy), kernel(d_xy)
-    if unbiased:
-        return _off_diagonal_mean(k_xx) + _off_diagonal_mean(k_yy) - 2 * k_xy.mean((-1, -2))
-    return k_xx.mean((-1, -2)) + k_yy.mean((-1, -2)) - 2 * k_xy.mean((-1, -2))
+    return mmd2_from_kernels(kernel(d_xx), kernel(d_yy), kernel(d_xy), unbiased)
+
+
+def mmd2_from_kernels(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """MMD² from kernel matrices (B, n, n), (B, m, m), (B, n, m) -> (B,): U-statistic if unbiased, else V."""
+    within = _off_diagonal_mean if unbiased else lambda k: k.mean((-1, -2))
+    return within(k_xx) + within(k_yy) - 2 * k_xy.mean((-1, -2))
 
 
 def energy_distance(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (Székely & Rizzo 2013), within-sample terms as U-statistics."""
     t = _batched_target(y, target)
-    if y.shape[1] < 2 or t.shape[1] < 2:
-        raise InputError("loss: the energy distance needs at least 2 samples on each side (n_c >= 2)")
-
-    def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(squared_distances(a, b).clamp_min(1e-30))
-
-    return 2 * dist(y, t).mean((-1, -2)) - _off_diagonal_mean(dist(y, y)) - _off_diagonal_mean(dist(t, t))
+    d_yt, d_yy, d_tt = distances(y, t), distances(y, y), distances(t, t)  # (B, n, m), (B, n, n), (B, m, m)
+    return 2 * d_yt.mean((-1, -2)) - _off_diagonal_mean(d_yy) - _off_diagonal_mean(d_tt)
 
 
 def _quantiles(sorted_values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -109,35 +118,120 @@ def sliced_wasserstein(y: torch.Tensor, target: torch.Tensor, n_projections: int
     return ((y_proj - t_proj) ** 2).mean((-1, -2))
 
 
-def make_loss(
-    name: str,
-    bandwidth: str | float = "median",
-    multipliers: Sequence[float] = (1.0,),
-    unbiased: bool = True,
-    sqrt: bool = False,
-    n_projections: int = 64,
-) -> Loss:
-    """A loss by name: 'mmd', 'energy' or 'sliced_wasserstein'; sqrt takes sqrt(max(L, 0) + 1e-8) as the MLGD-F code."""
-    if name == "mmd":
-        if not isinstance(bandwidth, float | int) and bandwidth not in ("median", "mean"):
-            raise InputError(f"loss.bandwidth: unknown {bandwidth!r}; expected 'median', 'mean' or a positive number")
-        mults = tuple(float(c) for c in multipliers)
-
-        def base(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return mmd2(y, t, bandwidth, mults, unbiased)
-    elif name == "energy":
-        base = energy_distance
-    elif name == "sliced_wasserstein":
-
-        def base(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return sliced_wasserstein(y, t, n_projections)
-    else:
-        raise InputError(f"loss.name: unknown {name!r}; expected one of ['energy', 'mmd', 'sliced_wasserstein']")
-    if not sqrt:
-        return base
-    return lambda y, t: torch.sqrt(base(y, t).clamp_min(0) + 1e-8)
-
-
 def log_mean_exp_loss(losses: torch.Tensor) -> torch.Tensor:
     """-log mean_j exp(-L_j) over guesses, (B, G) -> (B,) (loss-guided diffusion, Song et al. 2023)."""
     return -(torch.logsumexp(-losses, dim=-1) - math.log(losses.shape[-1]))
+
+
+# -- configs: one class per loss ---------------------------------------------------------------------------
+
+LOSSES: dict[str, type[LossSpec]] = {}  # name -> config class, filled by defining LossSpec subclasses
+
+
+class LossSpec(BaseModel):
+    """A matching loss's config; a subclass with `name: Literal["x"] = "x"` registers itself as loss "x"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    sqrt: bool = False  # sqrt(max(L, 0) + 1e-8), as the MLGD-F code
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields["name"]
+        if get_origin(field.annotation) is not Literal:
+            return  # shared options of several losses, no loss of its own
+        (name,) = get_args(field.annotation)
+        if field.default != name or name in LOSSES:
+            raise TypeError(f"{cls.__name__}: needs name: Literal[{name!r}] = {name!r}, a name no other loss has")
+        LOSSES[name] = cls
+
+    @property
+    def min_samples(self) -> int:
+        """The fewest samples the loss takes on each side (n_c and the target batch): 2 for U-statistics."""
+        return 2
+
+    def base(self) -> Loss:
+        """The loss itself, without the sqrt option or the sample-count check."""
+        raise NotImplementedError
+
+    def build(self) -> Loss:
+        """The loss y (B, n, d), target (m, d) or (B, m, d) -> (B,), checking the sample counts."""
+        base, least, sqrt, name = self.base(), self.min_samples, self.sqrt, self.name
+
+        def loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            if min(y.shape[-2], target.shape[-2]) < least:
+                raise InputError(f"loss: the {name} loss needs at least {least} samples on each side (n_c >= {least})")
+            value = base(y, target)  # (B,)
+            return torch.sqrt(value.clamp_min(0) + 1e-8) if sqrt else value
+
+        return loss
+
+
+class KernelOptions(LossSpec):
+    """The kernel scale options of the MMD losses."""
+
+    bandwidth: Literal["median", "mean"] | PositiveFloat = "median"  # a statistic of the distances, or h
+    multipliers: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)  # multi-bandwidth mixture
+
+
+class MMDLoss(KernelOptions):
+    """MMD² with the RBF kernel Σ_j exp(-d² / (c_j s)), s from the bandwidth (2 h² for a number h)."""
+
+    name: Literal["mmd"] = "mmd"
+    unbiased: bool = True  # U-statistic MMD² (else V-statistic)
+
+    @property
+    def min_samples(self) -> int:
+        return 2 if self.unbiased else 1
+
+    def base(self) -> Loss:
+        bandwidth, mults, unbiased = self.bandwidth, tuple(self.multipliers), self.unbiased
+        return lambda y, t: mmd2(y, t, bandwidth, mults, unbiased)
+
+
+class EnergyLoss(LossSpec):
+    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'|."""
+
+    name: Literal["energy"] = "energy"
+
+    def base(self) -> Loss:
+        return energy_distance
+
+
+class SlicedWassersteinLoss(LossSpec):
+    """Sliced W2² over fixed random directions."""
+
+    name: Literal["sliced_wasserstein"] = "sliced_wasserstein"
+    n_projections: Annotated[int, Field(ge=1)] = 64  # directions
+
+    @property
+    def min_samples(self) -> int:
+        return 1
+
+    def base(self) -> Loss:
+        n_projections = self.n_projections
+        return lambda y, t: sliced_wasserstein(y, t, n_projections)
+
+
+def loss_union() -> Any:
+    """The registered losses as a union discriminated on `name` ("mmd" when left out); an unknown name fails at
+    `name`, listing the known ones."""
+    names = tuple(LOSSES)
+    unknown = create_model("UnknownLoss", __config__=ConfigDict(extra="allow"), name=(Literal[names], ...))
+
+    def tag(data: Any) -> str | None:
+        name = data.get("name", "mmd") if isinstance(data, dict) else getattr(data, "name", None)
+        return None if name is None else f"{UNION_TAG}{name if name in LOSSES else '?'}"
+
+    members = [Annotated[cls, Tag(f"{UNION_TAG}{name}")] for name, cls in LOSSES.items()]
+    return Annotated[
+        Union[(*members, Annotated[unknown, Tag(f"{UNION_TAG}?")])],
+        Discriminator(tag, custom_error_type="loss", custom_error_message=f"expected a mapping with a name in {names}"),
+    ]
+
+
+if TYPE_CHECKING:
+    LossConfig = LossSpec
+else:
+    LossConfig = loss_union()  # every loss defined above; define new losses before this line

@@ -14,7 +14,7 @@ import torch
 from cdm_dist.config import MLGDConfig, ZetaConfig
 from cdm_dist.diffusion import DiffusionSchedule, ddim_step_from_x0
 from cdm_dist.errors import InputError
-from cdm_dist.losses import Loss, log_mean_exp_loss, make_loss
+from cdm_dist.losses import Loss, log_mean_exp_loss
 from cdm_dist.priors import DiffusionPrior, prior_fit
 from cdm_dist.rng import Stream, chain_normal, chain_uniform
 from cdm_dist.samplers import ConditionalSampler
@@ -243,7 +243,7 @@ class SamplerSide:
         self.device = torch.device(device)
         self.dtype = DTYPES[config.dtype]
         self.noise = ChainNoise(chains, self.dtype, self.device)
-        self.loss_fn: Loss = make_loss(**config.loss.model_dump())
+        self.loss_fn: Loss = config.loss.build()
         self.target_samples = target.samples.to(self.device, self.dtype)
 
     def _target_batch(self, step: int, groups: int) -> torch.Tensor:

@@ -1,10 +1,22 @@
 import math
+from typing import Literal
 
 import pytest
 import torch
 
+from cdm_dist.config import MLGDConfig, parse
 from cdm_dist.errors import InputError
-from cdm_dist.losses import energy_distance, log_mean_exp_loss, make_loss, mmd2, sliced_wasserstein
+from cdm_dist.losses import (
+    LOSSES,
+    EnergyLoss,
+    LossSpec,
+    MMDLoss,
+    SlicedWassersteinLoss,
+    energy_distance,
+    log_mean_exp_loss,
+    mmd2,
+    sliced_wasserstein,
+)
 
 
 def _loop_mmd2(x, y, scale, mults, unbiased):
@@ -92,9 +104,10 @@ def test_sliced_wasserstein_with_unequal_sizes_uses_target_quantiles():
     assert sliced_wasserstein(y, t, n_projections=1).item() == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("name", ["mmd", "energy", "sliced_wasserstein"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
 def test_losses_are_batched_and_differentiable(name):
-    loss = make_loss(name, bandwidth=1.0)
+    spec = LOSSES[name]()
+    loss = (spec.model_copy(update={"bandwidth": 1.0}) if "bandwidth" in type(spec).model_fields else spec).build()
     y = torch.randn(4, 16, 2, dtype=torch.float64, requires_grad=True)
     t = torch.randn(20, 2, dtype=torch.float64)
     out = loss(y, t)
@@ -108,7 +121,7 @@ def test_losses_are_batched_and_differentiable(name):
 
 
 def test_mmd_gradient_matches_finite_differences():
-    loss = make_loss("mmd", bandwidth=0.8, multipliers=[0.5, 2.0])
+    loss = MMDLoss(bandwidth=0.8, multipliers=[0.5, 2.0]).build()
     y = torch.randn(1, 6, 2, dtype=torch.float64)
     t = torch.randn(8, 2, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda v: loss(v, t), (y.requires_grad_(True),))
@@ -116,7 +129,7 @@ def test_mmd_gradient_matches_finite_differences():
 
 def test_sqrt_option_and_log_mean_exp():
     y, t = torch.randn(2, 10, 1, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
-    plain, rooted = make_loss("mmd", unbiased=False)(y, t), make_loss("mmd", unbiased=False, sqrt=True)(y, t)
+    plain, rooted = MMDLoss(unbiased=False).build()(y, t), MMDLoss(unbiased=False, sqrt=True).build()(y, t)
     torch.testing.assert_close(rooted, torch.sqrt(plain.clamp_min(0) + 1e-8))
     losses = torch.tensor([[0.1, 0.5, 2.0]], dtype=torch.float64)
     expected = -math.log(sum(math.exp(-v) for v in (0.1, 0.5, 2.0)) / 3)
@@ -125,8 +138,74 @@ def test_sqrt_option_and_log_mean_exp():
 
 def test_bad_loss_inputs_are_named():
     with pytest.raises(InputError, match="n_c >= 2"):
-        make_loss("mmd")(torch.zeros(1, 1, 1), torch.zeros(5, 1))
+        MMDLoss().build()(torch.zeros(1, 1, 1), torch.zeros(5, 1))
     with pytest.raises(InputError, match=r"loss\.name"):
-        make_loss("kl")
+        parse(MLGDConfig, {"loss": {"name": "kl"}})
     with pytest.raises(InputError, match=r"loss\.bandwidth"):
-        make_loss("mmd", bandwidth="silverman")
+        parse(MLGDConfig, {"loss": {"name": "mmd", "bandwidth": "silverman"}})
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        ({}, MMDLoss),
+        ({"bandwidth": 0.5}, MMDLoss),  # no name: the MMD
+        ({"name": "mmd", "bandwidth": 0.5}, MMDLoss),
+        ({"name": "energy"}, EnergyLoss),
+        ({"name": "sliced_wasserstein"}, SlicedWassersteinLoss),
+        ({"name": "sliced_wasserstein", "n_projections": 8, "sqrt": True}, SlicedWassersteinLoss),
+    ],
+)
+def test_the_loss_union_dispatches_on_name_and_round_trips(data, kind):
+    loss = parse(MLGDConfig, {"loss": data}).loss
+    assert type(loss) is kind and all(getattr(loss, k) == v for k, v in data.items())
+    dumped = MLGDConfig(loss=loss).model_dump(mode="json")
+    assert parse(MLGDConfig, dumped).loss == loss and dumped["loss"]["name"] == loss.name
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"name": "mmd", "n_projections": 8}, "loss.n_projections"),
+        ({"name": "energy", "bandwidth": 1.0}, "loss.bandwidth"),
+        ({"name": "sliced_wasserstein", "unbiased": False}, "loss.unbiased"),
+        ({"n_projections": 8}, "loss.n_projections"),  # no name: the MMD's options only
+    ],
+)
+def test_options_of_another_loss_are_rejected_by_name(data, field):
+    with pytest.raises(InputError, match=rf"{field}: Extra inputs are not permitted"):
+        parse(MLGDConfig, {"loss": data})
+
+
+@pytest.mark.parametrize("name", ["kl", 3])
+def test_an_unknown_loss_name_lists_the_known_ones(name):
+    with pytest.raises(InputError, match=r"^config: loss\.name: ") as info:
+        parse(MLGDConfig, {"loss": {"name": name}})
+    assert all(f"'{known}'" in str(info.value) for known in LOSSES)
+    with pytest.raises(InputError, match="expected a mapping with a name in"):
+        parse(MLGDConfig, {"loss": "mmd"})
+
+
+@pytest.mark.parametrize(
+    ("spec", "least"),
+    [(MMDLoss(), 2), (MMDLoss(unbiased=False), 1), (EnergyLoss(), 2), (SlicedWassersteinLoss(), 1)],
+)
+def test_min_samples_is_checked_by_the_config_and_the_loss(spec, least):
+    assert spec.min_samples == least
+    y, t = torch.randn(1, least, 2, dtype=torch.float64), torch.randn(least, 2, dtype=torch.float64)
+    assert spec.build()(y, t).shape == (1,)
+    assert MLGDConfig(n_c=least, loss=spec).n_c == least
+    if least > 1:
+        with pytest.raises(InputError, match=rf"n_c = {least - 1}: the {spec.name} loss needs n_c >= {least}"):
+            parse(MLGDConfig, {"n_c": least - 1, "loss": spec})
+        with pytest.raises(InputError, match=rf"the {spec.name} loss needs at least {least} samples"):
+            spec.build()(y[:, 1:], t)
+
+
+def test_every_loss_is_registered_once_with_its_name():
+    assert {"mmd", "energy", "sliced_wasserstein"} <= set(LOSSES)
+    assert all(cls.model_fields["name"].default == name and issubclass(cls, LossSpec) for name, cls in LOSSES.items())
+    with pytest.raises(TypeError, match="a name no other loss has"):
+
+        class Again(LossSpec):
+            name: Literal["mmd"] = "mmd"

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from cdm_dist.config import LossConfig, MLGDConfig, ZetaConfig
+from cdm_dist.config import MLGDConfig, ZetaConfig
 from cdm_dist.diffusion import ddim_sample
 from cdm_dist.errors import InputError
+from cdm_dist.losses import MMDLoss
 from cdm_dist.mlgd import Chains, GuidedChains, run_chains
 from cdm_dist.targets import Target
 
@@ -58,7 +59,7 @@ def test_zero_step_size_is_unguided_prior_sampling(gmm2d):
 
 def test_guidance_gradient_is_the_derivative_of_the_smoothed_loss(gmm2d):
     """With common random numbers and a fixed bandwidth the guidance loss is a smooth function of x_t."""
-    config = SMALL.model_copy(update={"common_random_numbers": True, "loss": LossConfig(bandwidth=1.0)})
+    config = SMALL.model_copy(update={"common_random_numbers": True, "loss": MMDLoss(bandwidth=1.0)})
     runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([4, 9], ZetaConfig()), config)
     x = torch.tensor([[-3.0], [1.5]], dtype=torch.float64)
     i, h = 5, 1e-6
@@ -69,7 +70,7 @@ def test_guidance_gradient_is_the_derivative_of_the_smoothed_loss(gmm2d):
 
 def test_identity_gradient_is_the_gradient_at_x0_hat(gmm2d):
     config = SMALL.model_copy(
-        update={"common_random_numbers": True, "grad": "identity", "loss": LossConfig(bandwidth=1.0)}
+        update={"common_random_numbers": True, "grad": "identity", "loss": MMDLoss(bandwidth=1.0)}
     )
     runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([4], ZetaConfig()), config)
     x = torch.tensor([[-3.0]], dtype=torch.float64)
