@@ -214,6 +214,25 @@ class SlicedWassersteinLoss(LossSpec):
         return lambda y, t: sliced_wasserstein(y, t, n_projections)
 
 
+class MMDLaplaceLoss(KernelOptions):
+    """MMD² (U-statistic) with the Laplace kernel Σ_j exp(-||a-b|| / (c_j s)), s from the bandwidth (h for a number)."""
+
+    name: Literal["mmd_laplace"] = "mmd_laplace"
+
+    def base(self) -> Loss:
+        bandwidth, mults = self.bandwidth, tuple(self.multipliers)
+
+        def loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            t = _batched_target(y, target)
+            d_xx, d_yy, d_xy = distances(y, y), distances(t, t), distances(y, t)  # (B, n, n), (B, m, m), (B, n, m)
+            fixed = not isinstance(bandwidth, str)
+            scale = d_xy.new_full(d_xy.shape[:1], bandwidth) if fixed else kernel_scale(d_xy, d_xx, d_yy, bandwidth)
+            k = [sum(torch.exp(-d / (c * scale[:, None, None])) for c in mults) for d in (d_xx, d_yy, d_xy)]
+            return mmd2_from_kernels(*k, unbiased=True)
+
+        return loss
+
+
 def loss_union() -> Any:
     """The registered losses as a union discriminated on `name` ("mmd" when left out); an unknown name fails at
     `name`, listing the known ones."""

@@ -10,6 +10,7 @@ from cdm_dist.losses import (
     LOSSES,
     EnergyLoss,
     LossSpec,
+    MMDLaplaceLoss,
     MMDLoss,
     SlicedWassersteinLoss,
     energy_distance,
@@ -75,6 +76,29 @@ def test_unbiased_mmd_matches_the_gaussian_closed_form():
     estimates = mmd2(x, y, h, (1.0,), unbiased=True)  # 40 independent U-statistics
     standard_error = estimates.std() / 40**0.5
     assert abs(estimates.mean().item() - exact) < 4 * standard_error.item()
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+@pytest.mark.parametrize("bandwidth", ["median", "mean", 0.7])
+def test_laplace_mmd_equals_double_loops(dim, bandwidth):
+    gen = torch.Generator().manual_seed(dim)
+    y = torch.randn(2, 8, dim, generator=gen, dtype=torch.float64)
+    t = torch.randn(10, dim, generator=gen, dtype=torch.float64) + 0.5
+    got = parse(MLGDConfig, {"loss": {"name": "mmd_laplace", "bandwidth": bandwidth, "multipliers": [0.5, 2.0]}})
+    got = got.loss.build()(y, t)
+    for b in range(2):
+        x, z = y[b].tolist(), t.tolist()
+        cross = sorted(math.dist(a, c) for a in x for c in z)
+        within = [math.dist(a, c) for i, a in enumerate(x + z) for j, c in enumerate(x + z) if i != j]
+        s = {"median": cross[(len(cross) - 1) // 2], "mean": sum(within) / len(within)}.get(bandwidth, bandwidth)
+
+        def mean_k(u, v, s=s):
+            """Mean Laplace kernel over the pairs (i, j) of u x v, i != j within a sample."""
+            pairs = [(a, c) for i, a in enumerate(u) for j, c in enumerate(v) if u is not v or i != j]
+            return sum(math.exp(-math.dist(a, c) / (mult * s)) for a, c in pairs for mult in (0.5, 2.0)) / len(pairs)
+
+        assert got[b].item() == pytest.approx(mean_k(x, x) + mean_k(z, z) - 2 * mean_k(x, z), rel=1e-10)
+    assert MMDLaplaceLoss().min_samples == 2
 
 
 def test_energy_distance_equals_loops_and_is_zero_in_law():
