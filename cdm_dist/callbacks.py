@@ -19,6 +19,8 @@ from cdm_dist.execution import Chunk, MicroBatchResult
 if TYPE_CHECKING:
     from cdm_dist.report import CampaignReport
 
+ChainFiles = Sequence[Sequence[Path]]  # a finished micro-batch's files: one sequence per chain, x* first
+
 
 class CampaignStopped(Exception):
     """Raised by a callback to stop the campaign on purpose (a pruned trial): it ends KILLED, not FAILED."""
@@ -63,17 +65,12 @@ class CampaignCallback:
         """A micro-batch ran some steps; raise CampaignStopped to stop the campaign."""
 
     def on_result(
-        self,
-        batch: MicroBatch,
-        result: MicroBatchResult,
-        history: torch.Tensor,
-        files: Sequence[Sequence[Path]],
-        progress: Progress,
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles, progress: Progress
     ) -> None:
         """A micro-batch finished: its result, loss history (B, T) and each chain's files (x* first)."""
 
     def on_restored(
-        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: Sequence[Sequence[Path]]
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles
     ) -> None:
         """A resumed campaign found this micro-batch finished by an earlier driver (after on_start)."""
 
@@ -106,12 +103,7 @@ class ProgressBar(CampaignCallback):
         self._show(progress)
 
     def on_result(
-        self,
-        batch: MicroBatch,
-        result: MicroBatchResult,
-        history: torch.Tensor,
-        files: Sequence[Sequence[Path]],
-        progress: Progress,
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles, progress: Progress
     ) -> None:
         self._show(progress)
         if self.bar is not None:

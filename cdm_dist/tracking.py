@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cdm_dist.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, Progress
+from cdm_dist.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, ChainFiles, Progress
 from cdm_dist.campaign import CampaignConfig, MicroBatch, TrackingConfig
 from cdm_dist.errors import InputError
 from cdm_dist.execution import Chunk, MicroBatchResult
@@ -169,21 +169,25 @@ class MLflowTracker(CampaignCallback):
         self._flushed = time.monotonic()
 
     def on_restored(
-        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: Sequence[Sequence[Path]]
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles
     ) -> None:
         """A micro-batch an earlier driver finished: repair its chains' runs if that driver died while writing."""
-        self.on_result(batch, result, history, files, None)
+        self._log_chains(batch, result, history, files)
 
     def on_result(
-        self,
-        batch: MicroBatch,
-        result: MicroBatchResult,
-        history: torch.Tensor,
-        files: Sequence[Sequence[Path]],
-        progress: Progress | None,
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles, progress: Progress
+    ) -> None:
+        """The finished micro-batch's chains (_log_chains); then the campaign's progress on the parent."""
+        self._log_chains(batch, result, history, files)
+        done = progress.chains_done
+        metrics = [("chains_done", done, done), ("best_final_loss", progress.best_loss, done)]
+        self._batch(self.parent_id, self._missing(self.parent_id, metrics))
+
+    def _log_chains(
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles
     ) -> None:
         """Each chain of a finished micro-batch: params, loss per step, final metrics, files, status (skipped where
-        already written); then the campaign's progress on the parent."""
+        already written)."""
         method = self.config.method.model_dump(mode="json")
         every = self.config.tracking.log_every
         for row, chain in enumerate(batch.chain_ids):
@@ -204,10 +208,6 @@ class MLflowTracker(CampaignCallback):
             for path in files[row]:
                 self.client.log_artifact(run_id, str(path))
             self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-        if progress is not None:
-            done = progress.chains_done
-            metrics = [("chains_done", done, done), ("best_final_loss", progress.best_loss, done)]
-            self._batch(self.parent_id, self._missing(self.parent_id, metrics))
 
     def _is_done(self, run_id: str) -> bool:
         """Whether an earlier driver finished writing this run (only asked on resume; read once)."""
@@ -247,6 +247,10 @@ class MLflowTracker(CampaignCallback):
         for row in report.rows:
             row.run_id = self.child_ids.get(row.chain)
 
+    def tag_parent(self, tags: dict[str, str]) -> None:
+        """Set tags on the campaign's (parent) run."""
+        self._batch(self.parent_id, tags=tags)
+
     def _batch(
         self,
         run_id: str,
@@ -284,7 +288,7 @@ class SystemMetrics(CampaignCallback):
         tracking = self.tracker.config.tracking
         seconds = tracking.system_metrics_seconds
         nodes = self.executor.start_system_metrics(self.tracker.parent_id, tracking.uri, seconds)
-        self.tracker._batch(self.tracker.parent_id, tags={f"cdm.node.{k}": v for k, v in nodes.items()})
+        self.tracker.tag_parent({f"cdm.node.{k}": v for k, v in nodes.items()})
 
     def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:
         self.executor.stop_system_metrics()

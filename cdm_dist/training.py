@@ -469,7 +469,6 @@ def gmm_sampler_quality(
     W1 in 1-D = mean |sorted samples - exact quantiles at (i + 1/2) / n|; the floor is the same for exact samples.
     """
     from cdm_dist.mixtures import mixture_icdf_1d
-    from cdm_dist.models.learned import FlowSampler
     from cdm_dist.problems import gmm_problem
 
     exact = gmm_problem(problem)
@@ -486,12 +485,13 @@ def gmm_sampler_quality(
 
     eta = torch.randn((len(x), n, 1), generator=gen, dtype=torch.float64)
     floor = w1(exact.fast_sampler.sample(x, eta)[..., 0])
-    result: dict[str, Any] = {"points": points, "samples": n, "exact_w1_floor_mean": float(floor[:-1].mean())}
-    for steps in flow_steps:
-        err = w1(FlowSampler(model, steps).sample(x, eta)[..., 0])
-        result[f"w1_mean_{steps}_steps"] = float(err[:-1].mean())
-        result[f"w1_at_x_star_{steps}_steps"] = float(err[-1])
-    return result
+
+    def errors(y: torch.Tensor) -> dict[str, float]:
+        err = w1(y[..., 0])
+        return {"w1_mean": float(err[:-1].mean()), "w1_at_x_star": float(err[-1])}
+
+    result = {"points": points, "samples": n, "exact_w1_floor_mean": float(floor[:-1].mean())}
+    return result | _by_flow_steps(model, x, eta, flow_steps, errors)
 
 
 def digits_sampler_quality(
@@ -503,15 +503,33 @@ def digits_sampler_quality(
 ) -> dict[str, Any]:
     """Angular error |theta_hat - theta| (one draw per held-out rotated digit) for several Euler step counts."""
     from cdm_dist.digits import angle_of
-    from cdm_dist.models.learned import FlowSampler
 
     x, y = data.heldout(n, gen)
     eta = torch.randn((n, 1, 2), generator=gen)
     truth = angle_of(y)
-    result: dict[str, Any] = {"samples": n}
+
+    def errors(samples: torch.Tensor) -> dict[str, float]:
+        error = torch.remainder(angle_of(samples[:, 0]) - truth + math.pi, 2 * math.pi) - math.pi
+        return {
+            "median_abs_angle_error_deg": float(error.abs().median().rad2deg()),
+            "within_30_deg": float((error.abs() < math.radians(30)).float().mean()),
+        }
+
+    return {"samples": n} | _by_flow_steps(model, x, eta, flow_steps, errors)
+
+
+def _by_flow_steps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    eta: torch.Tensor,
+    flow_steps: tuple[int, ...],
+    errors: Callable[[torch.Tensor], dict[str, float]],
+) -> dict[str, float]:
+    """`errors` of the flow's samples y = f(x, eta) for each Euler step count, as {f"{name}_{steps}_steps": value}."""
+    from cdm_dist.models.learned import FlowSampler
+
+    result: dict[str, float] = {}
     for steps in flow_steps:
-        theta = angle_of(FlowSampler(model, steps).sample(x, eta)[:, 0])
-        error = torch.remainder(theta - truth + math.pi, 2 * math.pi) - math.pi
-        result[f"median_abs_angle_error_deg_{steps}_steps"] = float(error.abs().median().rad2deg())
-        result[f"within_30_deg_{steps}_steps"] = float((error.abs() < math.radians(30)).float().mean())
+        measured = errors(FlowSampler(model, steps).sample(x, eta))
+        result |= {f"{name}_{steps}_steps": value for name, value in measured.items()}
     return result

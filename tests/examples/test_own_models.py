@@ -1,27 +1,37 @@
 """examples/own_models, as its README runs it: train the user's prior, `cdm check`, `cdm run` on a local Ray (the
-package reaches the actors through runtime_env only), `cdm tune` and `cdm topk`; small settings."""
+package reaches the actors through runtime_env only), `cdm tune` and `cdm topk`; small settings.
+
+The copy's package goes by a name of its own (PACKAGE), so a user who followed the README (and pip-installed
+own_models) gets the same results: no installed copy can stand in for the one under test."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tomllib
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own_models"
+PACKAGE = f"own_models_{uuid.uuid4().hex[:12]}"  # the copy's package: importable only where this test puts it
 SMALL = ["--set", "chains.count=4", "--set", "method.num_steps=20", "--set", "resources.micro_batch=2"]
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    """A copy of the example with a briefly trained prior (not on this process's sys.path)."""
+    """A copy of the example, its package renamed PACKAGE (in its code, campaigns and pyproject.toml), with a briefly
+    trained prior (not on this process's sys.path)."""
     folder = tmp_path_factory.mktemp("example") / "own_models"
     shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("out", "models", "*.egg-info", "__pycache__"))
-    train = [sys.executable, "-m", "own_models.train", "--steps", "300"]
+    (folder / "own_models").rename(folder / PACKAGE)
+    for path in [*(folder / PACKAGE).glob("*.py"), *folder.glob("*.yaml"), folder / "pyproject.toml"]:
+        path.write_text(re.sub(r"\bown_models\b", PACKAGE, path.read_text()))
+    train = [sys.executable, "-m", f"{PACKAGE}.train", "--steps", "300"]
     subprocess.run(train, cwd=folder, check=True, capture_output=True, timeout=300)
     assert (folder / "models" / "prior" / "config.json").is_file() and (folder / "models" / "target.npy").is_file()
     return folder
@@ -34,7 +44,7 @@ def _cdm(folder, *args, timeout=300, env=None):
 def test_check_then_run_on_ray_with_the_package_shipped_by_runtime_env(example):
     check = _cdm(example, "check", "campaign.yaml", "--executor", "local", "--json", "check.json", *SMALL,
                  "--set", "resources.runtime_env=null")  # fmt: skip
-    assert check.returncode == 2 and "No module named 'own_models'" in check.stderr  # not installed here
+    assert check.returncode == 2 and f"No module named '{PACKAGE}'" in check.stderr  # not importable here
     check = _cdm(example, "check", "campaign.yaml", "--json", "check.json", *SMALL)
     assert check.returncode == 0, check.stderr[-2000:]
     report = json.loads((example / "check.json").read_text())
@@ -61,7 +71,7 @@ def test_tune_on_the_users_problem_in_process(example):
 
 def test_the_package_registers_its_problem_name(example, monkeypatch):
     entry = tomllib.loads((example / "pyproject.toml").read_text())["project"]["entry-points"]["cdm_dist.problems"]
-    assert entry == {"projectile": "own_models.problem:projectile"}
+    assert entry == {"projectile": f"{PACKAGE}.problem:projectile"}
     monkeypatch.syspath_prepend(str(example))
     monkeypatch.chdir(example)
     from cdm_dist.factories import load_object
