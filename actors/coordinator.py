@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.lanes import LanePool, resolve_transport, tensor_bytes
+from actors.lanes import LanePool, tensor_bytes
+from actors.liveness import PING_BACKOFF_S, RESTART_WAIT_S, actor_state, last_line
+from actors.transport import resolve_transport
 from actors.workers import NodeMonitor, RemoteWorker
 from cdm_dist.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.errors import InputError
@@ -36,8 +37,6 @@ from cdm_dist.worker import check_shapes
 
 log = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 120.0
-RESTART_WAIT_S = 300.0  # how long a dead actor may take to come back before its replica is given up
-PING_BACKOFF_S = (0.2, 5.0)  # the first and the longest wait between pings of a restarting actor
 PARKED = object()  # _recover's answer for a micro-batch waiting for its actor
 
 
@@ -66,7 +65,7 @@ def connect(address: str | None = None, runtime_env: RuntimeEnvConfig | None = N
     try:
         ray.init(address=address, log_to_driver=True, **init_kwargs)
     except ray.exceptions.RuntimeEnvSetupError as exc:
-        raise InputError(f"resources.runtime_env: Ray could not set it up ({_last_line(exc)})") from None
+        raise InputError(f"resources.runtime_env: Ray could not set it up ({last_line(exc)})") from None
     return False
 
 
@@ -86,7 +85,7 @@ class Replica:
 
 
 @dataclass
-class Flight:
+class TaskFlight:
     """A micro-batch on its way through a colocated replica."""
 
     job: Job
@@ -199,9 +198,9 @@ class RayExecutor:
         try:
             infos = self.actor_info()
         except ray.exceptions.RuntimeEnvSetupError as exc:
-            raise InputError(f"resources.runtime_env: Ray could not set it up ({_last_line(exc)})") from None
+            raise InputError(f"resources.runtime_env: Ray could not set it up ({last_line(exc)})") from None
         except ray.exceptions.RayActorError as exc:
-            raise RuntimeError(f"an actor died while loading its models: {_last_line(exc)}") from None
+            raise RuntimeError(f"an actor died while loading its models: {last_line(exc)}") from None
         errors = [i["init_error"] for i in infos if i.get("init_error")]
         if errors:
             raise InputError(errors[0])
@@ -215,12 +214,11 @@ class RayExecutor:
         """Per actor: role, pid, device, node id, pinned GPU ids and what it built (blocks until they are up)."""
         return ray.get([a.info.remote() for r in self.replicas for a in r.actors])
 
-    def caller(self, role: str) -> Callable[..., Any]:
-        """call(method, *args) on replica 0's actor that plays `role` ('prior' or 'sampler'; one actor when
-        colocated), waiting for the result."""
+    def probe_workers(self) -> tuple[Any, Any]:
+        """Replica 0's actors playing the prior and the sampler (one actor when colocated), each method call waited
+        for, so `cdm check` drives them as it drives in-process workers."""
         replica = self.replicas[0]
-        actor = replica.prior if role == "prior" else replica.sampler
-        return lambda method, *args: ray.get(getattr(actor, method).remote(*args))
+        return BlockingActor(replica.prior), BlockingActor(replica.sampler)
 
     def infos(self) -> list[dict[str, Any]]:
         """What each actor built, with its peak memory."""
@@ -251,7 +249,10 @@ class RayExecutor:
             with self._lanes_lock:
                 if self.lanes is None:
                     accelerator = self.compiled and all(i["device"].startswith("cuda") for i in self.worker_infos)
-                    self.lanes = LanePool(self, self.compiled, accelerator)
+                    self.lanes = LanePool(
+                        self.replicas, self.resources, self.event_shape, self.compiled, accelerator,
+                        on_assign=lambda campaign, batch, replica: self.assignments.append((campaign, batch, replica)),
+                    )  # fmt: skip
             self.lanes.execute(jobs, sink)
         else:
             self._execute_colocated(jobs, sink)
@@ -282,7 +283,7 @@ class RayExecutor:
             try:
                 ray.get(monitor.stop.remote(), timeout=60)
             except ray.exceptions.RayError as exc:
-                log.warning("a system-metrics monitor did not stop cleanly: %s", _last_line(exc))
+                log.warning("a system-metrics monitor did not stop cleanly: %s", last_line(exc))
             ray.kill(monitor)
         self.monitors = []
 
@@ -310,8 +311,8 @@ class RayExecutor:
 
     def _execute_colocated(self, jobs: list[Job], sink: Sink) -> None:
         waiting = list(jobs)
-        in_flight: dict[ray.ObjectRef, Flight] = {}
-        parked: list[tuple[float, Flight]] = []  # (when to ping again, flight) for actors still restarting
+        in_flight: dict[ray.ObjectRef, TaskFlight] = {}
+        parked: list[tuple[float, TaskFlight]] = []  # (when to ping again, flight) for actors still restarting
         active = {replica.index: 0 for replica in self.replicas}  # micro-batches of this call per replica
         while waiting or in_flight or parked:
             while waiting:
@@ -324,7 +325,7 @@ class RayExecutor:
                     job = waiting.pop(0)
                     active[replica.index] += 1
                     self.assignments.append((job.batch.campaign, job.batch.index, replica.index))
-                    flight = Flight(job, replica, step_of(job.checkpoint))
+                    flight = TaskFlight(job, replica, step_of(job.checkpoint))
                     in_flight[self._submit(flight)] = flight
                 else:
                     break
@@ -357,7 +358,7 @@ class RayExecutor:
         live = [r for r in self.replicas if not r.dead]
         return min(live, key=lambda r: (active[r.index], r.index)) if live else None
 
-    def _submit(self, flight: Flight) -> ray.ObjectRef:
+    def _submit(self, flight: TaskFlight) -> ray.ObjectRef:
         """The next task of a micro-batch on its colocated actor, from its current checkpoint."""
         job, actor, step = flight.job, flight.replica.prior, flight.step
         num_steps = flight.num_steps
@@ -367,7 +368,7 @@ class RayExecutor:
         flight.stage = "run"
         return actor.run.remote(job.batch, job.checkpoint, chunk_end(step, self.resources.checkpoint_every, num_steps))
 
-    def _advance(self, flight: Flight, value: Any, sink: Sink) -> ray.ObjectRef | None:
+    def _advance(self, flight: TaskFlight, value: Any, sink: Sink) -> ray.ObjectRef | None:
         """Hand a finished task's output on; returns the next task or None when the micro-batch is done."""
         if flight.stage == "ping":  # the actor it waited for is back: go on from the checkpoint
             flight.waiting_for = None
@@ -384,11 +385,11 @@ class RayExecutor:
     # -- faults -----------------------------------------------------------------------------------------
     def _recover(
         self,
-        flight: Flight,
+        flight: TaskFlight,
         sink: Sink,
         error: Exception,
         active: dict[int, int],
-        parked: list[tuple[float, Flight]],
+        parked: list[tuple[float, TaskFlight]],
     ) -> ray.ObjectRef | object | None:
         """A stage failed. An actor that died (or restarted and lost the half-done step) is waited for, and the
         micro-batch goes on from its last checkpoint without using a retry; a micro-batch that failed on a live
@@ -403,7 +404,7 @@ class RayExecutor:
             return self._ping(flight)  # it may be back already
         flight.retries += 1
         if flight.retries > self.resources.max_retries:
-            reason = f"{type(error).__name__} after {flight.retries - 1} retries: {_last_line(error)}"
+            reason = f"{type(error).__name__} after {flight.retries - 1} retries: {last_line(error)}"
             sink.on_failed(flight.job.batch, reason, self.event_shape)
             return None
         if not self._move(flight, active, exclude=None):
@@ -412,10 +413,10 @@ class RayExecutor:
         return self._submit(flight)
 
     def _wait_more(
-        self, flight: Flight, sink: Sink, active: dict[int, int], parked: list[tuple[float, Flight]]
+        self, flight: TaskFlight, sink: Sink, active: dict[int, int], parked: list[tuple[float, TaskFlight]]
     ) -> ray.ObjectRef | object | None:
         """The actor is not back yet: ping again later, unless Ray says it is dead for good or the wait is over."""
-        state = _actor_state(flight.waiting_for)
+        state = actor_state(flight.waiting_for)
         if state == "DEAD" or time.monotonic() - flight.waiting_since > RESTART_WAIT_S:
             flight.replica.dead = True
             flight.waiting_for = None
@@ -427,7 +428,7 @@ class RayExecutor:
         flight.backoff = min(2 * flight.backoff, PING_BACKOFF_S[1])
         return PARKED
 
-    def _move(self, flight: Flight, active: dict[int, int], exclude: Replica | None) -> bool:
+    def _move(self, flight: TaskFlight, active: dict[int, int], exclude: Replica | None) -> bool:
         """Put the flight on the least loaded live replica (its own first among equals); False when none is left."""
         live = [r for r in self.replicas if not r.dead and r is not exclude]
         if not live:
@@ -437,7 +438,7 @@ class RayExecutor:
         active[flight.replica.index] += 1
         return True
 
-    def _ping(self, flight: Flight) -> ray.ObjectRef:
+    def _ping(self, flight: TaskFlight) -> ray.ObjectRef:
         flight.stage = "ping"
         return flight.waiting_for.ping.remote()
 
@@ -460,18 +461,12 @@ class RayExecutor:
         return {role: len(self.replicas) for role in self._roles()}
 
 
-def _last_line(error: Exception) -> str:
-    """The last line of a Ray error's message (where the cause is), without colour codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", getattr(error, "error_msg", None) or str(error)).strip()
-    return text.splitlines()[-1] if text else type(error).__name__
+class BlockingActor:
+    """An actor whose method calls return their results (ray.get of the remote call)."""
 
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
 
-def _actor_state(actor: Any) -> str | None:
-    """Ray's own view of an actor (ALIVE, RESTARTING, DEAD, ...) from the GCS actor table, or None when it cannot
-    be read (the table is Ray's internal API; then the coordinator waits up to RESTART_WAIT_S)."""
-    try:
-        from ray._private.state import state
-
-        return state.actor_table(actor._actor_id.hex()).get("State")
-    except Exception:
-        return None
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        remote = getattr(self.actor, method).remote
+        return lambda *args: ray.get(remote(*args))

@@ -1,4 +1,4 @@
-"""Ray actors around cdm_dist.worker.ChainWorker: each loads its own role's models on its own device."""
+"""Ray actors around actors.stages.LaneWorker: each loads its own role's models on its own device."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from typing import Any
 
 import ray
 
+from actors.stages import LaneWorker
 from cdm_dist.campaign import CampaignConfig
 from cdm_dist.errors import InputError
-from cdm_dist.worker import ChainWorker, pick_device
+from cdm_dist.worker import pick_device
 
 
-class WorkerActor(ChainWorker):
-    """A ChainWorker on the device Ray assigned: CUDA when it holds a GPU that torch can see, else CPU.
+class WorkerActor(LaneWorker):
+    """A LaneWorker on the device Ray assigned: CUDA when it holds a GPU that torch can see, else CPU.
 
     Bad input found while building its parts (a factory that cannot be imported or raises, a wrong folder) does not
     kill the actor: `info()` reports it, and the coordinator raises it as one line before any chain runs."""

@@ -59,14 +59,14 @@ def best_of_n(
     """Per chain: N unguided DDIM prior samples; the lowest selection loss wins; reported on a separate draw."""
     evaluator = GuidedChains(prior, sampler, target, chains, loss_config)
     b, n = len(chains), config.n
-    z = evaluator._normal(Stream.INIT, 0, (n, *prior.event_shape))  # (B, N, *event)
+    z = evaluator.noise.normal(Stream.INIT, 0, (n, *prior.event_shape))  # (B, N, *event)
     with torch.no_grad():
         x = _prior_ddim(prior, z.reshape(b * n, *prior.event_shape), config.num_steps)
         candidates = x.reshape(b, n, *prior.event_shape)
-        selection = evaluator.sample_loss(candidates, 0, Stream.SELECT)  # (B, N), the n_c samples of the config
+        selection = evaluator.sampler_side.sample_loss(candidates, 0, Stream.SELECT)  # (B, N), n_c samples each
     selection = torch.nan_to_num(selection, nan=math.inf)
     best = candidates[torch.arange(b), selection.argmin(dim=1)]
-    state = evaluator.initial_state()
+    state = evaluator.prior_side.initial_state()
     state.x = best
     return evaluator.finish(state, metrics)
 
@@ -88,13 +88,13 @@ def dflow(
     xs = []
     for index in range(len(chains)):
         one = GuidedChains(prior, sampler, target, chains[index : index + 1], loss_config)
-        z = one._normal(Stream.INIT, 0, tuple(prior.event_shape)).clone().requires_grad_(True)  # (1, *event)
+        z = one.noise.normal(Stream.INIT, 0, tuple(prior.event_shape)).clone().requires_grad_(True)  # (1, *event)
         opt = torch.optim.LBFGS([z], lr=config.lr, max_iter=config.inner_iterations, line_search_fn="strong_wolfe")
 
         def closure(one: GuidedChains = one, z: torch.Tensor = z, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
             opt.zero_grad()
             x0 = _prior_ddim(prior, z, config.num_steps, checkpoint=config.checkpoint)
-            loss = one.sample_loss(x0.unsqueeze(1), 0, Stream.DFLOW)[:, 0]
+            loss = one.sampler_side.sample_loss(x0.unsqueeze(1), 0, Stream.DFLOW)[:, 0]
             if config.chi_weight > 0:
                 loss = loss + config.chi_weight * chi_regulariser(z)
             loss.sum().backward()
@@ -105,6 +105,6 @@ def dflow(
         with torch.no_grad():
             xs.append(_prior_ddim(prior, z.detach(), config.num_steps))
     evaluator = GuidedChains(prior, sampler, target, chains, loss_config)
-    state = evaluator.initial_state()
+    state = evaluator.prior_side.initial_state()
     state.x = torch.cat(xs)
     return evaluator.finish(state, metrics)

@@ -7,16 +7,26 @@ executor ran it. Choosing one is cdm_dist.launch's job.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from cdm_dist.campaign import MicroBatch
 from cdm_dist.mlgd import Checkpoint, step_of
 
-__all__ = ["Checkpoint", "Chunk", "Executor", "Job", "MicroBatchResult", "Sink", "chunk_end", "step_of"]
+__all__ = [
+    "Checkpoint",
+    "Chunk",
+    "Executor",
+    "Job",
+    "MicroBatchResult",
+    "ProbeWorker",
+    "Sink",
+    "SystemMetricsSource",
+    "chunk_end",
+    "step_of",
+]
 
 
 @dataclass
@@ -62,17 +72,31 @@ class Sink(Protocol):
     def on_failed(self, batch: MicroBatch, reason: str, event_shape: tuple[int, ...]) -> None: ...
 
 
+class ProbeWorker(Protocol):
+    """A worker's stages of one guided step, called and waited for (`cdm check`; cdm_dist.worker.ChainWorker)."""
+
+    def probe_denoise(self, batch: MicroBatch, checkpoint: Checkpoint) -> dict[str, Any]: ...
+    def probe_matching_grad(self, batch: MicroBatch, request: Any) -> dict[str, Any]: ...
+    def probe_advance(self, batch: MicroBatch, loss: torch.Tensor, grad: torch.Tensor) -> dict[str, Any]: ...
+
+
 class Executor(Protocol):
     """Runs jobs to completion, reporting every chunk and result to the sink."""
 
     name: str
 
     def execute(self, jobs: list[Job], sink: Sink) -> None: ...
-    def caller(self, role: str) -> Callable[..., Any]: ...  # call(method, *args) on a worker playing `role`
+    def probe_workers(self) -> tuple[ProbeWorker, ProbeWorker]: ...  # the workers playing the prior and the sampler
     def infos(self) -> list[dict[str, Any]]: ...  # what each worker built, and its peak memory
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SystemMetricsSource(Protocol):
+    """An executor that can put MLflow's system-metrics monitor on each of its machines."""
+
     def start_system_metrics(self, run_id: str, uri: str, seconds: float) -> dict[str, str]: ...  # node -> address
     def stop_system_metrics(self) -> None: ...
-    def close(self) -> None: ...
 
 
 def chunk_end(step: int, every: int, num_steps: int) -> int:

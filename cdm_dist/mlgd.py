@@ -6,7 +6,7 @@ per chain, so a chain's result does not depend on which chains share its batch o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +131,59 @@ def _mask_failed(x: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
     return torch.where(failed.view(-1, *[1] * (x.dim() - 1)), torch.zeros_like(x), x)
 
 
+@dataclass
+class GradRequest:
+    """What a guided step asks of the sampler side: the matching loss and dL/dx̂0 at x̂0 for step `step`."""
+
+    step: int
+    x0: torch.Tensor  # (B, *event), detached
+    radius: float  # r_t of the loss-guided-diffusion guesses x̂0 + r_t ξ
+
+
+GradAnswer = tuple[torch.Tensor, torch.Tensor]  # the smoothed loss (B,) and dL/dx̂0 (B, *event)
+GuidedStep = Generator[GradRequest, GradAnswer, "ChainState"]
+
+
+def guided_step(prior: PriorSide, state: ChainState) -> GuidedStep:
+    """One reverse step of MLGD-F (Alg. 1, lines 2-4) as a resumable protocol, the only place the step is written.
+
+    Tweedie's x̂0; at a guided step, yield a GradRequest and receive (loss, dL/dx̂0); then the VJP through Tweedie
+    and the corrected DDIM step; the new state is the generator's return value. A generator rather than an explicit
+    state machine because the half-done step (x_t, ε̂ and the autograd graph x_t -> x̂0) lives in its frame: an
+    executor that has the sampler at hand answers at once (`drive_step`), and one whose sampler is elsewhere (the
+    split prior actor) keeps the paused generator until the answer comes back (`begin_step`, `finish_step`). A new
+    step rule or guidance variant changes this function and the PriorSide methods it calls, nothing else.
+    """
+    denoised = prior.tweedie(state)
+    if not prior.guided[state.step]:
+        return prior.advance(state, denoised)
+    loss, grad_x0 = yield GradRequest(state.step, denoised.x0, denoised.radius)
+    return prior.advance(state, denoised, loss, grad_x0)
+
+
+def begin_step(step: GuidedStep) -> GradRequest | ChainState:
+    """Run a step up to its gradient request (returned), or to its end when it is unguided (the new state)."""
+    try:
+        return next(step)
+    except StopIteration as done:
+        return done.value
+
+
+def finish_step(step: GuidedStep, answer: GradAnswer) -> ChainState:
+    """Resume a step paused at its gradient request with (loss, dL/dx̂0); the new state."""
+    try:
+        step.send(answer)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a guided step asks for one gradient, and asked for a second")
+
+
+def drive_step(step: GuidedStep, answer: Callable[[GradRequest], GradAnswer]) -> ChainState:
+    """Run a step to its end, answering its gradient request (if any) with `answer`."""
+    begun = begin_step(step)
+    return begun if isinstance(begun, ChainState) else finish_step(step, answer(begun))
+
+
 class PriorSide:
     """The prior's half of the chain loop (MLGD-F Alg. 1): x_T, Tweedie's x̂0, and the guided reverse step."""
 
@@ -175,7 +228,7 @@ class PriorSide:
         state.failed = torch.as_tensor(checkpoint.failed).to(self.device)
         return state
 
-    def denoise(self, state: ChainState) -> Denoised:
+    def tweedie(self, state: ChainState) -> Denoised:
         """ε̂ and x̂0 (Tweedie) at x_t, keeping the graph when the step is guided and grad is 'full'."""
         i, x = state.step, state.x
         timestep = self.schedule.timesteps[i]
@@ -217,8 +270,8 @@ class PriorSide:
         failed = state.failed | ~torch.isfinite(x_next.flatten(1)).all(1)
         return ChainState(i + 1, _mask_failed(x_next, failed).detach(), failed, loss, grad_norm, zeta, denoised.x0)
 
-    def prior_fit(self, x: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
-        """How typical each x* is under the prior (NaN where failed), (B,)."""
+    def fit_scores(self, x: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
+        """How typical each x* is under the prior, `prior_fit` (NaN where failed), (B,)."""
         x = x.to(self.device, self.dtype)
         return prior_fit(self.prior, x, self.config.eval_seed).masked_fill(failed.to(self.device), float("nan"))
 
@@ -263,16 +316,16 @@ class SamplerSide:
         y = self.sampler.sample(x0.reshape(b * g, *x0.shape[2:]), eta)  # (B*G, n_c, d_y)
         return self.loss_fn(y, self._target_batch(step, g)).reshape(b, g)
 
-    def matching_grad(self, x0: torch.Tensor, i: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def matching_grad(self, request: GradRequest) -> tuple[torch.Tensor, torch.Tensor]:
         """The smoothed loss (B,) at x̂0 (B, *event) and dL/dx̂0, over LGD guesses x̂0 + r_t ξ (Song et al. 2023)."""
         cfg = self.config
-        x0 = x0.detach().to(self.device, self.dtype).requires_grad_(True)
-        noise_step = 0 if cfg.common_random_numbers else i
+        x0 = request.x0.detach().to(self.device, self.dtype).requires_grad_(True)
+        noise_step = 0 if cfg.common_random_numbers else request.step
         with torch.enable_grad():
             guesses = x0.unsqueeze(1)  # (B, 1, *event)
             if cfg.n_guess > 1:
                 xi = self.noise.normal(Stream.GUESS, noise_step, (cfg.n_guess, *x0.shape[1:]))
-                guesses = guesses + radius * xi
+                guesses = guesses + request.radius * xi
             loss = log_mean_exp_loss(self.sample_loss(guesses, noise_step, Stream.SAMPLER))  # (B,)
             (grad,) = torch.autograd.grad(loss.sum(), x0)
         return loss.detach(), grad
@@ -315,7 +368,7 @@ class SamplerSide:
 
 
 class GuidedChains:
-    """MLGD / MLGD-F for one batch of chains in one process: the prior side and the sampler side together."""
+    """MLGD / MLGD-F for one batch of chains in one process: the prior side answered by the sampler side."""
 
     def __init__(
         self,
@@ -328,59 +381,23 @@ class GuidedChains:
     ) -> None:
         self.sampler_side = SamplerSide(sampler, target, chains, config, device)
         self.prior_side = PriorSide(prior, chains, config, device)
-        self.prior, self.sampler, self.target, self.chains, self.config = prior, sampler, target, chains, config
-        self.device, self.dtype = self.prior_side.device, self.prior_side.dtype
-        self.schedule, self.radius = self.prior_side.schedule, self.prior_side.radius
-
-    def _normal(self, stream: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.prior_side.noise.normal(stream, step, shape)
-
-    def initial_state(self) -> ChainState:
-        return self.prior_side.initial_state()
-
-    def resume(self, checkpoint: Checkpoint) -> ChainState:
-        return self.prior_side.resume(checkpoint)
-
-    def denoise(self, state: ChainState) -> Denoised:
-        return self.prior_side.denoise(state)
-
-    def matching_grad(self, x0: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sampler_side.matching_grad(x0, i, self.radius[i])
-
-    def sample_loss(self, x0: torch.Tensor, step: int, eta_stream: int) -> torch.Tensor:
-        return self.sampler_side.sample_loss(x0, step, eta_stream)
-
-    def heldout_loss(self, x: torch.Tensor, stream: int = Stream.EVAL) -> torch.Tensor:
-        return self.sampler_side.heldout_loss(x, stream)
-
-    def advance(
-        self,
-        state: ChainState,
-        denoised: Denoised,
-        loss: torch.Tensor | None = None,
-        grad_x0: torch.Tensor | None = None,
-    ) -> ChainState:
-        return self.prior_side.advance(state, denoised, loss, grad_x0)
+        self.noise = self.prior_side.noise
 
     def step(self, state: ChainState) -> ChainState:
-        """One reverse step for every chain: denoise, then correct by -zeta_t ∇L (Alg. 1)."""
-        denoised = self.denoise(state)
-        if not self.prior_side.guided[state.step]:
-            return self.advance(state, denoised)
-        loss, grad_x0 = self.sampler_side.matching_grad(denoised.x0, state.step, denoised.radius)
-        return self.advance(state, denoised, loss, grad_x0)
+        """One reverse step for every chain, its gradient request answered here (Alg. 1)."""
+        return drive_step(guided_step(self.prior_side, state), self.sampler_side.matching_grad)
 
     def states(self, start: ChainState | None = None) -> Iterator[ChainState]:
         """Yield the state after every reverse step until x_0 (guided-diffusion style progressive loop)."""
-        state = start or self.initial_state()
-        while state.step < len(self.schedule):
+        state = start or self.prior_side.initial_state()
+        while state.step < len(self.prior_side.schedule):
             state = self.step(state)
             yield state
 
     def finish(self, state: ChainState, metrics: MetricsFn | None = None) -> ChainResult:
         """Refine (CDMO), then evaluate the final x: held-out loss, exact metrics and the prior fit."""
         result = self.sampler_side.evaluate(state, metrics)
-        result.metrics["prior_fit"] = self.prior_side.prior_fit(result.x, result.failed)
+        result.metrics["prior_fit"] = self.prior_side.fit_scores(result.x, result.failed)
         return result
 
 
@@ -395,7 +412,7 @@ def run_chains(
 ) -> ChainResult:
     """Drain the loop (calling on_step for each state), then finish; keeps the loss history."""
     history = []
-    last = start or runner.initial_state()
+    last = start or runner.prior_side.initial_state()
     for state in runner.states(last):
         history.append(state.loss)
         if on_step is not None:

@@ -41,19 +41,19 @@ def check_campaign(config: CampaignConfig, address: str | None = None) -> dict[s
     try:
         started = time.perf_counter() - tic
         batch, step = probe_batch(one)
-        prior, sampler = executor.caller("prior"), executor.caller("sampler")
+        prior, sampler = executor.probe_workers()
         infos = executor.infos()
         event = next(i["event_shape"] for i in infos if i.get("event_shape") is not None)
         seeds = torch.tensor(batch.chains.seeds, dtype=torch.int64)
         x_t = chain_normal(seeds, Stream.INIT, 0, tuple(event), torch.float64)  # x at the step: N(0, I)
         checkpoint = Checkpoint(step, x_t, torch.zeros(CHAINS, dtype=torch.bool))
-        for _warm_up_then_timed in range(2):
-            denoised = prior("probe_denoise", batch, checkpoint)
+        for _warm_up_then_timed in range(2):  # one guided step (cdm_dist.mlgd.guided_step), stage by stage
+            denoised = prior.probe_denoise(batch, checkpoint)
             _check_denoised(denoised)
-            grad = sampler("probe_matching_grad", batch, step, denoised["x0"], denoised["radius"])
+            grad = sampler.probe_matching_grad(batch, denoised["request"])
             _check_grad(grad)
             loss = torch.tensor(grad["loss"], dtype=torch.float64)
-            advanced = prior("probe_advance", batch, loss, grad["grad_x0"])
+            advanced = prior.probe_advance(batch, loss, grad["grad_x0"])
             _check_advanced(advanced)
         infos = executor.infos()  # peak memory after the step
     finally:
@@ -67,7 +67,6 @@ def check_campaign(config: CampaignConfig, address: str | None = None) -> dict[s
         "step": {
             "chains": CHAINS,
             "step_index": step,
-            "eps_abs_max": denoised["eps_abs_max"],
             "x0_abs_max": denoised["x0_abs_max"],
             "y_shape": grad["y_shape"],
             "loss": grad["loss"],
@@ -80,10 +79,10 @@ def check_campaign(config: CampaignConfig, address: str | None = None) -> dict[s
 
 
 def _check_denoised(denoised: dict[str, Any]) -> None:
-    if not denoised["eps_finite"]:
-        raise InputError("problem.prior: the noise prediction ε̂ is not finite at the first guided step")
     if not denoised["x0_finite"]:
-        raise InputError("problem.prior: Tweedie's x̂0 is not finite at the first guided step")
+        raise InputError(
+            "problem.prior: the noise prediction ε̂ is not finite at the first guided step (Tweedie's x̂0 is not)"
+        )
 
 
 def _check_grad(grad: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from cdm_dist.callbacks import CampaignCallback, CampaignInfo, ChainInfo, ProgressBar
 from cdm_dist.callbacks import Progress as ProgressState
 from cdm_dist.campaign import CampaignConfig, MicroBatch, campaign_chains, micro_batches, zeta_label
-from cdm_dist.execution import Checkpoint, Chunk, Executor, Job, MicroBatchResult, step_of
+from cdm_dist.execution import Checkpoint, Chunk, Executor, Job, MicroBatchResult, SystemMetricsSource, step_of
 from cdm_dist.report import CampaignReport, ChainRow, top_k
 from cdm_dist.store import CampaignStore
 
@@ -169,7 +169,7 @@ def default_callbacks(
 
         tracker = MLflowTracker(config, store, parent_tags)
         callbacks.append(tracker)
-        if config.tracking.system_metrics:
+        if config.tracking.system_metrics and isinstance(executor, SystemMetricsSource):
             callbacks.append(SystemMetrics(tracker, executor))
     return callbacks
 

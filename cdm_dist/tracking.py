@@ -15,7 +15,7 @@ import torch
 from cdm_dist.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, ChainFiles, Progress
 from cdm_dist.campaign import CampaignConfig, MicroBatch, TrackingConfig
 from cdm_dist.errors import InputError
-from cdm_dist.execution import Chunk, MicroBatchResult
+from cdm_dist.execution import Chunk, MicroBatchResult, SystemMetricsSource
 from cdm_dist.store import CampaignStore
 
 if TYPE_CHECKING:
@@ -281,7 +281,7 @@ class SystemMetrics(CampaignCallback):
     """Per-node system metrics on the campaign's run while it runs: the executor starts MLflow's monitor on every
     node (tagged by node id; the run's cdm.node.<id> tags give each node's address) and stops them at the end."""
 
-    def __init__(self, tracker: MLflowTracker, executor: Any) -> None:
+    def __init__(self, tracker: MLflowTracker, executor: SystemMetricsSource) -> None:
         self.tracker, self.executor = tracker, executor
 
     def on_start(self, info: CampaignInfo, progress: Progress) -> None:

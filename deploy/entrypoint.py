@@ -18,7 +18,7 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 
-from cdm_dist.cli import main as cdm_main
+from cdm_cli.main import main as cdm_main
 
 
 def cdm_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:

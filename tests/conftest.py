@@ -128,7 +128,7 @@ def tiny_checkpoints(tmp_path_factory):
 def postgres_server():
     """A throwaway PostgreSQL server on 127.0.0.1 (skipped, with the reason, where initdb or psycopg2 is missing);
     yields a function (name) -> URL of a new, empty database."""
-    from cdm_dist.bench import postgres
+    from benchmarks import postgres
 
     reason = postgres.missing()
     if reason is not None:

@@ -2,7 +2,7 @@ import json
 
 
 def test_bench_ray_reports_every_executor_and_transport(ray_cluster, tmp_path):
-    from actors.bench import COLUMNS, bench_ray
+    from benchmarks.executors import COLUMNS, bench_ray
 
     out = tmp_path / "ray.json"
     payload = bench_ray(str(out), chains=4, quick=True, problems=("latent",))
@@ -28,7 +28,7 @@ def test_bench_ray_reports_every_executor_and_transport(ray_cluster, tmp_path):
 
 
 def test_bench_faults_loses_and_changes_no_chain(tmp_path):
-    from actors.faults import bench_faults
+    from benchmarks.faults import bench_faults
 
     payload = bench_faults(str(tmp_path / "faults.json"), repeats=1, kills=1, quick=True)
     (row,) = payload["rows"]

@@ -239,14 +239,14 @@ def test_micro_batches_start_on_the_least_loaded_replica(ray_cluster, small_camp
 
 
 def test_transport_choices_and_their_errors(ray_cluster, small_campaign, monkeypatch, caplog):
-    import actors.lanes
+    import actors.transport
     from cdm_dist.errors import InputError
 
     with pytest.raises(InputError, match=r"resources\.transport: Input should be 'auto', 'compiled' or 'tasks'"):
         small_campaign(resources__transport="nccl")
     with pytest.raises(InputError, match=r"^resources\.transport: compiled graphs connect the split placement"):
         RayExecutor(small_campaign(resources__transport="compiled"))  # colocated
-    monkeypatch.setattr(actors.lanes, "compiled_graphs_available", lambda: "ray.dag is not importable (test)")
+    monkeypatch.setattr(actors.transport, "compiled_graphs_available", lambda: "ray.dag is not importable (test)")
     with pytest.raises(InputError, match=r"^resources\.transport: Ray cannot compile graphs here: ray\.dag is not"):
         RayExecutor(small_campaign(resources__placement="split", resources__transport="compiled"))
     gpus = {"resources__num_gpus": 1, "resources__num_cpus": 0.5}  # logical GPUs: auto's choice, not CUDA

@@ -25,19 +25,19 @@ def test_best_of_n_keeps_the_candidate_with_the_lowest_selection_loss(gmm2d):
     result = best_of_n(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, CONFIG, config)
     evaluator = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, CONFIG)
     for b in range(2):
-        z = evaluator._normal(Stream.INIT, 0, (6, 1))[b]
+        z = evaluator.noise.normal(Stream.INIT, 0, (6, 1))[b]
         candidates = _prior_ddim(gmm2d.prior, z, 10)
         one = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains[b : b + 1], CONFIG)
-        losses = one.sample_loss(candidates[None], 0, Stream.SELECT)[0]
+        losses = one.sampler_side.sample_loss(candidates[None], 0, Stream.SELECT)[0]
         torch.testing.assert_close(result.x[b], candidates[losses.argmin()])
 
 
 def test_dflow_lowers_the_loss_and_checkpointing_changes_nothing(gmm2d):
     chains = Chains.make([3], ZetaConfig())
     start = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, CONFIG)
-    z = start._normal(Stream.INIT, 0, (1,))
+    z = start.noise.normal(Stream.INIT, 0, (1,))
     x_start = _prior_ddim(gmm2d.prior, z, 5)
-    before = start.sample_loss(x_start[:, None], 0, Stream.DFLOW)[0, 0].item()
+    before = start.sampler_side.sample_loss(x_start[:, None], 0, Stream.DFLOW)[0, 0].item()
     results = [
         dflow(
             gmm2d.prior,
@@ -49,7 +49,7 @@ def test_dflow_lowers_the_loss_and_checkpointing_changes_nothing(gmm2d):
         )
         for c in (False, True)
     ]
-    after = start.sample_loss(results[0].x[:, None], 0, Stream.DFLOW)[0, 0].item()
+    after = start.sampler_side.sample_loss(results[0].x[:, None], 0, Stream.DFLOW)[0, 0].item()
     assert after < before
     torch.testing.assert_close(results[0].x, results[1].x)
 

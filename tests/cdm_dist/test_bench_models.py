@@ -2,7 +2,7 @@
 
 import json
 
-from cdm_dist.bench.models import bench_models
+from benchmarks.models import bench_models
 
 
 def test_bench_models_reports_overhead_memory_and_checkpointing(ray_cluster, tmp_path):

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from cdm_dist.cli import main
+from cdm_cli.main import main
 
 
 def test_bench_gmm_quick_writes_the_documented_schema(tmp_path, capsys):
@@ -56,7 +56,7 @@ def test_bad_input_exits_2_with_one_clear_line(args, message, capsys):
 
 
 def test_console_script_usage_error_exits_2():
-    done = subprocess.run([sys.executable, "-m", "cdm_dist.cli", "bench", "nope"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "cdm_cli.main", "bench", "nope"], capture_output=True, text=True)
     assert done.returncode == 2
 
 
@@ -68,12 +68,12 @@ def _cdm(*args, cwd):
     import sys
 
     return subprocess.run(
-        [sys.executable, "-m", "cdm_dist.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+        [sys.executable, "-m", "cdm_cli.main", *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )
 
 
 def test_run_rejects_bad_input_with_status_2_and_starts_nothing(tmp_path):
-    from cdm_dist.cli import main
+    from cdm_cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"output: {tmp_path / 'out'}\nmethod:\n  n_c: -3\n")
@@ -85,7 +85,7 @@ def test_run_rejects_bad_input_with_status_2_and_starts_nothing(tmp_path):
 
 
 def test_run_error_messages_name_the_field(tmp_path, capsys):
-    from cdm_dist.cli import main
+    from cdm_cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("method:\n  n_c: -3\n")
@@ -112,7 +112,7 @@ def test_resume_after_the_driver_was_killed(tmp_path):
         *("--set", "chains.count=12", "--set", "resources.micro_batch=2", "--set", f"tracking.uri={uri}"),
         *("--set", f"output={tmp_path / 'campaigns'}", "--set", f"tracking.artifact_location={tmp_path / 'art'}"),
     ]
-    driver = subprocess.Popen([sys.executable, "-m", "cdm_dist.cli", *args], cwd=tmp_path)
+    driver = subprocess.Popen([sys.executable, "-m", "cdm_cli.main", *args], cwd=tmp_path)
     deadline = time.time() + 240
     while (
         not list(tmp_path.glob("campaigns/*/results/mb00000.pt")) and time.time() < deadline and driver.poll() is None
@@ -163,7 +163,7 @@ def test_circular_spread_is_one_for_a_point_and_zero_for_an_even_circle():
 
     import torch
 
-    from cdm_dist.bench.digits import circular_spread
+    from benchmarks.digits import circular_spread
 
     even = torch.arange(12, dtype=torch.float64) * 2 * math.pi / 12
     half = torch.cat([torch.zeros(6), torch.full((6,), math.pi)]).double()  # two opposite angles: no direction
@@ -180,7 +180,7 @@ def test_bench_digits_rejects_an_unknown_target(capsys):
 
 
 def test_resume_refuses_overrides_that_change_the_chains_and_takes_the_others(tmp_path, capsys):
-    from cdm_dist.cli import main
+    from cdm_cli.main import main
 
     args = ["--set", "method.num_steps=4", "--set", "chains.count=4", "--set", "resources.micro_batch=2",
             "--set", "tracking.enabled=false", "--set", f"output={tmp_path / 'out'}"]  # fmt: skip

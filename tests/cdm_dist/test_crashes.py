@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from cdm_dist.cli import main
+from cdm_cli.main import main
 from cdm_dist.tracking import client_for
 
 KILLER = """
 import os, signal, sys
 import mlflow.tracking
-from cdm_dist.cli import main
+from cdm_cli.main import main
 from cdm_dist.store import CampaignStore
 
 owner, name, when, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cdm_dist.bench.gmm import REFERENCE
+from benchmarks.gmm import REFERENCE
 from cdm_dist.mixtures import (
     GaussianMixture,
     l2_squared,

@@ -7,7 +7,16 @@ from cdm_dist.config import MLGDConfig, ZetaConfig
 from cdm_dist.diffusion import ddim_sample
 from cdm_dist.errors import InputError
 from cdm_dist.losses import MMDLoss
-from cdm_dist.mlgd import Chains, GuidedChains, run_chains
+from cdm_dist.mlgd import (
+    Chains,
+    ChainState,
+    GradRequest,
+    GuidedChains,
+    begin_step,
+    finish_step,
+    guided_step,
+    run_chains,
+)
 from cdm_dist.targets import Target
 
 SMALL = MLGDConfig(num_steps=8, n_c=12, n_guess=2, target_batch=10, refine_steps=2)
@@ -38,10 +47,10 @@ def test_a_chain_does_not_depend_on_its_batch(gmm2d, method):
 
 def _guidance(runner, x, i):
     """x̂0, the smoothed loss and dL/dx_t at x_t = x and step i, through the split stages."""
-    state = runner.initial_state()
+    state = runner.prior_side.initial_state()
     state.x, state.step = x, i
-    denoised = runner.denoise(state)
-    loss, grad = runner.matching_grad(denoised.x0, i)
+    denoised = runner.prior_side.tweedie(state)
+    loss, grad = runner.sampler_side.matching_grad(GradRequest(i, denoised.x0, denoised.radius))
     if denoised.x0_graph is not None:
         (grad,) = torch.autograd.grad(denoised.x0_graph, denoised.x_in, grad)
     return denoised.x0, loss, grad
@@ -52,7 +61,7 @@ def test_zero_step_size_is_unguided_prior_sampling(gmm2d):
     runner = GuidedChains(
         gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL.model_copy(update={"refine_steps": 0})
     )
-    x_T = runner.initial_state().x
+    x_T = runner.prior_side.initial_state().x
     expected = ddim_sample(gmm2d.prior.predict_noise, x_T, gmm2d.prior.schedule(SMALL.num_steps))
     torch.testing.assert_close(run_chains(runner).x, expected)
 
@@ -76,8 +85,8 @@ def test_identity_gradient_is_the_gradient_at_x0_hat(gmm2d):
     x = torch.tensor([[-3.0]], dtype=torch.float64)
     x0, _, grad = _guidance(runner, x, 5)
     x0_var = x0.clone().requires_grad_(True)
-    guesses = x0_var.unsqueeze(1) + runner.radius[5] * runner._normal(3, 0, (2, 1))
-    loss = -(torch.logsumexp(-runner.sample_loss(guesses, 0, 2), -1) - math.log(2))
+    guesses = x0_var.unsqueeze(1) + runner.prior_side.radius[5] * runner.noise.normal(3, 0, (2, 1))
+    loss = -(torch.logsumexp(-runner.sampler_side.sample_loss(guesses, 0, 2), -1) - math.log(2))
     torch.testing.assert_close(grad, torch.autograd.grad(loss.sum(), x0_var)[0])
 
 
@@ -86,7 +95,7 @@ def test_resuming_from_a_checkpoint_gives_the_same_chains(gmm2d):
     runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL.model_copy(update={"eta": 1.0}))
     full = list(runner.states())
     saved = full[3].checkpoint()
-    resumed = list(runner.states(runner.resume(saved)))
+    resumed = list(runner.states(runner.prior_side.resume(saved)))
     assert len(full) == SMALL.num_steps and len(resumed) == SMALL.num_steps - 4
     torch.testing.assert_close(resumed[-1].x, full[-1].x, rtol=0, atol=0)
 
@@ -127,3 +136,34 @@ def test_target_dimension_must_match_the_sampler(gmm2d):
 def test_chains_need_one_schedule_each():
     with pytest.raises(InputError, match="2 seeds but 1 zeta"):
         Chains((1, 2), (ZetaConfig(),))
+
+
+def test_the_step_paused_at_its_request_and_resumed_later_is_the_step_taken_at_once(gmm2d):
+    """The split prior actor holds paused steps while the sampler answers: same states, bitwise, as in-process."""
+    config = SMALL.model_copy(update={"guidance_start": 0.25, "eta": 1.0})  # steps 0 and 1 unguided
+    chains = Chains.make([1, 2, 3], ZETAS[:3])
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, config)
+    at_once = list(runner.states())
+    state, kinds = runner.prior_side.initial_state(), []
+    while state.step < config.num_steps:
+        paused = [guided_step(runner.prior_side, state)]  # kept in a list, as a resident micro-batch keeps it
+        begun = begin_step(paused[0])
+        kinds.append(type(begun).__name__)
+        if isinstance(begun, GradRequest):
+            assert begun.step == state.step and begun.radius == runner.prior_side.radius[state.step]
+            state = finish_step(paused.pop(), runner.sampler_side.matching_grad(begun))
+        else:
+            state = begun
+        torch.testing.assert_close(state.x, at_once[state.step - 1].x, rtol=0, atol=0)
+    assert kinds == ["ChainState"] * 2 + ["GradRequest"] * 6
+    assert torch.isnan(at_once[1].loss).all() and torch.isfinite(at_once[2].loss).all()
+
+
+def test_a_guided_step_takes_exactly_one_answer(gmm2d):
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([4], ZetaConfig()), SMALL)
+    step = guided_step(runner.prior_side, runner.prior_side.initial_state())
+    request = begin_step(step)
+    after = finish_step(step, runner.sampler_side.matching_grad(request))
+    assert isinstance(after, ChainState) and after.step == 1
+    with pytest.raises(StopIteration):
+        step.send(runner.sampler_side.matching_grad(request))  # a finished step takes no second answer

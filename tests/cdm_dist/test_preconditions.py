@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from cdm_dist.cli import main
+from cdm_cli.main import main
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cdm_dist.cli import main
+from cdm_cli.main import main
 from cdm_dist.models.tiny import save_tiny_latent_pipeline
 
 BROKEN = '''

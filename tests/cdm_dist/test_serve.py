@@ -18,7 +18,7 @@ from cdm_dist.store import CampaignStore
 from cdm_dist.tracking import client_for
 from cdm_dist.worker import LocalExecutor
 
-CDM = [sys.executable, "-m", "cdm_dist.cli", "serve"]
+CDM = [sys.executable, "-m", "cdm_cli.main", "serve"]
 
 
 def _answers(url):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from cdm_dist.cli import main
+from cdm_cli.main import main
 from cdm_dist.models.learned import load_prior, load_sampler
 from cdm_dist.training import flow_loss, new_model, prior_loss, sha256, train, training_data
 

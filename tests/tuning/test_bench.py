@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from benchmarks.tune import STUDIES
+from cdm_cli.main import main
 from cdm_dist.campaign import load_config
-from cdm_dist.cli import main
-from tuning.bench import STUDIES
 
 
 def test_bench_tune_quick_reports_both_problems(tmp_path, postgres_server):

@@ -35,7 +35,7 @@ def shared_config(small_campaign, tmp_path):
     path.write_text(dump_config(config))
 
     def start(url, log, *overrides):
-        command = [sys.executable, "-m", "cdm_dist.cli", "tune", str(path), "--trials", str(TRIALS), "--storage", url]
+        command = [sys.executable, "-m", "cdm_cli.main", "tune", str(path), "--trials", str(TRIALS), "--storage", url]
         command += [f"--set={o}" for o in overrides]
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -150,7 +150,7 @@ except InputError as exc:
 def test_bad_storage_settings_are_one_line_and_create_nothing(tmp_path, overrides, storage, message):
     output, config = tmp_path / "out", tmp_path / "c.yaml"
     config.write_text("name: bad\n")
-    command = [sys.executable, "-m", "cdm_dist.cli", "tune", str(config), "--trials", "1", f"--set={SPACE}"]
+    command = [sys.executable, "-m", "cdm_cli.main", "tune", str(config), "--trials", "1", f"--set={SPACE}"]
     args = [f"--set=output={output}", *[f"--set={o}" for o in overrides], *(["--storage", storage] if storage else [])]
     done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2

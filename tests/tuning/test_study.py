@@ -145,7 +145,7 @@ def test_a_study_tracks_trials_under_its_run_and_finishes_n_trials_after_a_crash
 
 
 def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path):
-    from cdm_dist.cli import main
+    from cdm_cli.main import main
     from cdm_dist.selection import find_candidates
 
     config = study_config(chains__count=4)
@@ -180,12 +180,12 @@ def test_cdm_ui_serves_the_run_store_on_localhost(tmp_path, http_service):
     import urllib.request
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    port = http_service([sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", uri, "--port", "{port}"])
+    port = http_service([sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", uri, "--port", "{port}"])
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read() == b"OK"
 
 
 def test_tune_rejects_bad_input_with_status_2(tmp_path):
-    from cdm_dist.cli import main
+    from cdm_cli.main import main
 
     assert main(["tune", str(tmp_path / "none.yaml"), "--trials", "2"]) == 2
     assert main(["tune", "examples/tune_gmm5d.yaml", "--trials", "0"]) == 2
@@ -243,7 +243,7 @@ def test_cdm_ui_serves_the_study_in_optuna_dashboard_next_to_mlflow(study_config
     tuner = Tuner(config)
     result = tuner.run(trials=2, parallel=1)
     mlflow_port = free_port()
-    command = [sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", config.tracking.uri]
+    command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", config.tracking.uri]
     command += ["--port", mlflow_port, "--optuna-storage", tuner.storage_label, "--dashboard-port", "{port}"]
     port = http_service(command, path="/api/studies")
 
@@ -377,7 +377,7 @@ def test_a_killed_study_process_leaves_no_running_runs(study_config, tmp_path):
     config = study_config(chains__count=4, method__num_steps=40)
     path = tmp_path / "study.yaml"
     path.write_text(dump_config(config))
-    process = subprocess.Popen([sys.executable, "-m", "cdm_dist.cli", "tune", str(path), "--trials", "3"],
+    process = subprocess.Popen([sys.executable, "-m", "cdm_cli.main", "tune", str(path), "--trials", "3"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline and not list((tmp_path / "campaigns").glob("*trial0001*/checkpoints/*.pt")):

@@ -30,7 +30,7 @@ def test_the_mlflow_ui_lists_the_chains_by_final_loss(small_campaign, tmp_path, 
     report = run_campaign(config, LocalExecutor(config), CampaignStore.create(config), progress=False)
     experiment = client_for(config.tracking.uri).get_experiment_by_name("ui-test").experiment_id
 
-    command = [sys.executable, "-m", "cdm_dist.cli", "ui", "--tracking-uri", config.tracking.uri, "--port", "{port}"]
+    command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", config.tracking.uri, "--port", "{port}"]
     port = http_service(command)
     query = urllib.parse.urlencode(
         {"searchFilter": "tags.`cdm.kind` = 'chain'", "orderByKey": "metrics.`final_loss`", "orderByAsc": "true"},

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from cdm_dist.bench.report import markdown_table, write_report
+from benchmarks.report import markdown_table, write_report
 
 CHAOS = """
 import json, os, random, sys, threading, time
 import ray
 import actors.coordinator as coordinator
 import cdm_dist.runner as runner
-from cdm_dist.cli import main
+from cdm_cli.main import main
 
 seed, kills, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cdm_dist.bench.gmm import settings
-from cdm_dist.bench.report import environment, markdown_table, write_report
+from benchmarks.gmm import settings
+from benchmarks.report import environment, markdown_table, write_report
 from cdm_dist.methods import run_method
 from cdm_dist.mlgd import Chains
 from cdm_dist.problems import gmm_problem

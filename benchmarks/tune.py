@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from cdm_dist.bench import postgres
-from cdm_dist.bench.report import markdown_table, write_report
+from benchmarks import postgres
+from benchmarks.report import markdown_table, write_report
 from cdm_dist.campaign import CampaignConfig, dump_config, load_config, with_values
 from cdm_dist.runner import run_campaign
 from cdm_dist.store import CampaignStore
@@ -96,7 +96,7 @@ def _processes_row(path: Path, url: str, trials: int, processes: int, kill: bool
     """`processes` cdm tune processes on one study at once (one SIGKILLed once two are mid-trial, if `kill`)."""
     import optuna
 
-    command = [sys.executable, "-m", "cdm_dist.cli", "tune", str(path), "--trials", str(trials), "--storage", url]
+    command = [sys.executable, "-m", "cdm_cli.main", "tune", str(path), "--trials", str(trials), "--storage", url]
     name = load_config(path).name
     tic = time.perf_counter()
     with open(logs / f"p{processes}{'-kill' if kill else ''}.log", "w") as log:

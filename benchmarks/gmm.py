@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from benchmarks.report import environment, markdown_table, write_report
 from cdm_dist.baselines import BestOfNConfig, DFlowConfig
-from cdm_dist.bench.report import environment, markdown_table, write_report
 from cdm_dist.config import MLGDConfig, ZetaConfig
 from cdm_dist.methods import METHODS, run_method
 from cdm_dist.mlgd import Chains

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 from actors.coordinator import RayExecutor, connect
-from cdm_dist.bench.report import markdown_table, write_report
+from benchmarks.report import markdown_table, write_report
 from cdm_dist.campaign import CampaignConfig, load_config
 from cdm_dist.runner import CampaignDriver, run_campaign
 from cdm_dist.store import CampaignStore
@@ -53,7 +53,7 @@ def problem_settings(problem: str, root: Path, quick: bool, n_c: int | None) -> 
     if problem == "digits":
         n = n_c or (8 if quick else 32)  # the sampler's share close to the prior's full-gradient step
         return [*common, "problem.name=digits", f"method.n_c={n}", "method.n_guess=1", "method.dtype=float32"]
-    from cdm_dist.bench.models import latent_problem
+    from benchmarks.models import latent_problem
     from cdm_dist.models.tiny import save_tiny_latent_pipeline
 
     folder = root / "latent"

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cdm_dist.bench.report import environment, markdown_table, write_report
+from benchmarks.report import environment, markdown_table, write_report
 
 SIZES = {  # name -> latent size, UNet channels, VAE channels (images are 3 x (2 latent)²)
     "tiny": (8, (16, 32), (8, 16)),
@@ -150,7 +150,7 @@ def guided_step(folder: str, size: str, checkpointing: bool, chains: int, device
             torch.cuda.reset_peak_memory_stats()
         torch_sync(torch.device(device))
         tic = time.perf_counter()
-        grad = worker.probe_matching_grad(batch, step, denoised["x0"], denoised["radius"])
+        grad = worker.probe_matching_grad(batch, denoised["request"])
         seconds.append(time.perf_counter() - tic)
         worker.probe_advance(batch, torch.tensor(grad["loss"]), grad["grad_x0"])
     if device.startswith("cuda"):
@@ -166,7 +166,7 @@ def checkpointing(root: Path, size: str, chains: int, device: str) -> list[dict[
     rows = []
     for flag in (False, True):
         code = (
-            "import json; from cdm_dist.bench.models import guided_step; "
+            "import json; from benchmarks.models import guided_step; "
             f"print('RESULT', json.dumps(guided_step({str(folder)!r}, {size!r}, {flag}, {chains}, {device!r})))"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1800)

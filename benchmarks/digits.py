@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cdm_dist.bench.report import environment, markdown_table, write_report
+from benchmarks.report import environment, markdown_table, write_report
 from cdm_dist.config import MLGDConfig, ZetaConfig
 from cdm_dist.digits import angle_of, base_digits, from_model_space, rotate, target_angles
 from cdm_dist.methods import run_method

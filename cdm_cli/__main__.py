@@ -1,0 +1,7 @@
+"""`python -m cdm_cli ...` is `cdm ...`."""
+
+import sys
+
+from cdm_cli.main import main
+
+sys.exit(main())
