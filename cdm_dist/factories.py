@@ -45,8 +45,17 @@ def _hints(function: Callable[..., Any]) -> dict[str, Any]:
         return {}
 
 
+def factory_function(spec: FactorySpec, field: str) -> Callable[..., Any]:
+    """The function a factory spec names: the function itself, or the object at its import path."""
+    if isinstance(spec.factory, str):
+        return load_object(spec.factory, f"{field}.factory")
+    return spec.factory
+
+
 def check_args(function: Callable[..., Any], args: dict[str, Any], field: str) -> None:
-    """The args fit the function's signature (names, and types where annotated), checked without calling it."""
+    """The function is callable and `{field}.args` fit its signature (names, types where annotated), uncalled."""
+    if not callable(function):
+        raise InputError(f"{field}: {function!r} is not callable")
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -84,15 +93,17 @@ def check_args(function: Callable[..., Any], args: dict[str, Any], field: str) -
 
 def call_factory(spec: FactorySpec, field: str, device: torch.device | str | None = None) -> Any:
     """Import and call a factory with its args (and device= when it takes one); a raise is one InputError."""
-    function = load_object(spec.factory, f"{field}.factory")
-    return call_with_args(function, spec.args, field, device)
+    return call_with_args(factory_function(spec, field), spec.args, field, device)
 
 
 def call_with_args(
-    function: Callable[..., Any], args: dict[str, Any], field: str, device: torch.device | str | None = None
+    function: Callable[..., Any],
+    args: dict[str, Any],
+    field: str,
+    device: torch.device | str | None = None,
+    label: str | None = None,
 ) -> Any:
-    if not callable(function):
-        raise InputError(f"{field}: {function!r} is not callable")
+    """The function called with checked args (and device= if it takes one); a raise is one InputError naming label."""
     check_args(function, args, field)
     kwargs = dict(args)
     try:
@@ -101,17 +112,19 @@ def call_with_args(
         takes_device = False
     if takes_device and "device" not in kwargs and device is not None:
         kwargs["device"] = str(device)
+    label = label or field
     try:
         return function(**kwargs)
     except InputError as exc:
-        raise InputError(f"{field}: {exc}") from None
+        raise InputError(f"{label}: {exc}") from None
     except Exception as exc:
         raise InputError(
-            f"{field}: {getattr(function, '__name__', function)} raised {type(exc).__name__}: {exc}"
+            f"{label}: {getattr(function, '__name__', function)} raised {type(exc).__name__}: {exc}"
         ) from exc
 
 
 def expect_type(value: Any, kind: type | tuple[type, ...], field: str, what: str) -> Any:
+    """The value, when it is of the kind; else one InputError naming the field and what was expected."""
     if not isinstance(value, kind):
         raise InputError(f"{field}: the factory returned {type(value).__name__}, not {what}")
     return value

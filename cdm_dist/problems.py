@@ -7,6 +7,7 @@ Y = the last, target G = P(Y | X = x*) of the joint itself.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,16 +16,18 @@ import torch
 from pydantic import Field
 
 from cdm_dist.errors import InputError
+from cdm_dist.factories import call_with_args
 from cdm_dist.mixtures import ConditionalMixture, GaussianMixture, l2_squared
 from cdm_dist.mlgd import MetricsFn
 from cdm_dist.priors import GaussianMixturePrior
+from cdm_dist.registry import BUILTIN_PROBLEMS, ProblemSource, builtin_problem
 from cdm_dist.samplers import MixtureDiffusionSampler, MixtureInverseCDFSampler
-from cdm_dist.spec import CDMProblem, ProblemConfig, read_json_config
+from cdm_dist.spec import CDMProblem, ProblemConfig, read_json
 from cdm_dist.targets import Target
 
 # -- the joints ---------------------------------------------------------------------------------------------
 
-# Means and shared covariance of the 2D_cond_1D benchmark (cdm_dist/bench/reference/gmm_2d_cond_1d.json).
+# Means and shared covariance of the 2D_cond_1D benchmark (benchmarks/reference/gmm_2d_cond_1d.json).
 _MEANS_2D = [[-5, 5], [-5, -5], [5, 3], [5, -1], [0, -3], [-2, 4], [-2, -3], [1, 2], [-8, 1], [7, 5], [0, -5]]
 _COV_2D = [[0.5, 0.195], [0.195, 0.2]]
 
@@ -54,7 +57,7 @@ def joint_random(
     Draws are repeated from the same generator until the target is well posed (`_well_posed`)."""
     gen = torch.Generator().manual_seed(seed)
     for _draw in range(100):
-        joint, x_star = _draw_joint(dim, components, min_distance, gen)
+        joint, x_star = draw_joint(dim, components, min_distance, gen)
         conditional = joint.condition(list(range(dim - 1)), [dim - 1])
         if _well_posed(conditional_target(conditional, x_star, RANDOM_TARGET_MIN_WEIGHT)):
             return joint, x_star
@@ -73,7 +76,7 @@ def _well_posed(target: GaussianMixture) -> bool:
     return float((target.means[0, 0] - target.means[1, 0]).abs()) >= 2 * float(variances.sqrt().sum())
 
 
-def _draw_joint(
+def draw_joint(
     dim: int, components: int, min_distance: float, gen: torch.Generator
 ) -> tuple[GaussianMixture, torch.Tensor]:
     """One draw of the recipe: the joint and x* (the x-part two components share)."""
@@ -201,30 +204,32 @@ PositiveInt = Annotated[int, Field(ge=1)]
 SamplerKind = Literal["flow", "one_step"]  # learned fast sampler: Euler steps of the flow, or its one-step distillation
 
 
-def _checkpoint_folder(
-    checkpoints: str | None, default: str, x_shape: tuple[int, ...] | None = None, y_dim: int | None = None
-) -> Path:
-    """The learned models' folder (prior/ and sampler/), checked from their configs against the problem's shapes."""
-    folder = Path(checkpoints) if checkpoints else SHIPPED_CHECKPOINTS / default
+def checkpoints_folder(checkpoints: str | None, problem: str) -> Path:
+    """The learned models' folder (prior/ and sampler/): the one given, else the problem's shipped one."""
+    return Path(checkpoints) if checkpoints else SHIPPED_CHECKPOINTS / problem
+
+
+def checked_checkpoints(checkpoints: str | None, problem: str, x_shape: tuple[int, ...], y_dim: int) -> Path:
+    """The learned models' folder, checked from their configs against the problem's shapes."""
+    folder = checkpoints_folder(checkpoints, problem)
     if not folder.is_dir():
         raise InputError(f"checkpoints: {folder} is not a folder")
     configs = {}
     for role in ("prior", "sampler"):
         try:
-            configs[role] = read_json_config(folder / role / "config.json", f"the {role}")
-        except ValueError as exc:
+            configs[role] = read_json(folder / role / "config.json", f"not a diffusers folder for the {role}")
+        except InputError as exc:
             raise InputError(f"checkpoints: {exc}") from None
-    if x_shape is not None:
-        prior = configs["prior"]
-        size = prior.get("sample_size")
-        prior_shape = (prior["dim"],) if "dim" in prior else (prior.get("in_channels"), size, size)
-        sampler_shape = tuple(configs["sampler"].get("x_shape") or [1])
-        if prior_shape != x_shape or sampler_shape != x_shape or configs["sampler"].get("y_dim") != y_dim:
-            raise InputError(
-                f"checkpoints: {folder} does not hold models for {default} (prior x {list(prior_shape)}, sampler "
-                f"x {list(sampler_shape)} and y_dim {configs['sampler'].get('y_dim')}; expected x {list(x_shape)}, "
-                f"y_dim {y_dim})"
-            )
+    prior = configs["prior"]
+    size = prior.get("sample_size")
+    prior_shape = (prior["dim"],) if "dim" in prior else (prior.get("in_channels"), size, size)
+    sampler_shape = tuple(configs["sampler"].get("x_shape") or [1])
+    if prior_shape != x_shape or sampler_shape != x_shape or configs["sampler"].get("y_dim") != y_dim:
+        raise InputError(
+            f"checkpoints: {folder} does not hold models for {problem} (prior x {list(prior_shape)}, sampler "
+            f"x {list(sampler_shape)} and y_dim {configs['sampler'].get('y_dim')}; expected x {list(x_shape)}, "
+            f"y_dim {y_dim})"
+        )
     return folder
 
 
@@ -237,92 +242,59 @@ def fast_sampler_part(folder: Path, kind: str, fast_steps: int | None) -> dict[s
     return {"flow": str(folder / "sampler"), "steps": fast_steps or 8}
 
 
-def _mixture_recipe(
-    name: str,
-    models: Literal["exact", "learned"],
-    checkpoints: str | None,
-    fast_steps: int | None,
-    full_chain_steps: int,
-    joint_seed: int,
-    target_size: int,
-    target_seed: int,
-    sampler_kind: str = "flow",
-) -> ProblemConfig:
-    if checkpoints is not None and models != "learned":
-        raise InputError("checkpoints: only used with models: learned")
-    if sampler_kind != "flow" and models != "learned":
-        raise InputError("sampler_kind: only used with models: learned (the exact sampler is exact)")
-    if models == "learned" and joint_seed != 1:
-        raise InputError("joint_seed: learned mixture models are trained on joint seed 1")
-    here = "cdm_dist.problems"
-    mixture = {"name": name, "joint_seed": joint_seed}
-    target = {
-        "factory": f"{here}:gmm_target",
-        "args": mixture | {"target_size": target_size, "target_seed": target_seed},
+def learned_parts(folder: Path, kind: str, fast_steps: int | None, full_chain_steps: int) -> dict[str, Any]:
+    """A learned problem's models: the prior, the fast sampler and the full-chain flow."""
+    return {
+        "prior": {"diffusers": str(folder / "prior")},
+        "sampler": fast_sampler_part(folder, kind, fast_steps),
+        "full_sampler": {"flow": str(folder / "sampler"), "steps": full_chain_steps},
     }
-    metrics = {"factory": f"{here}:gmm_metrics", "args": mixture}
-    if models == "learned":
-        folder = _checkpoint_folder(checkpoints, name, (GMM_PROBLEMS[name] - 1,), 1)
-        parts = {
-            "prior": {"diffusers": str(folder / "prior")},
-            "sampler": fast_sampler_part(folder, sampler_kind, fast_steps),
-            "full_sampler": {"flow": str(folder / "sampler"), "steps": full_chain_steps},
-        }
-    else:
-        parts = {
-            "prior": {"factory": f"{here}:gmm_prior", "args": mixture},
-            "sampler": {"factory": f"{here}:gmm_fast_sampler", "args": mixture},
-            "full_sampler": {"factory": f"{here}:gmm_full_sampler", "args": mixture | {"steps": full_chain_steps}},
-        }
-    return ProblemConfig.model_validate(parts | {"target": target, "metrics": metrics})
 
 
-def gmm2d(
-    models: Literal["exact", "learned"] = "exact",
-    checkpoints: str | None = None,
-    fast_steps: PositiveInt | None = None,
-    full_chain_steps: PositiveInt = 100,
-    sampler_kind: SamplerKind = "flow",
-    joint_seed: int = 1,
-    target_size: PositiveInt = 1000,
-    target_seed: int = 0,
-) -> ProblemConfig:
-    """The paper's 2D Gaussian mixture (X 1-D, Y 1-D), target P(Y | X = -5): exact or learned models."""
-    return _mixture_recipe("gmm2d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
-                           target_seed, sampler_kind)  # fmt: skip
+def mixture_recipe(name: str, summary: str) -> Callable[..., ProblemConfig]:
+    """The registered built-in of a mixture benchmark, named `name`: its parts, with exact or learned models."""
+
+    def recipe(
+        models: Literal["exact", "learned"] = "exact",
+        checkpoints: str | None = None,
+        fast_steps: PositiveInt | None = None,
+        full_chain_steps: PositiveInt = 100,
+        sampler_kind: SamplerKind = "flow",
+        joint_seed: int = 1,
+        target_size: PositiveInt = 1000,
+        target_seed: int = 0,
+    ) -> ProblemConfig:
+        if checkpoints is not None and models != "learned":
+            raise InputError("checkpoints: only used with models: learned")
+        if sampler_kind != "flow" and models != "learned":
+            raise InputError("sampler_kind: only used with models: learned (the exact sampler is exact)")
+        if models == "learned" and joint_seed != 1:
+            raise InputError("joint_seed: learned mixture models are trained on joint seed 1")
+        mixture = {"name": name, "joint_seed": joint_seed}
+        target = {"factory": gmm_target, "args": mixture | {"target_size": target_size, "target_seed": target_seed}}
+        if models == "learned":
+            folder = checked_checkpoints(checkpoints, name, (GMM_PROBLEMS[name] - 1,), 1)
+            parts = learned_parts(folder, sampler_kind, fast_steps, full_chain_steps)
+        else:
+            parts = {
+                "prior": {"factory": gmm_prior, "args": mixture},
+                "sampler": {"factory": gmm_fast_sampler, "args": mixture},
+                "full_sampler": {"factory": gmm_full_sampler, "args": mixture | {"steps": full_chain_steps}},
+            }
+        metrics = {"factory": gmm_metrics, "args": mixture}
+        return ProblemConfig.model_validate(parts | {"target": target, "metrics": metrics})
+
+    recipe.__name__ = recipe.__qualname__ = name
+    recipe.__doc__ = summary
+    return builtin_problem(recipe)
 
 
-def gmm5d(
-    models: Literal["exact", "learned"] = "exact",
-    checkpoints: str | None = None,
-    fast_steps: PositiveInt | None = None,
-    full_chain_steps: PositiveInt = 100,
-    sampler_kind: SamplerKind = "flow",
-    joint_seed: int = 1,
-    target_size: PositiveInt = 1000,
-    target_seed: int = 0,
-) -> ProblemConfig:
-    """The paper's 5D recipe (X 4-D, Y 1-D), seeded by joint_seed: exact or learned models."""
-    return _mixture_recipe("gmm5d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
-                           target_seed, sampler_kind)  # fmt: skip
+gmm2d = mixture_recipe("gmm2d", "The paper's 2D Gaussian mixture (X 1-D, Y 1-D), target P(Y | X = -5).")
+gmm5d = mixture_recipe("gmm5d", "The paper's 5D recipe (X 4-D, Y 1-D), seeded by joint_seed.")
+gmm10d = mixture_recipe("gmm10d", "The paper's 10D recipe (X 9-D, Y 1-D), seeded by joint_seed.")
 
 
-def gmm10d(
-    models: Literal["exact", "learned"] = "exact",
-    checkpoints: str | None = None,
-    fast_steps: PositiveInt | None = None,
-    full_chain_steps: PositiveInt = 100,
-    sampler_kind: SamplerKind = "flow",
-    joint_seed: int = 1,
-    target_size: PositiveInt = 1000,
-    target_seed: int = 0,
-) -> ProblemConfig:
-    """The paper's 10D recipe (X 9-D, Y 1-D), seeded by joint_seed: exact or learned models."""
-    return _mixture_recipe("gmm10d", models, checkpoints, fast_steps, full_chain_steps, joint_seed, target_size,
-                           target_seed, sampler_kind)  # fmt: skip
-
-
-def digits_target(
+def rotation_target(
     target: Literal["uniform", "bimodal", "unimodal"] = "uniform", target_size: int = 1000, target_seed: int = 0
 ) -> Target:
     """Rotation angles on the circle as (cos, sin): uniform, bimodal (0 and pi) or unimodal (0)."""
@@ -332,6 +304,7 @@ def digits_target(
     return Target.from_sampler(draw, target_size, target_seed, source=f"digits {target} target")
 
 
+@builtin_problem
 def digits(
     models: Literal["learned"] = "learned",
     checkpoints: str | None = None,
@@ -345,16 +318,10 @@ def digits(
     """Rotated digits (MLGD-F paper, Exp. 1): x = a 16x16 image, Y = (cos, sin) of its rotation, G on the circle."""
     from cdm_dist.digits import SIZE
 
-    folder = _checkpoint_folder(checkpoints, "digits", (1, SIZE, SIZE), 2)
+    folder = checked_checkpoints(checkpoints, "digits", (1, SIZE, SIZE), 2)
     target = {"target": digits_target, "target_size": target_size, "target_seed": target_seed}
-    return ProblemConfig.model_validate(
-        {
-            "prior": {"diffusers": str(folder / "prior")},
-            "sampler": fast_sampler_part(folder, sampler_kind, fast_steps),
-            "full_sampler": {"flow": str(folder / "sampler"), "steps": full_chain_steps},
-            "target": {"factory": "cdm_dist.problems:digits_target", "args": target},
-        }
-    )
+    parts = learned_parts(folder, sampler_kind, fast_steps, full_chain_steps)
+    return ProblemConfig.model_validate(parts | {"target": {"factory": rotation_target, "args": target}})
 
 
 # -- eager problems (benchmarks, tests and the Python API) -----------------------------------------------------
@@ -391,19 +358,12 @@ def learned_gmm_problem(
 
     The target and the exact metrics (l2_gmm, x_err) stay those of the true mixture, so learned and exact
     models are scored alike. The 5D/10D joints are those the shipped models were trained on (joint seed 1)."""
-    from cdm_dist.registry import resolve_problem
-
+    mix = mixture_problem(name)
     args = {"models": "learned", "checkpoints": None if checkpoints is None else str(checkpoints),
             "fast_steps": fast_steps, "full_chain_steps": full_chain_steps, "target_size": target_size,
             "target_seed": target_seed, "sampler_kind": sampler_kind}  # fmt: skip
-    problem = resolve_problem(ProblemConfig(name=name, args=args)).build()
-    folder = _checkpoint_folder(args["checkpoints"], name)
-    problem.x_star = mixture_problem(name).x_star
-    problem.x_star_unique = GMM_PROBLEMS[name] == 2
-    learned = _learned_params(folder, fast_steps, full_chain_steps, sampler_kind)
-    problem.params = gmm_params(name, 1, target_size, target_seed) | learned
-    problem.name = name
-    return problem
+    params = gmm_params(name, 1, target_size, target_seed)
+    return learned_problem(BUILTIN_PROBLEMS[name], args, params, mix.x_star, mix.joint.dim == 2)
 
 
 def digits_problem(
@@ -417,24 +377,28 @@ def digits_problem(
 ) -> CDMProblem:
     """Rotated digits with the shipped (or given) learned models, as one CDMProblem."""
     from cdm_dist.digits import TARGET_SPREAD
-    from cdm_dist.registry import resolve_problem
 
     args = {"checkpoints": None if checkpoints is None else str(checkpoints), "fast_steps": fast_steps,
             "full_chain_steps": full_chain_steps, "digits_target": target, "target_size": target_size,
             "target_seed": target_seed, "sampler_kind": sampler_kind}  # fmt: skip
-    problem = resolve_problem(ProblemConfig(name="digits", args=args)).build()
-    problem.name = "digits"
-    problem.params = {
-        "problem": "digits",
-        "target": target,
-        "target_spread_rad": TARGET_SPREAD,
-        "target_size": target_size,
-        "target_seed": target_seed,
-        **_learned_params(
-            _checkpoint_folder(args["checkpoints"], "digits"), fast_steps, full_chain_steps, sampler_kind
-        ),
-    }
-    return problem
+    params = {"problem": "digits", "target": target, "target_spread_rad": TARGET_SPREAD, "target_size": target_size,
+              "target_seed": target_seed}  # fmt: skip
+    return learned_problem(digits, args, params)
+
+
+def learned_problem(
+    recipe: Callable[..., ProblemConfig],
+    args: dict[str, Any],
+    params: dict[str, Any],
+    x_star: torch.Tensor | None = None,
+    x_star_unique: bool = False,
+) -> CDMProblem:
+    """A built-in recipe with learned models, every part built once, with params naming the models' weights."""
+    name = recipe.__name__
+    parts = call_with_args(recipe, args, "problem", label=f"problem (name {name!r})")
+    folder = checkpoints_folder(args["checkpoints"], name)
+    learned = _learned_params(folder, args["fast_steps"], args["full_chain_steps"], args["sampler_kind"])
+    return ProblemSource(parts).build(name, params | learned, x_star, x_star_unique)
 
 
 def _learned_params(folder: Path, fast_steps: int | None, full_chain_steps: int, kind: str = "flow") -> dict[str, Any]:

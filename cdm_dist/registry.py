@@ -1,8 +1,9 @@
 """Problem specs resolved where the models live: the registry of named problems, user factories, and the lazy
 per-part build that lets each worker construct only what its role needs.
 
-- Registered names: the built-in benchmarks plus every entry point in the group `cdm_dist.problems` (a package
-  declares `[project.entry-points."cdm_dist.problems"] myproblem = "my_pkg.problems:make"`).
+- Registered names: the built-in benchmarks (cdm_dist.problems registers their functions when it is imported, as
+  the package does) plus every entry point in the group `cdm_dist.problems` (a package declares
+  `[project.entry-points."cdm_dist.problems"] myproblem = "my_pkg.problems:make"`).
 - A registered function or a problem factory is called with its `args` (and `device=` when it takes one); it returns
   a CDMProblem, or a ProblemConfig of parts, which is then resolved part by part as well.
 """
@@ -13,17 +14,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from cdm_dist.errors import InputError
-from cdm_dist.factories import call_factory, call_with_args, check_args, expect_type, load_object
+from cdm_dist.factories import call_factory, call_with_args, check_args, expect_type, factory_function, load_object
 from cdm_dist.mlgd import MetricsFn
 from cdm_dist.priors import DiffusionPrior
 from cdm_dist.samplers import ConditionalSampler
 from cdm_dist.spec import (
+    PARTS,
     CDMProblem,
+    DecoderSpec,
     DiffusersPriorSpec,
     FactorySpec,
     FlowSamplerSpec,
@@ -32,21 +35,25 @@ from cdm_dist.spec import (
     SamplerSpec,
     TargetFileSpec,
     TargetSpec,
+    VaeDecoderSpec,
+    import_path,
 )
 from cdm_dist.targets import Target
 
 ENTRY_POINT_GROUP = "cdm_dist.problems"
-BUILTIN_PROBLEMS = {
-    "gmm2d": "cdm_dist.problems:gmm2d",
-    "gmm5d": "cdm_dist.problems:gmm5d",
-    "gmm10d": "cdm_dist.problems:gmm10d",
-    "digits": "cdm_dist.problems:digits",
-}
+BUILTIN_PROBLEMS: dict[str, Callable[..., Any]] = {}  # name -> function, filled by @builtin_problem
+Recipe = TypeVar("Recipe", bound=Callable[..., Any])
 
 
-def registered_problems() -> dict[str, str]:
-    """Every registered problem name -> "module:function": the built-ins, then installed entry points."""
-    names = dict(BUILTIN_PROBLEMS)
+def builtin_problem(function: Recipe) -> Recipe:
+    """Register a built-in problem under its function's name (a decorator)."""
+    BUILTIN_PROBLEMS[function.__name__] = function
+    return function
+
+
+def registered_problems() -> dict[str, Callable[..., Any] | str]:
+    """Every registered problem name -> its function (built-ins) or "module:function" (installed entry points)."""
+    names: dict[str, Callable[..., Any] | str] = dict(BUILTIN_PROBLEMS)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         names.setdefault(entry.name, entry.value)
     return names
@@ -60,32 +67,49 @@ def registered_problem(name: str, field: str = "problem.name") -> Callable[..., 
             f"{field}: no problem {name!r} is registered; available: {sorted(names)} (packages add names through "
             f"the {ENTRY_POINT_GROUP!r} entry-point group)"
         )
-    function = load_object(names[name], field)
+    function = names[name]
+    if isinstance(function, str):
+        function = load_object(function, field)
     if not callable(function):
         raise InputError(f"{field}: {names[name]} registered as {name!r} is not callable")
     return function
+
+
+def problem_function(spec: ProblemConfig) -> tuple[Callable[..., Any], str]:
+    """A name's or factory's function, and how its failures are named."""
+    if spec.kind == "name":
+        return registered_problem(spec.name), f"problem (name {spec.name!r})"
+    return load_object(spec.factory, "problem.factory"), "problem.factory"
+
+
+def problem_recipe(spec: ProblemConfig, device: torch.device | str | None = None) -> ProblemConfig | CDMProblem:
+    """A name's or factory's function called once with its args (checked on the way): parts, or a whole problem."""
+    function, label = problem_function(spec)
+    made = call_with_args(function, spec.args, "problem", device, label)
+    if isinstance(made, dict):
+        made = ProblemConfig.model_validate(made)
+    if isinstance(made, ProblemConfig):
+        if made.kind != "parts":
+            raise InputError(f"{label}: returned a {made.kind} spec; a recipe returns parts or a CDMProblem")
+        return made
+    return expect_type(made, CDMProblem, label, "a CDMProblem (or a ProblemConfig of parts)")
 
 
 # -- driver-side validation -----------------------------------------------------------------------------------
 
 
 def validate_spec(spec: ProblemConfig, importable: bool = True) -> None:
-    """What the driver can check without building a model: registered names exist, factories import and accept
-    their args. With importable=False (user code reaches the actors through a runtime_env) only the shape is
-    checked here (spec.py); the actors check the rest when they start."""
+    """What the driver checks once, building no model (importable=False: user code only the actors import)."""
     if not importable:
         return
-    if spec.kind == "name":
-        function = registered_problem(spec.name)
-        check_args(function, spec.args, "problem")
-        if spec.name in BUILTIN_PROBLEMS:  # the built-in recipes only describe parts: cheap to call here
-            call_with_args(function, spec.args, f"problem (name {spec.name!r})")
-    elif spec.kind == "factory":
-        check_args(load_object(spec.factory, "problem.factory"), spec.args, "problem")
-    for part in ("prior", "sampler", "full_sampler", "target", "metrics"):
+    if spec.kind == "name" and spec.name in BUILTIN_PROBLEMS:
+        problem_recipe(spec)
+    elif spec.kind != "parts":
+        check_args(problem_function(spec)[0], spec.args, "problem")
+    for part in PARTS:
         value = getattr(spec, part)
         if isinstance(value, FactorySpec):
-            check_args(load_object(value.factory, f"problem.{part}.factory"), value.args, f"problem.{part}")
+            check_args(factory_function(value, f"problem.{part}"), value.args, f"problem.{part}")
 
 
 # -- lazy resolution ------------------------------------------------------------------------------------------
@@ -109,24 +133,17 @@ class ProblemSource:
         """Call a name or factory once: it gives a whole problem or a parts spec."""
         if self._recipe is not None or self._whole is not None:
             return
-        if self.spec.kind == "name":
-            function, field = registered_problem(self.spec.name), f"problem (name {self.spec.name!r})"
-        else:
-            function, field = load_object(self.spec.factory, "problem.factory"), "problem.factory"
         tic = time.perf_counter()
-        made = call_with_args(function, self.spec.args, field, self.device)
-        if isinstance(made, dict):
-            made = ProblemConfig.model_validate(made)
+        made = problem_recipe(self.spec, self.device)
         if isinstance(made, ProblemConfig):
-            if made.kind != "parts":
-                raise InputError(f"{field}: returned a {made.kind} spec; a recipe returns parts or a CDMProblem")
             self._recipe = made
             return
-        self._whole = expect_type(made, CDMProblem, field, "a CDMProblem (or a ProblemConfig of parts)")
+        self._whole = made
         self.built["problem"] += 1
         self.load_seconds["problem"] = time.perf_counter() - tic
 
     def _part(self, part: str, build: Callable[[], Any]) -> Any:
+        """The part, built (timed and counted) on first use."""
         if part not in self._parts:
             tic = time.perf_counter()
             self._parts[part] = build()
@@ -134,53 +151,47 @@ class ProblemSource:
             self.built[part] += 1
         return self._parts[part]
 
+    def _resolved(self, part: str, whole: Callable[[CDMProblem], Any], build: Callable[[Any, str], Any]) -> Any:
+        """The whole problem's part, else the recipe's part built once (None where the recipe has none)."""
+        self._resolve_recipe()
+        if self._whole is not None:
+            return whole(self._whole)
+        spec = getattr(self._recipe, part)
+        return None if spec is None else self._part(part, lambda: build(spec, f"problem.{part}"))
+
     # -- the parts ----------------------------------------------------------------------------------------
     @property
     def prior(self) -> DiffusionPrior:
-        self._resolve_recipe()
-        if self._whole is not None:
-            return self._whole.prior
-        return self._part("prior", lambda: self._build_prior(self._recipe.prior))
+        return self._resolved("prior", lambda whole: whole.prior, self._build_prior)
 
     @property
     def fast_sampler(self) -> ConditionalSampler:
-        self._resolve_recipe()
-        if self._whole is not None:
-            return self._whole.fast_sampler
-        return self._part("sampler", lambda: self._build_sampler(self._recipe.sampler, "problem.sampler"))
+        return self._resolved("sampler", lambda whole: whole.fast_sampler, self._build_sampler)
 
     @property
     def full_sampler(self) -> ConditionalSampler | None:
-        self._resolve_recipe()
-        if self._whole is not None:
-            return self._whole.full_sampler
-        spec = self._recipe.full_sampler
-        if spec is None:
-            return None
-        return self._part("full_sampler", lambda: self._build_sampler(spec, "problem.full_sampler"))
+        return self._resolved("full_sampler", lambda whole: whole.full_sampler, self._build_sampler)
+
+    @property
+    def decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """x -> what the samplers see (the decoder part, e.g. a latent prior's VAE), or None: they see x itself."""
+        return self._resolved("decoder", lambda whole: None, self._build_decoder)
 
     @property
     def target(self) -> Target:
-        override = self.spec.target_override
-        if override is not None:
-            return self._part("target", lambda: self._build_target(override, "problem.target"))
-        self._resolve_recipe()
-        if self._whole is not None:
-            return self._whole.target
-        recipe_target = self._recipe.target_override
-        return self._part("target", lambda: self._build_target(recipe_target, "problem.target"))
+        spec = self.spec.target_override
+        if spec is None:
+            self._resolve_recipe()
+            if self._whole is not None:
+                return self._whole.target
+            spec = self._recipe.target_override
+        return self._part("target", lambda: self._build_target(spec, "problem.target"))
 
     @property
     def metrics(self) -> MetricsFn | None:
         if self.spec.target_override is not None and self.spec.kind != "parts":
             return None  # exact metrics describe the problem's own target, not the user's
-        self._resolve_recipe()
-        if self._whole is not None:
-            return self._whole.metrics
-        spec = self._recipe.metrics
-        if spec is None:
-            return None
-        return self._part("metrics", lambda: self._build_metrics(spec))
+        return self._resolved("metrics", lambda whole: whole.metrics, self._build_function)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -199,34 +210,41 @@ class ProblemSource:
             )
         return full
 
-    def build(self) -> CDMProblem:
-        """Every part at once, as a CDMProblem."""
+    def build(
+        self,
+        name: str | None = None,
+        params: dict[str, Any] | None = None,
+        x_star: torch.Tensor | None = None,
+        x_star_unique: bool = False,
+    ) -> CDMProblem:
+        """Every part at once, as a CDMProblem; name, params and x* describe parts (a whole problem has its own)."""
         self._resolve_recipe()
-        if self._whole is not None and self.spec.target_override is None:
-            return self._whole
         base = self._whole
+        if base is not None and self.spec.target_override is None:
+            return base
+        exact = base is not None and self.metrics is not None
         return CDMProblem(
-            name=self.spec.label(),
+            name=name or self.spec.label(),
             prior=self.prior,
             fast_sampler=self.fast_sampler,
             full_sampler=self.full_sampler,
             target=self.target,
             metrics=self.metrics,
-            x_star=base.x_star if base is not None and self.metrics is not None else None,
-            x_star_unique=bool(base.x_star_unique) if base is not None and self.metrics is not None else False,
-            params=self.params,
+            x_star=base.x_star if exact else x_star,
+            x_star_unique=bool(base.x_star_unique) if exact else x_star_unique,
+            params=self.params if base is not None else dict(params or {}),
         )
 
     # -- builders -----------------------------------------------------------------------------------------
-    def _build_prior(self, spec: PriorSpec) -> DiffusionPrior:
+    def _build_prior(self, spec: PriorSpec, field: str) -> DiffusionPrior:
         if isinstance(spec, DiffusersPriorSpec):
             from cdm_dist.models.adapters import load_diffusers_prior
 
-            return load_diffusers_prior(spec, self.device, "problem.prior")
-        return expect_type(call_factory(spec, "problem.prior", self.device), DiffusionPrior, "problem.prior",
-                       "a DiffusionPrior")  # fmt: skip
+            return load_diffusers_prior(spec, self.device, field)
+        return expect_type(call_factory(spec, field, self.device), DiffusionPrior, field, "a DiffusionPrior")
 
     def _build_sampler(self, spec: SamplerSpec, field: str) -> ConditionalSampler:
+        """The sampler, seeing x through the decoder where the problem has one."""
         if isinstance(spec, FlowSamplerSpec):
             from cdm_dist.models.learned import FlowSampler, load_flow_model
 
@@ -236,25 +254,20 @@ class ProblemSource:
             sampler: ConditionalSampler = FlowSampler(self._flows[key], spec.steps)
         else:
             sampler = expect_type(call_factory(spec, field, self.device), ConditionalSampler, field,
-                              "a ConditionalSampler")  # fmt: skip
-        prior = self._recipe.prior if self._recipe is not None else None
-        if isinstance(prior, DiffusersPriorSpec) and prior.vae_subfolder is not None:
-            from cdm_dist.models.adapters import DecodedSampler, load_latent_decoder
+                                  "a ConditionalSampler")  # fmt: skip
+        decoder = self.decoder
+        if decoder is None:
+            return sampler
+        from cdm_dist.models.adapters import DecodedSampler
 
-            decoder = self._part("decoder", lambda: load_latent_decoder(prior, self.device, "problem.prior"))
-            sampler = DecodedSampler(decoder, sampler)
-        return sampler
+        return DecodedSampler(decoder, sampler)
 
-    @property
-    def decoder(self) -> Any | None:
-        """The latent prior's VAE decoder (the sampler role loads it), or None for a prior over x itself."""
-        self._resolve_recipe()
-        prior = self._recipe.prior if self._recipe is not None else None
-        if not isinstance(prior, DiffusersPriorSpec) or prior.vae_subfolder is None:
-            return None
-        from cdm_dist.models.adapters import load_latent_decoder
+    def _build_decoder(self, spec: DecoderSpec, field: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        if isinstance(spec, VaeDecoderSpec):
+            from cdm_dist.models.adapters import load_latent_decoder
 
-        return self._part("decoder", lambda: load_latent_decoder(prior, self.device, "problem.prior"))
+            return load_latent_decoder(spec, self.device, field)
+        return self._build_function(spec, field)
 
     def _build_target(self, spec: TargetSpec, field: str) -> Target:
         if isinstance(spec, TargetFileSpec):
@@ -263,16 +276,15 @@ class ProblemSource:
         if isinstance(made, Target):
             return made
         if isinstance(made, torch.Tensor) or hasattr(made, "__array__"):
-            return Target(torch.as_tensor(made).to(torch.float64).cpu(), None, spec.factory)
+            return Target(torch.as_tensor(made).to(torch.float64).cpu(), None, import_path(spec.factory))
         raise InputError(f"{field}: the factory returned {type(made).__name__}, not a Target or an (m, d_y) array")
 
-    def _build_metrics(self, spec: FactorySpec) -> MetricsFn:
-        made = call_factory(spec, "problem.metrics", self.device)
+    def _build_function(self, spec: FactorySpec, field: str) -> Callable[[torch.Tensor], Any]:
+        """A function of x (metrics, a decoder) from its factory."""
+        made = call_factory(spec, field, self.device)
         if not callable(made):
-            raise InputError(f"problem.metrics: the factory returned {type(made).__name__}, not a function of x")
+            raise InputError(f"{field}: the factory returned {type(made).__name__}, not a function of x")
         return made
 
 
-def resolve_problem(spec: ProblemConfig, device: torch.device | str = "cpu") -> ProblemSource:
-    """The problem a spec describes, built lazily part by part."""
-    return ProblemSource(spec, device)
+resolve_problem = ProblemSource  # resolve_problem(spec, device): the problem a spec describes, built lazily

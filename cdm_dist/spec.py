@@ -4,8 +4,9 @@
 - a registered name (the built-in benchmarks, or a name an installed package registers in the entry-point group
   `cdm_dist.problems`) with `args`;
 - a factory `"package.module:function"` with `args`, returning a CDMProblem;
-- parts: `prior`, `sampler` (and `full_sampler`), `target` and optional `metrics`, each a factory or a
-  declarative loader (a local diffusers folder, one of the project's flow-sampler folders, a file of samples).
+- parts: `prior`, `sampler` (and `full_sampler`), `target` and optional `metrics` and `decoder`, each a factory or
+  a declarative loader (a local diffusers folder, one of the project's flow-sampler folders, a file of samples, a
+  VAE folder); a latent diffusers prior fills `decoder` with its VAE.
 The driver validates the shape here (format, mappings, files exist); each worker builds the parts its role needs
 (cdm_dist.registry).
 """
@@ -20,7 +21,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from cdm_dist.config import UNION_TAG, NonNegative, StrictModel
 from cdm_dist.errors import InputError
@@ -51,30 +63,36 @@ def absolute(path: str) -> str:
 
 
 def existing_folder(path: str) -> str:
+    """The path made absolute, when it is a folder."""
     folder = absolute(path)
     if not Path(folder).is_dir():
         raise ValueError(f"{folder} is not a folder")
     return folder
 
 
-def read_json_config(path: Path, what: str) -> dict[str, Any]:
-    """A model's or scheduler's JSON config, with the file named when it is missing or not JSON."""
+def read_json(path: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in a file; one error naming the file if it is missing (`missing` says why), bad or no object."""
     if not path.is_file():
-        raise ValueError(f"{path} is missing: not a diffusers folder for {what}")
+        raise InputError(f"{path} is missing: {missing}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+        raise InputError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object")
+        raise InputError(f"{path} is not a JSON object")
     return data
 
 
 def existing_file(path: str) -> str:
+    """The path made absolute, when it is a file."""
     file = absolute(path)
     if not Path(file).is_file():
         raise ValueError(f"{file} is not a file")
     return file
+
+
+Folder = Annotated[str, AfterValidator(existing_folder)]  # checked to exist, made absolute
+File = Annotated[str, AfterValidator(existing_file)]
 
 
 def factory_format(value: str) -> str:
@@ -84,32 +102,32 @@ def factory_format(value: str) -> str:
     return value
 
 
-class FactorySpec(StrictModel):
-    """A user function "package.module:function" called with `args` where the part is built."""
+def import_path(factory: str | Callable[..., Any]) -> str:
+    """A factory's "package.module:function", also of a function given as itself."""
+    return factory if isinstance(factory, str) else f"{factory.__module__}:{factory.__qualname__}"
 
-    factory: str
+
+class FactorySpec(StrictModel):
+    """A function, or its "package.module:function", called with `args` where the part is built."""
+
+    factory: Annotated[str | Callable[..., Any], PlainSerializer(import_path)]
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("factory")
     @classmethod
-    def _format(cls, value: str) -> str:
-        return factory_format(value)
+    def _format(cls, value: str | Callable[..., Any]) -> str | Callable[..., Any]:
+        return factory_format(value) if isinstance(value, str) else value
 
 
 class ConditioningSpec(StrictModel):
     """Fixed conditioning of a conditional UNet: text-encoder states from a file and/or a class label, with
     optional classifier-free guidance against a fixed negative (Ho & Salimans 2022)."""
 
-    file: str | None = None  # .safetensors: encoder_hidden_states (L, D) [+ text_embeds, time_ids for SDXL]
+    file: File | None = None  # .safetensors: encoder_hidden_states (L, D) [+ text_embeds, time_ids for SDXL]
     class_label: int | None = None
     guidance_scale: NonNegative = 1.0  # ε̂ = ε̂_neg + s (ε̂_cond - ε̂_neg); 1 = no guidance
-    negative_file: str | None = None  # the same tensors for the negative branch
+    negative_file: File | None = None  # the same tensors for the negative branch
     negative_class_label: int | None = None
-
-    @field_validator("file", "negative_file")
-    @classmethod
-    def _exists(cls, value: str | None) -> str | None:
-        return None if value is None else existing_file(value)
 
     @model_validator(mode="after")
     def _complete(self) -> ConditioningSpec:
@@ -126,7 +144,7 @@ class DiffusersPriorSpec(StrictModel):
     """A prior from a local diffusers folder (never a hub download): a UNet (or any ModelMixin) + its scheduler,
     optionally an AutoencoderKL for a latent prior (x = the latent times the VAE's scaling_factor)."""
 
-    diffusers: str  # the folder: a pipeline (unet/, scheduler/, vae/) or a single model folder
+    diffusers: Folder  # the folder: a pipeline (unet/, scheduler/, vae/) or a single model folder
     subfolder: str | None = None  # the model's folder inside, e.g. "unet"
     model_class: str | None = None  # a diffusers class name or "package.module:Class"; default: config _class_name
     scheduler_subfolder: str | None = None  # default: "scheduler" if present, else the model's folder
@@ -138,11 +156,6 @@ class DiffusersPriorSpec(StrictModel):
     decoder_checkpointing: bool = True  # activation checkpointing in the VAE decoder when gradients flow
     event_shape: list[PositiveInt] | None = None  # x's shape; default: from the model config (dim, or C x size)
 
-    @field_validator("diffusers")
-    @classmethod
-    def _exists(cls, value: str) -> str:
-        return existing_folder(value)
-
     @model_validator(mode="after")
     def _folders(self) -> DiffusersPriorSpec:
         """Every folder is there with its config (no weights are read here)."""
@@ -151,10 +164,10 @@ class DiffusersPriorSpec(StrictModel):
             sub = getattr(self, name)
             if sub is not None and not (root / sub).is_dir():
                 raise ValueError(f"{name}: {root / sub} is not a folder")
-        model_config = read_json_config(self.model_folder / "config.json", "the model")
+        model_config = read_json(self.model_folder / "config.json", "not a diffusers folder for the model")
         self.scheduler_folder  # noqa: B018 (raises when there is none)
         if self.vae_subfolder is not None:
-            vae = read_json_config(root / self.vae_subfolder / "config.json", "the VAE")
+            vae = read_json(root / self.vae_subfolder / "config.json", "not a diffusers folder for the VAE")
             latent, channels = vae.get("latent_channels"), model_config.get("in_channels")
             if latent is not None and channels is not None and latent != channels:
                 raise ValueError(
@@ -167,6 +180,14 @@ class DiffusersPriorSpec(StrictModel):
     def model_folder(self) -> Path:
         root = Path(self.diffusers)
         return root / self.subfolder if self.subfolder else root
+
+    @property
+    def decoder(self) -> VaeDecoderSpec | None:
+        """The VAE of a latent prior as a decoder part (x = the latent times its scaling_factor); None otherwise."""
+        if self.vae_subfolder is None:
+            return None
+        return VaeDecoderSpec(vae=str(Path(self.diffusers) / self.vae_subfolder),
+                              dtype=self.vae_dtype or self.dtype, checkpointing=self.decoder_checkpointing)  # fmt: skip
 
     @property
     def scheduler_folder(self) -> Path:
@@ -182,28 +203,26 @@ class DiffusersPriorSpec(StrictModel):
         raise ValueError(f"no scheduler_config.json in {[str(c) for c in dict.fromkeys(candidates)]}")
 
 
+class VaeDecoderSpec(StrictModel):
+    """A diffusers AutoencoderKL from a local folder, whose decoder turns x (a latent) into what the samplers see."""
+
+    vae: Folder  # the VAE's folder (config.json + diffusion_pytorch_model.safetensors)
+    dtype: WeightDtype = "float32"
+    checkpointing: bool = True
+
+
 class FlowSamplerSpec(StrictModel):
     """One of the project's conditional rectified-flow sampler folders (`cdm train sampler`), `steps` Euler steps."""
 
-    flow: str
+    flow: Folder
     steps: PositiveInt = 8
     dtype: WeightDtype = "float32"
-
-    @field_validator("flow")
-    @classmethod
-    def _exists(cls, value: str) -> str:
-        return existing_folder(value)
 
 
 class TargetFileSpec(StrictModel):
     """Target samples S_G from a .npy, .csv or .safetensors file."""
 
-    file: str
-
-    @field_validator("file")
-    @classmethod
-    def _exists(cls, value: str) -> str:
-        return existing_file(value)
+    file: File
 
 
 @dataclass
@@ -253,7 +272,8 @@ def _either(loader: type, key: str, expected: str) -> Any:
 PriorSpec = _either(DiffusersPriorSpec, "diffusers", "{diffusers: FOLDER, ...}")
 SamplerSpec = _either(FlowSamplerSpec, "flow", "{flow: FOLDER, steps: N}")
 TargetSpec = _either(TargetFileSpec, "file", "{file: PATH}")
-PARTS = ("prior", "sampler", "full_sampler", "target", "metrics")
+DecoderSpec = _either(VaeDecoderSpec, "vae", "{vae: FOLDER, ...}")
+PARTS = ("prior", "sampler", "full_sampler", "target", "metrics", "decoder")
 
 
 class ProblemConfig(StrictModel):
@@ -267,7 +287,9 @@ class ProblemConfig(StrictModel):
     full_sampler: SamplerSpec | None = None  # the full-chain sampler (MLGD)
     target: TargetSpec | None = None  # with a name or factory: replaces its target (and drops its exact metrics)
     metrics: FactorySpec | None = None  # exact metrics per chain: x (B, *event) -> {name: (B,)}
-    target_file: str | None = None  # shorthand for target: {file: ...}
+    target_file: File | None = None  # shorthand for target: {file: ...}
+    # x -> what the samplers see (they get DecodedSampler around them); default: a latent diffusers prior's VAE
+    decoder: DecoderSpec | None = Field(default=None, validate_default=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -291,15 +313,23 @@ class ProblemConfig(StrictModel):
     def _factory_format(cls, value: str | None) -> str | None:
         return None if value is None else factory_format(value)
 
-    @field_validator("target_file")
+    @field_validator("decoder")
     @classmethod
-    def _target_exists(cls, value: str | None) -> str | None:
-        return None if value is None else existing_file(value)
+    def _latent_prior_decoder(cls, value: Any, info: ValidationInfo) -> Any:
+        """No decoder given: a latent diffusers prior's VAE."""
+        prior = info.data.get("prior")
+        return prior.decoder if value is None and isinstance(prior, DiffusersPriorSpec) else value
+
+    @field_serializer("decoder", mode="wrap")
+    def _unless_from_prior(self, value: Any, write: SerializerFunctionWrapHandler) -> Any:
+        """The prior's own VAE is written as null, so a changed prior brings its decoder along."""
+        prior = self.prior
+        return None if isinstance(prior, DiffusersPriorSpec) and value == prior.decoder else write(value)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ProblemConfig:
         kinds = [k for k in ("name", "factory") if getattr(self, k) is not None]
-        parts = [p for p in ("prior", "sampler", "full_sampler", "metrics") if getattr(self, p) is not None]
+        parts = [p for p in ("prior", "sampler", "full_sampler", "metrics", "decoder") if getattr(self, p) is not None]
         if len(kinds) > 1:
             raise ValueError("give either name or factory, not both")
         if kinds and parts:

@@ -21,10 +21,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from cdm_dist.errors import InputError
+from cdm_dist.factories import load_object
 from cdm_dist.models.manifest import verify_manifest
 from cdm_dist.priors import DiffusionPrior
 from cdm_dist.samplers import ConditionalSampler
-from cdm_dist.spec import DiffusersPriorSpec
+from cdm_dist.spec import DiffusersPriorSpec, VaeDecoderSpec, read_json
 
 WEIGHT_DTYPES = {
     "float32": torch.float32,
@@ -51,8 +52,6 @@ def model_class(name: str, field: str) -> type:
     from diffusers.models.modeling_utils import ModelMixin
 
     if ":" in name:
-        from cdm_dist.factories import load_object
-
         cls = load_object(name, field)
     else:
         cls = project_model_classes().get(name) or getattr(diffusers, name, None)
@@ -78,11 +77,9 @@ def check_dtype_runs(dtype: str, device: torch.device, field: str) -> torch.dtyp
 
 
 def _json_config(path: Path, field: str) -> dict[str, Any]:
-    from cdm_dist.spec import read_json_config
-
     try:
-        return read_json_config(path, "the model")
-    except ValueError as exc:
+        return read_json(path, "not a diffusers folder for the model")
+    except InputError as exc:
         raise InputError(f"{field}: {exc}") from None
 
 
@@ -380,15 +377,14 @@ class LatentDecoder:
         return self.vae.decode(z).sample.to(x.dtype)
 
 
-def load_latent_decoder(spec: DiffusersPriorSpec, device: torch.device | str, field: str) -> LatentDecoder:
-    """The latent prior's VAE (only the sampler role loads it: it turns x̂0 into the images the sampler sees)."""
+def load_latent_decoder(spec: VaeDecoderSpec, device: torch.device | str, field: str) -> LatentDecoder:
+    """A VAE decoder part, e.g. a latent prior's (the sampler role loads it: it turns x̂0 into what the sampler sees)."""
     device = torch.device(device)
-    dtype = check_dtype_runs(spec.vae_dtype or spec.dtype, device, f"{field}.vae_dtype")
-    folder = Path(spec.diffusers) / spec.vae_subfolder
-    vae = load_model(folder, None, dtype, device, f"{field}.vae_subfolder")
+    dtype = check_dtype_runs(spec.dtype, device, f"{field}.dtype")
+    vae = load_model(Path(spec.vae), None, dtype, device, f"{field}.vae")
     if not hasattr(vae, "decode") or not hasattr(vae.config, "latent_channels"):
-        raise InputError(f"{field}.vae_subfolder: {type(vae).__name__} is not an autoencoder with decode()")
-    return LatentDecoder(vae, spec.decoder_checkpointing)
+        raise InputError(f"{field}.vae: {type(vae).__name__} is not an autoencoder with decode()")
+    return LatentDecoder(vae, spec.checkpointing)
 
 
 class DecodedSampler(ConditionalSampler):

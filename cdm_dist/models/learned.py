@@ -9,17 +9,15 @@ sha256, checked on every load).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from cdm_dist.errors import InputError
+from cdm_dist.models.adapters import DiffusersPrior, check_dtype_runs, load_diffusers_prior, load_model
 from cdm_dist.models.manifest import read_manifest
 from cdm_dist.models.networks import ConditionalVelocityModel
 from cdm_dist.samplers import ConditionalSampler
-
-if TYPE_CHECKING:
-    from cdm_dist.models.adapters import DiffusersPrior
+from cdm_dist.spec import DiffusersPriorSpec
 
 
 def noise_prediction(model: torch.nn.Module, x_t: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
@@ -71,9 +69,6 @@ def flow_map(model: ConditionalVelocityModel, z: torch.Tensor, features: torch.T
 
 def load_prior(folder: str | Path) -> DiffusersPrior:
     """A prior checkpoint folder of the project's (model + scheduler + manifest) as a DiffusersPrior."""
-    from cdm_dist.models.adapters import load_diffusers_prior
-    from cdm_dist.spec import DiffusersPriorSpec
-
     manifest = read_manifest(folder)
     if manifest.get("role") != "prior":
         raise InputError(f"{folder}: not a prior checkpoint (role {manifest.get('role')!r})")
@@ -88,8 +83,6 @@ def load_flow_model(
     folder: str | Path, dtype: str = "float32", device: torch.device | str = "cpu", field: str = "sampler"
 ) -> ConditionalVelocityModel:
     """A conditional rectified-flow model from a sampler checkpoint folder (weights checked against its manifest)."""
-    from cdm_dist.models.adapters import check_dtype_runs, load_model
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest.get("role") != "sampler":

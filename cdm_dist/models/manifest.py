@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from cdm_dist.errors import InputError
+from cdm_dist.spec import read_json
 
 
 def sha256(path: Path) -> str:
@@ -22,18 +22,9 @@ def sha256(path: Path) -> str:
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest.json of a checkpoint folder, with a clear error when the folder is not a checkpoint."""
     folder = Path(folder)
-    path = folder / "manifest.json"
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a checkpoint folder (no config.json)")
-    if not path.is_file():
-        raise InputError(f"{folder}: checkpoint has no manifest.json")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise InputError(f"{path}: not a JSON object")
-    return manifest
+    return read_json(folder / "manifest.json", "not one of the project's checkpoints (no manifest.json)")
 
 
 def verify_manifest(folder: Path, weights: Path, field: str) -> None:
@@ -42,9 +33,9 @@ def verify_manifest(folder: Path, weights: Path, field: str) -> None:
     if not manifest.is_file():
         return
     try:
-        expected = json.loads(manifest.read_text()).get("weights_sha256")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{field}: {manifest} is not valid JSON ({exc})") from None
+        expected = read_json(manifest, "no manifest").get("weights_sha256")
+    except InputError as exc:
+        raise InputError(f"{field}: {exc}") from None
     if expected is None:
         return
     if sha256(weights) != expected:

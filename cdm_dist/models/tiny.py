@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -184,13 +185,11 @@ class GaussianNoiseModel(ModelMixin, ConfigMixin):
         mean: float = 0.5,
         std: float = 0.7,
         prediction_type: str = "epsilon",
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
+        schedule: dict[str, Any] | None = None,  # DDPMScheduler's arguments, as the scheduler saved with it
     ) -> None:
         super().__init__()
-        schedule = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end)
-        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.double(), persistent=False)
+        scheduler = DDPMScheduler(**(schedule or {}))  # default: 1000 steps, linear betas 1e-4 .. 0.02
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.double(), persistent=False)
         self.scale = nn.Parameter(torch.ones(()))  # a weight to load, save and cast; 1 keeps the output exact
 
     def forward(self, x_t: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:

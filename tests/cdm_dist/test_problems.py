@@ -32,10 +32,10 @@ def test_random_joints_give_well_posed_bimodal_targets(name, seed):
 
 
 def test_a_spiky_draw_of_the_recipe_is_redrawn():
-    from cdm_dist.problems import _draw_joint, conditional_target
+    from cdm_dist.problems import conditional_target, draw_joint
 
     # the first 10D draw from seed 1 puts a mode of variance ~1e-3 at x*: its l2_gmm floor is above 1
-    joint, x_star = _draw_joint(10, 4, 5.0, torch.Generator().manual_seed(1))
+    joint, x_star = draw_joint(10, 4, 5.0, torch.Generator().manual_seed(1))
     spiky = conditional_target(joint.condition(list(range(9)), [9]), x_star, 0.001)
     assert spiky.covs[:, 0, 0].min() < 0.01
     assert gmm_problem("gmm10d").params["x_star"] != x_star.tolist()
@@ -74,6 +74,8 @@ def test_learned_mixture_problem_keeps_the_exact_target_and_metrics(tiny_checkpo
     x = exact.x_star[None]
     assert learned.metrics(x)["l2_gmm"].item() == exact.metrics(x)["l2_gmm"].item()
     assert learned.params["models"] == "learned" and set(learned.params["weights_sha256"]) == {"prior", "sampler"}
+    assert learned.name == "gmm5d" and torch.equal(learned.x_star, exact.x_star) and not learned.x_star_unique
+    assert {k: v for k, v in learned.params.items() if k in exact.params} == exact.params
 
 
 def test_learned_problems_reject_the_wrong_checkpoints(tiny_checkpoints, tmp_path):
@@ -95,6 +97,7 @@ def test_digits_problem_has_image_chains_and_circle_targets(tiny_checkpoints):
     assert problem.target.samples.shape == (300, 2)
     torch.testing.assert_close(problem.target.samples.norm(dim=1), torch.ones(300, dtype=torch.float64))
     assert problem.metrics is None and problem.x_star is None
+    assert problem.name == "digits" and problem.params["target"] == "unimodal" and problem.params["target_size"] == 300
 
 
 @pytest.mark.parametrize("name", ["gmm2d", "gmm5d", "gmm10d", "digits"])

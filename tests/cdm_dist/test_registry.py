@@ -161,7 +161,7 @@ def test_factories_that_raise_or_return_the_wrong_type_are_named(
 
 
 def test_the_cli_refuses_a_bad_factory_with_exit_2_and_creates_nothing(tmp_path, user_plugin, capsys):
-    from cdm_dist.cli import main
+    from cdm_cli.main import main
 
     config = tmp_path / "c.yaml"
     config.write_text(
@@ -190,3 +190,74 @@ def test_a_problem_factory_may_take_the_workers_device(user_plugin, monkeypatch,
     import device_plugin
 
     assert device_plugin.SEEN == ["cpu"]
+
+
+def test_a_built_in_is_registered_and_resolved_by_function_object(monkeypatch):
+    """The built-ins and their parts are the functions themselves: resolving one imports nothing by name."""
+    from cdm_dist import factories, problems, registry
+    from cdm_dist.registry import problem_recipe
+
+    assert registered_problems()["gmm2d"] is problems.gmm2d and problems.gmm2d.__name__ == "gmm2d"
+
+    def no_imports(path, field):
+        raise AssertionError(f"{field}: {path} imported by name")
+
+    monkeypatch.setattr(factories, "load_object", no_imports)
+    monkeypatch.setattr(registry, "load_object", no_imports)
+    parts = problem_recipe(ProblemConfig(name="gmm2d", args={"target_size": 50}))
+    assert parts.prior.factory is problems.gmm_prior and parts.target.factory is problems.gmm_target
+    built = resolve_problem(ProblemConfig(name="gmm2d", args={"target_size": 50})).build()
+    exact = problems.gmm_problem("gmm2d", target_size=50)
+    assert torch.equal(built.target.samples, exact.target.samples)
+    x = exact.x_star[None]
+    assert built.metrics(x)["l2_gmm"].item() == exact.metrics(x)["l2_gmm"].item()
+    dumped = parts.model_dump(mode="json")  # written out, a function part is its import path
+    assert dumped["target"]["factory"] == "cdm_dist.problems:gmm_target"
+    monkeypatch.undo()
+    again = ProblemConfig.model_validate(dumped)
+    assert torch.equal(resolve_problem(again).target.samples, exact.target.samples)
+
+
+DECODER_SOURCE = """
+SEEN = []
+
+
+def doubling(scale: float = 2.0):
+    def decode(x):
+        SEEN.append(tuple(x.shape))
+        return scale * x
+
+    return decode
+"""
+
+
+def test_a_decoder_part_feeds_both_samplers_and_only_the_sampler_role_builds_it(monkeypatch, tmp_path):
+    from cdm_dist.models.adapters import DecodedSampler
+    from cdm_dist.problems import gmm_fast_sampler, gmm_full_sampler, gmm_prior, gmm_target
+
+    (tmp_path / "decoder_plugin.py").write_text(DECODER_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gmm = {"args": {"name": "gmm2d"}}
+    spec = ProblemConfig.model_validate(
+        {"prior": {"factory": gmm_prior} | gmm, "sampler": {"factory": gmm_fast_sampler} | gmm,
+         "full_sampler": {"factory": gmm_full_sampler} | gmm, "target": {"factory": gmm_target} | gmm,
+         "decoder": {"factory": "decoder_plugin:doubling", "args": {"scale": 3.0}}}
+    )  # fmt: skip
+    prior_side = resolve_problem(spec)
+    prior_side.prior  # noqa: B018
+    assert dict(prior_side.built) == {"prior": 1}
+    source = resolve_problem(spec)
+    fast, full = source.sampler("mlgd_f"), source.sampler("mlgd")
+    assert isinstance(fast, DecodedSampler) and isinstance(full, DecodedSampler)
+    assert fast.decoder is full.decoder is source.decoder
+    assert dict(source.built) == {"decoder": 1, "sampler": 1, "full_sampler": 1}
+    x, eta = torch.tensor([[-5.0], [1.0]], dtype=torch.float64), torch.randn(2, 4, 1, dtype=torch.float64)
+    torch.testing.assert_close(fast.sample(x, eta), gmm_fast_sampler("gmm2d").sample(3.0 * x, eta), rtol=0, atol=0)
+    import decoder_plugin
+
+    assert decoder_plugin.SEEN == [(2, 1)]
+    with pytest.raises(InputError, match=r"problem\.decoder\.args: unknown \['size'\]"):
+        bad = spec.model_copy(update={"decoder": spec.decoder.model_copy(update={"args": {"size": 1}})})
+        resolve_problem(bad).fast_sampler  # noqa: B018
+    with pytest.raises(ValueError, match=r"name builds the whole problem; \['decoder'\] are only for parts specs"):
+        ProblemConfig.model_validate({"name": "gmm2d", "decoder": {"factory": "decoder_plugin:doubling"}})

@@ -151,14 +151,14 @@ def test_gradients_reach_the_latent_through_the_decoder_with_or_without_checkpoi
     eta = torch.randn(2, 5, 2, dtype=torch.float64)
     grads = []
     for checkpointing in (True, False):
-        decoder = load_latent_decoder(_latent_spec(pipeline, decoder_checkpointing=checkpointing), "cpu", "p")
+        decoder = load_latent_decoder(_latent_spec(pipeline, decoder_checkpointing=checkpointing).decoder, "cpu", "p")
         assert decoder.vae.is_gradient_checkpointing == checkpointing
         x_in = x.clone().requires_grad_(True)
         DecodedSampler(decoder, sampler).sample(x_in, eta).square().sum().backward()
         grads.append(x_in.grad)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
-    decoder = load_latent_decoder(_latent_spec(pipeline), "cpu", "p")
+    decoder = load_latent_decoder(_latent_spec(pipeline).decoder, "cpu", "p")
     images = decoder(x)
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float64
     scale = decoder.vae.config.scaling_factor
@@ -236,3 +236,33 @@ def test_a_dtype_the_device_cannot_run_is_named(pipeline, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "conv2d", no_half_convolutions)
     with pytest.raises(InputError, match=r"problem\.prior\.dtype: dtype float16 does not run on cpu"):
         load_diffusers_prior(_latent_spec(pipeline, dtype="float16"), "cpu", "problem.prior")
+
+
+def test_a_latent_prior_fills_the_decoder_part_with_its_vae(pipeline):
+    """No decoder given: the prior's VAE is the decoder part, and the spec is written out without it."""
+    from cdm_dist.models.adapters import LatentDecoder
+    from cdm_dist.registry import resolve_problem
+    from cdm_dist.spec import ProblemConfig, VaeDecoderSpec
+
+    parts = {
+        "prior": _latent_spec(pipeline, vae_dtype="float64", decoder_checkpointing=False).model_dump(),
+        "sampler": {"factory": ImageFeatureSampler},
+        "target": {"factory": "cdm_dist.models.tiny:gaussian_target"},
+    }
+    spec = ProblemConfig.model_validate(parts)
+    assert spec.decoder == VaeDecoderSpec(vae=str(pipeline / "vae"), dtype="float64", checkpointing=False)
+    dumped = spec.model_dump(mode="json")
+    assert dumped["decoder"] is None and dumped["sampler"]["factory"] == "cdm_dist.models.tiny:ImageFeatureSampler"
+    assert ProblemConfig.model_validate(dumped).decoder == spec.decoder
+    dumped["prior"]["vae_dtype"] = "float32"
+    assert ProblemConfig.model_validate(dumped).decoder.dtype == "float32"
+    source = resolve_problem(spec)
+    sampler = source.fast_sampler
+    assert isinstance(sampler, DecodedSampler) and isinstance(source.decoder, LatentDecoder)
+    assert source.decoder.weights_dtype == torch.float64 and not source.decoder.vae.is_gradient_checkpointing
+    assert dict(source.built) == {"decoder": 1, "sampler": 1}
+    x, eta = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 3, 2, dtype=torch.float64)
+    torch.testing.assert_close(sampler.sample(x, eta), sampler.inner.sample(source.decoder(x), eta))
+    given = ProblemConfig.model_validate(parts | {"decoder": {"factory": "my_pkg.vae:decode"}})
+    assert given.decoder.factory == "my_pkg.vae:decode"  # a decoder given is kept, and written out
+    assert given.model_dump(mode="json")["decoder"]["factory"] == "my_pkg.vae:decode"
