@@ -361,29 +361,27 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `cdm` command; its exit status (2 for bad input, one line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         _check_paths(args)
-        if args.command == "check":
-            return _check(args)
-        if args.command == "run":
-            return _run(args)
-        if args.command == "tune":
-            return _tune(args)
-        if args.command == "topk":
-            return _topk(args)
-        if args.command == "ui":
-            return _ui(args)
-        if args.command == "serve":
-            return _serve(args)
         if args.command == "train":
             return _train(args, argv)
-        if args.command == "bench":
-            return run_bench(args)
+        return COMMANDS[args.command](args)
     except InputError as exc:
         print(f"cdm: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+
+
+COMMANDS = {
+    "check": _check,
+    "run": _run,
+    "tune": _tune,
+    "topk": _topk,
+    "ui": _ui,
+    "serve": _serve,
+    "bench": run_bench,
+}
 
 
 if __name__ == "__main__":
