@@ -29,11 +29,11 @@ from actors.lanes import LanePool, tensor_bytes
 from actors.liveness import PING_BACKOFF_S, RESTART_WAIT_S, actor_state, last_line
 from actors.transport import resolve_transport
 from actors.workers import NodeMonitor, RemoteWorker
-from cdm_dist.campaign import CampaignConfig, RuntimeEnvConfig
+from cdm_dist.driver.campaign import CampaignConfig, RuntimeEnvConfig
+from cdm_dist.driver.execution import Job, Sink, chunk_end, step_of
+from cdm_dist.driver.preconditions import ray_address_answers
+from cdm_dist.driver.worker import check_shapes
 from cdm_dist.errors import InputError
-from cdm_dist.execution import Job, Sink, chunk_end, step_of
-from cdm_dist.preconditions import ray_address_answers
-from cdm_dist.worker import check_shapes
 
 log = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 120.0
@@ -346,7 +346,7 @@ class RayExecutor:
             except ray.exceptions.RayError as exc:
                 nxt = self._recover(flight, sink, exc, active, parked)
             else:
-                nxt = self._advance(flight, value, sink)
+                nxt = self._take_output(flight, value, sink)
             if nxt is PARKED:
                 continue
             if nxt is None:
@@ -368,7 +368,7 @@ class RayExecutor:
         flight.stage = "run"
         return actor.run.remote(job.batch, job.checkpoint, chunk_end(step, self.resources.checkpoint_every, num_steps))
 
-    def _advance(self, flight: TaskFlight, value: Any, sink: Sink) -> ray.ObjectRef | None:
+    def _take_output(self, flight: TaskFlight, value: Any, sink: Sink) -> ray.ObjectRef | None:
         """Hand a finished task's output on; returns the next task or None when the micro-batch is done."""
         if flight.stage == "ping":  # the actor it waited for is back: go on from the checkpoint
             flight.waiting_for = None

@@ -23,8 +23,8 @@ import torch
 from actors.liveness import wait_alive
 from actors.stages import LostStepError, SlotOutput, SlotPlan
 from actors.transport import LaneFault, Outputs, make_transport
-from cdm_dist.campaign import ResourcesConfig
-from cdm_dist.execution import Checkpoint, Job, Sink, chunk_end, step_of
+from cdm_dist.driver.campaign import ResourcesConfig
+from cdm_dist.driver.execution import Checkpoint, Job, Sink, chunk_end, step_of
 
 log = logging.getLogger(__name__)
 

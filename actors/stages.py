@@ -1,8 +1,9 @@
 """What the split placement's actors run: the stages of a lane (actors/lanes.py), a chunk of guided steps at a time.
 
-The prior actor drives `cdm_dist.mlgd.guided_step` for each micro-batch it holds: it runs a step up to its gradient
-request, hands the request to the sampler actor, and keeps the paused step until the answer comes back. The driver
-sends one SlotPlan per slot and chunk, and gets back a SlotOutput: the chunk's checkpoint and losses, or the result.
+The prior actor drives `cdm_dist.chains.mlgd.guided_step` for each micro-batch it holds: it runs a step up to its
+gradient request, hands the request to the sampler actor, and keeps the paused step until the answer comes back. The
+driver sends one SlotPlan per slot and chunk, and gets back a SlotOutput: the chunk's checkpoint and losses, or the
+result.
 
     prior.stage_prior -> sampler.stage_sampler -> prior.stage_prior -> ... -> prior.stage_end
 """
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cdm_dist.campaign import CampaignConfig, MicroBatch
-from cdm_dist.execution import Checkpoint, Chunk, MicroBatchResult
-from cdm_dist.mlgd import ChainState, GradAnswer, GradRequest, GuidedStep, begin_step, finish_step, guided_step
-from cdm_dist.worker import ChainWorker
+from cdm_dist.chains.mlgd import ChainState, GradAnswer, GradRequest, GuidedStep, begin_step, finish_step, guided_step
+from cdm_dist.driver.campaign import CampaignConfig, MicroBatch
+from cdm_dist.driver.execution import Checkpoint, Chunk, MicroBatchResult
+from cdm_dist.driver.worker import ChainWorker
 
 
 @dataclass

@@ -7,9 +7,9 @@ from typing import Any
 import ray
 
 from actors.stages import LaneWorker
-from cdm_dist.campaign import CampaignConfig
+from cdm_dist.driver.campaign import CampaignConfig
+from cdm_dist.driver.worker import pick_device
 from cdm_dist.errors import InputError
-from cdm_dist.worker import pick_device
 
 
 class WorkerActor(LaneWorker):
@@ -45,7 +45,7 @@ class NodeMonitor:
     """MLflow's system-metrics monitor on one Ray node (pinned there), writing system/<node>/... to a run."""
 
     def __init__(self, run_id: str, uri: str, seconds: float, node_id: str) -> None:
-        from cdm_dist.worker import system_metrics_monitor
+        from cdm_dist.driver.worker import system_metrics_monitor
 
         self.monitor = system_metrics_monitor(run_id, uri, seconds, node_id)
 

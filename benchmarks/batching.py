@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from benchmarks.gmm import settings
 from benchmarks.report import environment, markdown_table, write_report
-from cdm_dist.methods import run_method
-from cdm_dist.mlgd import Chains
-from cdm_dist.problems import gmm_problem
+from cdm_dist.chains.mlgd import Chains
+from cdm_dist.driver.methods import run_method
+from cdm_dist.problems.builtins import gmm_problem
 
 
 def bench_batching(

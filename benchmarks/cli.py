@@ -83,7 +83,7 @@ def _bench_arguments(parser: argparse.ArgumentParser, chains: int) -> None:
 
 
 def check_bench_arguments(args: argparse.Namespace) -> None:
-    from cdm_dist.methods import METHODS
+    from cdm_dist.driver.methods import METHODS
 
     if args.bench == "models":
         return
@@ -107,7 +107,7 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
         return
     if args.chains < 1:
         raise InputError(f"--chains: must be >= 1, got {args.chains}")
-    from cdm_dist.config import MLGDConfig
+    from cdm_dist.chains.config import MLGDConfig
 
     loss = MLGDConfig().loss  # the benches' loss
     if args.n_c is not None and args.n_c < loss.min_samples:
@@ -127,7 +127,7 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
         if kinds != ["flow"] and args.models != "learned":
             raise InputError("--sampler-kinds: only with --models learned (exact models have one exact sampler)")
     if args.bench == "digits":
-        from cdm_dist.digits import TARGETS
+        from cdm_dist.problems.digits import TARGETS
 
         unknown = [t for t in args.targets.split(",") if t not in TARGETS]
         if unknown:

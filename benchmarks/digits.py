@@ -13,12 +13,12 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.report import environment, markdown_table, write_report
-from cdm_dist.config import MLGDConfig, ZetaConfig
-from cdm_dist.digits import angle_of, base_digits, from_model_space, rotate, target_angles
-from cdm_dist.methods import run_method
-from cdm_dist.mlgd import Chains
-from cdm_dist.problems import digits_problem
-from cdm_dist.spec import CDMProblem
+from cdm_dist.chains.config import MLGDConfig, ZetaConfig
+from cdm_dist.chains.mlgd import Chains
+from cdm_dist.driver.methods import run_method
+from cdm_dist.models.spec import CDMProblem
+from cdm_dist.problems.builtins import digits_problem
+from cdm_dist.problems.digits import angle_of, base_digits, from_model_space, rotate, target_angles
 
 
 def settings(quick: bool, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfig]:

@@ -26,10 +26,10 @@ import ray
 
 from actors.coordinator import RayExecutor, connect
 from benchmarks.report import markdown_table, write_report
-from cdm_dist.campaign import CampaignConfig, load_config
-from cdm_dist.runner import CampaignDriver, run_campaign
-from cdm_dist.store import CampaignStore
-from cdm_dist.worker import LocalExecutor
+from cdm_dist.driver.campaign import CampaignConfig, load_config
+from cdm_dist.driver.runner import CampaignDriver, run_campaign
+from cdm_dist.driver.store import CampaignStore
+from cdm_dist.driver.worker import LocalExecutor
 
 IN_FLIGHT = (1, 2, 4)
 COLUMNS = ["problem", "executor", "transport", "micro_batches", "chain_steps_per_s", "busy_prior", "busy_sampler",

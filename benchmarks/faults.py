@@ -29,7 +29,7 @@ CHAOS = """
 import json, os, random, sys, threading, time
 import ray
 import actors.coordinator as coordinator
-import cdm_dist.runner as runner
+import cdm_dist.driver.runner as runner
 from cdm_cli.main import main
 
 seed, kills, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -113,7 +113,7 @@ def _events(log: Path) -> tuple[int, int]:
 
 def _mlflow_complete(uri: str, experiment: str, chains: int) -> int:
     """Chains with exactly one finished child run, a single final_loss and no repeated loss step."""
-    from cdm_dist.tracking import client_for
+    from cdm_dist.driver.tracking import client_for
 
     client = client_for(uri)
     found = client.get_experiment_by_name(experiment)

@@ -11,12 +11,12 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.report import environment, markdown_table, write_report
-from cdm_dist.baselines import BestOfNConfig, DFlowConfig
-from cdm_dist.config import MLGDConfig, ZetaConfig
-from cdm_dist.methods import METHODS, run_method
-from cdm_dist.mlgd import Chains
-from cdm_dist.problems import gmm_problem, learned_gmm_problem
-from cdm_dist.profiling import track_peak_memory
+from cdm_dist.chains.baselines import BestOfNConfig, DFlowConfig
+from cdm_dist.chains.config import MLGDConfig, ZetaConfig
+from cdm_dist.chains.mlgd import Chains
+from cdm_dist.chains.profiling import track_peak_memory
+from cdm_dist.driver.methods import METHODS, run_method
+from cdm_dist.problems.builtins import gmm_problem, learned_gmm_problem
 
 SUCCESS_L2 = 0.01
 REFERENCE = Path(__file__).resolve().parent / "reference" / "gmm_2d_cond_1d.json"  # the published figures

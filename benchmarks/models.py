@@ -67,7 +67,7 @@ def adapter_overhead(root: Path, size: str, batch: int, repeats: int) -> dict[st
     from safetensors.torch import load_file
 
     from cdm_dist.models.adapters import load_diffusers_prior
-    from cdm_dist.spec import DiffusersPriorSpec
+    from cdm_dist.models.spec import DiffusersPriorSpec
 
     folder = _pipeline(root, size)
     spec = DiffusersPriorSpec.model_validate(latent_problem(folder, size)["prior"] | {"vae_subfolder": None})
@@ -100,7 +100,7 @@ def adapter_overhead(root: Path, size: str, batch: int, repeats: int) -> dict[st
 def split_memory(root: Path, size: str) -> list[dict[str, Any]]:
     """Each split actor's parameters (by part), resident size and peak after building its role."""
     from actors.coordinator import RayExecutor
-    from cdm_dist.campaign import load_config
+    from cdm_dist.driver.campaign import load_config
 
     problem = json.dumps(latent_problem(_pipeline(root, size), size))
     config = load_config(None, [f"problem={problem}", "resources.placement=split", "resources.num_cpus=0.5",
@@ -131,10 +131,10 @@ def guided_step(folder: str, size: str, checkpointing: bool, chains: int, device
     forward and backward) and the peak memory of the whole step."""
     import resource
 
-    from cdm_dist.campaign import load_config
-    from cdm_dist.execution import Checkpoint
-    from cdm_dist.preflight import probe_batch
-    from cdm_dist.worker import ChainWorker, torch_sync
+    from cdm_dist.driver.campaign import load_config
+    from cdm_dist.driver.execution import Checkpoint
+    from cdm_dist.driver.preflight import probe_batch
+    from cdm_dist.driver.worker import ChainWorker, torch_sync
 
     problem = json.dumps(latent_problem(Path(folder), size, checkpointing))
     config = load_config(None, [f"problem={problem}", f"chains.count={chains}", "method.n_guess=1",

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cdm_dist.processes import free_port
+from cdm_dist.driver.processes import free_port
 
 
 def missing() -> str | None:

@@ -17,10 +17,10 @@ import torch
 
 from benchmarks import postgres
 from benchmarks.report import markdown_table, write_report
-from cdm_dist.campaign import CampaignConfig, dump_config, load_config, with_values
-from cdm_dist.runner import run_campaign
-from cdm_dist.store import CampaignStore
-from cdm_dist.worker import LocalExecutor
+from cdm_dist.driver.campaign import CampaignConfig, dump_config, load_config, with_values
+from cdm_dist.driver.runner import run_campaign
+from cdm_dist.driver.store import CampaignStore
+from cdm_dist.driver.worker import LocalExecutor
 from tuning.study import PROCESS, RUN, Tuner, counted, died, median_finite
 
 EXAMPLES = Path(__file__).parents[1] / "examples"

@@ -1,5 +1,2 @@
-"""The `cdm` command line: composes the driver (cdm_dist), the Ray executors (actors), tuning and benchmarks."""
-
-from cdm_cli.main import build_parser, main
-
-__all__ = ["build_parser", "main"]
+"""The `cdm` command line (`cdm_cli.main`): composes the driver (cdm_dist), the Ray executors (actors), tuning and
+benchmarks. `python -m cdm_cli` runs it too."""

@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> int:
     """`cdm check`: resolve the spec as the campaign's workers will, take one guided step, report per role."""
-    from cdm_dist.campaign import load_config
-    from cdm_dist.preflight import check_campaign, format_check
-    from cdm_dist.runner import write_json
+    from cdm_dist.driver.campaign import load_config
+    from cdm_dist.driver.preflight import check_campaign, format_check
+    from cdm_dist.driver.runner import write_json
 
     config = load_config(args.config, args.overrides, args.executor)
     report = check_campaign(config, args.address)
@@ -103,13 +103,13 @@ def _check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """`cdm run`: validate everything, then launch (or resume) the campaign and print the top-k."""
-    from cdm_dist.campaign import TrackingConfig, check_config, check_resume, load_config
-    from cdm_dist.store import CampaignStore
+    from cdm_dist.driver.campaign import TrackingConfig, check_config, check_resume, load_config
+    from cdm_dist.driver.store import CampaignStore
 
     if args.resume:
         folder = Path(args.resume)
         if not folder.is_dir():
-            from cdm_dist.tracking import find_campaign
+            from cdm_dist.driver.tracking import find_campaign
 
             uri = args.tracking_uri or TrackingConfig().uri
             if args.config:
@@ -122,9 +122,9 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides, args.executor)
         store = None
     check_config(config)
-    from cdm_dist.launch import make_executor
-    from cdm_dist.report import format_topk
-    from cdm_dist.runner import run_campaign, write_json
+    from cdm_dist.driver.launch import make_executor
+    from cdm_dist.driver.report import format_topk
+    from cdm_dist.driver.runner import run_campaign, write_json
 
     executor = make_executor(config, args.address)  # workers build their models; bad input stops here
     try:
@@ -145,8 +145,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     """`cdm tune`: run (or finish) a study of `--trials` trials in all."""
-    from cdm_dist.campaign import load_config
-    from cdm_dist.runner import write_json
+    from cdm_dist.driver.campaign import load_config
+    from cdm_dist.driver.runner import write_json
 
     if args.trials < 1 or args.parallel < 1:
         raise InputError(f"--trials and --parallel: must be >= 1, got {args.trials} and {args.parallel}")
@@ -170,10 +170,10 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _topk(args: argparse.Namespace) -> int:
     """`cdm topk`: a table of the best chains; --export downloads x* and writes a contact sheet."""
-    from cdm_dist import preconditions
-    from cdm_dist.campaign import TrackingConfig
-    from cdm_dist.runner import write_json
-    from cdm_dist.selection import export, find_candidates, rows_json
+    from cdm_dist.driver import preconditions
+    from cdm_dist.driver.campaign import TrackingConfig
+    from cdm_dist.driver.runner import write_json
+    from cdm_dist.driver.selection import export, find_candidates, rows_json
 
     if args.k < 1:
         raise InputError(f"-k: must be >= 1, got {args.k}")
@@ -195,8 +195,8 @@ def _ui(args: argparse.Namespace) -> int:
 
     Each server runs in its own process group, stopped as a whole when `cdm ui` ends (Ctrl-C or SIGTERM), so no
     server outlives it."""
-    from cdm_dist.campaign import TrackingConfig
-    from cdm_dist.tracking import resolve_uri
+    from cdm_dist.driver.campaign import TrackingConfig
+    from cdm_dist.driver.tracking import resolve_uri
 
     uri = resolve_uri(args.tracking_uri or TrackingConfig().uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
@@ -215,7 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
     Optuna database, optuna-dashboard; on 127.0.0.1 unless --host says otherwise. Stopped together (Ctrl-C)."""
     import os
 
-    from cdm_dist import preconditions
+    from cdm_dist.driver import preconditions
 
     tracking = args.tracking_db or os.environ.get("CDM_TRACKING_DB")
     storage = args.optuna_storage or os.environ.get("CDM_OPTUNA_STORAGE")
@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _database_answers(flag: str, url: str) -> None:
     """Connect once: an unreachable or misspelled database is one line before anything starts."""
-    from cdm_dist import preconditions
+    from cdm_dist.driver import preconditions
 
     try:
         preconditions.database_tables(url)
@@ -269,7 +269,7 @@ def _run_servers(commands: dict[str, list[str]], ports: dict[int, str], host: st
     import subprocess
     import time
 
-    from cdm_dist.processes import stop_process_group
+    from cdm_dist.driver.processes import stop_process_group
 
     for port, flag in ports.items():
         with socket.socket() as probe:
@@ -332,12 +332,12 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     import shlex
     from dataclasses import replace
 
-    from cdm_dist.training import train, training_data
+    from cdm_dist.problems.training import train, training_data
 
     settings = None
     training_data(args.problem)  # an unknown problem fails before anything is built
     if args.mixed_precision:
-        from cdm_dist.training import settings_for
+        from cdm_dist.problems.training import settings_for
 
         settings = replace(settings_for(args.problem, args.role, args.kind), mixed_precision=args.mixed_precision)
     command = shlex.join(["cdm", *(sys.argv[1:] if argv is None else argv)])
@@ -350,7 +350,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """Every output path a command writes can be written, before the command starts anything."""
-    from cdm_dist import preconditions
+    from cdm_dist.driver import preconditions
 
     if getattr(args, "json", None):
         preconditions.writable_file(args.json, "--json")

@@ -1,13 +1,13 @@
 """cdm-dist: inverse design with distributional targets (conditional distribution matching, MLGD-F)."""
 
-from cdm_dist.config import LossConfig, MLGDConfig, ZetaConfig
+from cdm_dist.chains.config import LossConfig, MLGDConfig, ZetaConfig
+from cdm_dist.chains.mlgd import Chains, ChainState, GuidedChains, run_chains
+from cdm_dist.chains.priors import DiffusionPrior, GaussianMixturePrior
+from cdm_dist.chains.samplers import ConditionalSampler, MixtureDiffusionSampler, MixtureInverseCDFSampler
+from cdm_dist.chains.targets import Target
 from cdm_dist.errors import InputError
-from cdm_dist.mlgd import Chains, ChainState, GuidedChains, run_chains
-from cdm_dist.priors import DiffusionPrior, GaussianMixturePrior
-from cdm_dist.problems import gmm_problem
-from cdm_dist.samplers import ConditionalSampler, MixtureDiffusionSampler, MixtureInverseCDFSampler
-from cdm_dist.spec import CDMProblem
-from cdm_dist.targets import Target
+from cdm_dist.models.spec import CDMProblem
+from cdm_dist.problems.builtins import gmm_problem
 
 __all__ = [
     "CDMProblem",

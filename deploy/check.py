@@ -129,7 +129,7 @@ def check_entrypoint(entrypoint: str, where: str, root: Path, copied: set[str]) 
     """A RayJob entrypoint: `python -m deploy.entrypoint run|tune CONFIG ...`, accepted by cdm's parser, its config in
     the image and valid. Returns the argument list after the module."""
     from cdm_cli.main import build_parser
-    from cdm_dist.campaign import load_config
+    from cdm_dist.driver.campaign import load_config
     from cdm_dist.errors import InputError
 
     words = shlex.split(entrypoint)

@@ -11,7 +11,7 @@ def _deterministic_threads():
 
 @pytest.fixture(scope="session")
 def gmm2d():
-    from cdm_dist.problems import gmm_problem
+    from cdm_dist.problems.builtins import gmm_problem
 
     return gmm_problem("gmm2d", full_chain_steps=20)
 
@@ -33,7 +33,7 @@ def small_campaign(tmp_path):
 
 
 def _small_campaign(tmp_path, overrides):
-    from cdm_dist.campaign import load_config
+    from cdm_dist.driver.campaign import load_config
 
     overrides = {k.replace("__", "."): v for k, v in overrides.items()}
     items = {
@@ -61,7 +61,7 @@ def _small_campaign(tmp_path, overrides):
 @pytest.fixture
 def free_port():
     """A function returning a free TCP port on 127.0.0.1."""
-    from cdm_dist.processes import free_port
+    from cdm_dist.driver.processes import free_port
 
     return free_port
 
@@ -75,7 +75,7 @@ def http_service():
     import urllib.error
     import urllib.request
 
-    from cdm_dist.processes import free_port
+    from cdm_dist.driver.processes import free_port
 
     started = []
 
@@ -100,7 +100,7 @@ def http_service():
         pytest.fail(f"{command[:4]} did not answer on port {port}")
 
     yield start
-    from cdm_dist.processes import stop_process_group
+    from cdm_dist.driver.processes import stop_process_group
 
     for process in started:
         stop_process_group(process)
@@ -109,7 +109,7 @@ def http_service():
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """A function (problem) -> folder with prior/ and sampler/ trained for a few steps on tiny networks (cached)."""
-    from cdm_dist.training import train
+    from cdm_dist.problems.training import train
 
     root = tmp_path_factory.mktemp("checkpoints")
     made = {}
@@ -142,7 +142,7 @@ PLUGIN_SOURCE = '''
 import os
 from pathlib import Path
 
-from cdm_dist.problems import gmm_fast_sampler, gmm_metrics, gmm_prior, gmm_problem, gmm_target
+from cdm_dist.problems.builtins import gmm_fast_sampler, gmm_metrics, gmm_prior, gmm_problem, gmm_target
 
 LOG = Path({log!r})
 

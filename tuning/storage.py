@@ -22,7 +22,7 @@ from typing import Any
 
 import optuna
 
-from cdm_dist.campaign import TuneConfig
+from cdm_dist.driver.campaign import TuneConfig
 from cdm_dist.errors import InputError, first_line
 
 HEARTBEAT_SECONDS = 30  # defaults for database storages

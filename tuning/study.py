@@ -30,14 +30,14 @@ from typing import Any
 import optuna
 import torch
 
-from cdm_dist.callbacks import CampaignCallback, CampaignStopped, Progress
-from cdm_dist.campaign import CampaignConfig, MicroBatch, ParamSpec, check_config, micro_batches, with_values
+from cdm_dist.driver.callbacks import CampaignCallback, CampaignStopped, Progress
+from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, ParamSpec, check_config, micro_batches, with_values
+from cdm_dist.driver.execution import Chunk, Executor
+from cdm_dist.driver.launch import make_executor
+from cdm_dist.driver.report import CampaignReport
+from cdm_dist.driver.runner import run_campaign
+from cdm_dist.driver.store import CampaignStore
 from cdm_dist.errors import InputError
-from cdm_dist.execution import Chunk, Executor
-from cdm_dist.launch import make_executor
-from cdm_dist.report import CampaignReport
-from cdm_dist.runner import run_campaign
-from cdm_dist.store import CampaignStore
 from tuning.storage import Heartbeats, exclusive_journal, fail_dead_trials, open_storage, retry_once, uses_heartbeats
 
 OUTCOME = "cdm.outcome"  # user attribute set as a trial is told: complete, pruned, failed, duplicate or surplus
@@ -256,7 +256,7 @@ class Tuner:
         create it at once, both keep the earliest and the other is deleted."""
         if not self.config.tracking.enabled:
             return
-        from cdm_dist.tracking import client_for, experiment_id
+        from cdm_dist.driver.tracking import client_for, experiment_id
 
         client = self.tracker_client = client_for(self.config.tracking.uri)
         experiment = experiment_id(client, self.config.tracking)
@@ -558,7 +558,7 @@ def died(trial: optuna.trial.FrozenTrial) -> bool:
 
 def kill_campaign_runs(folder: Path, uri: str) -> None:
     """Close a dead trial's campaign runs (parent and unfinished chains) as KILLED, from the ids in its folder."""
-    from cdm_dist.tracking import client_for
+    from cdm_dist.driver.tracking import client_for
 
     state = CampaignStore(folder).load_tracking()
     client = client_for(uri)

@@ -20,12 +20,12 @@ import diffusers
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from cdm_dist.chains.priors import DiffusionPrior
+from cdm_dist.chains.samplers import ConditionalSampler
 from cdm_dist.errors import InputError
-from cdm_dist.factories import load_object
+from cdm_dist.models.factories import load_object
 from cdm_dist.models.manifest import verify_manifest
-from cdm_dist.priors import DiffusionPrior
-from cdm_dist.samplers import ConditionalSampler
-from cdm_dist.spec import DiffusersPriorSpec, VaeDecoderSpec, read_json
+from cdm_dist.models.spec import DiffusersPriorSpec, VaeDecoderSpec, read_json
 
 WEIGHT_DTYPES = {
     "float32": torch.float32,

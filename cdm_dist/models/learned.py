@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from cdm_dist.chains.samplers import ConditionalSampler
 from cdm_dist.errors import InputError
 from cdm_dist.models.adapters import DiffusersPrior, check_dtype_runs, load_diffusers_prior, load_model
 from cdm_dist.models.manifest import read_manifest
 from cdm_dist.models.networks import ConditionalVelocityModel
-from cdm_dist.samplers import ConditionalSampler
-from cdm_dist.spec import DiffusersPriorSpec
+from cdm_dist.models.spec import DiffusersPriorSpec
 
 
 def noise_prediction(model: torch.nn.Module, x_t: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cdm_dist.errors import InputError
-from cdm_dist.spec import read_json
+from cdm_dist.models.spec import read_json
 
 
 def sha256(path: Path) -> str:

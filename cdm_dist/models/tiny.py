@@ -21,9 +21,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import save_file
 from torch import nn
 
-from cdm_dist.priors import DiffusionPrior
-from cdm_dist.samplers import ConditionalSampler
-from cdm_dist.targets import Target
+from cdm_dist.chains.priors import DiffusionPrior
+from cdm_dist.chains.samplers import ConditionalSampler
+from cdm_dist.chains.targets import Target
 
 TEXT_WIDTH = 16  # the UNet's cross_attention_dim
 TEXT_TOKENS = 5
@@ -219,7 +219,7 @@ class BusyGaussianPrior(DiffusionPrior):
     prior of known cost for measuring pipelines."""
 
     def __init__(self, dim: int = 16, milliseconds: float = 10.0) -> None:
-        from cdm_dist.diffusion import make_scheduler
+        from cdm_dist.chains.diffusion import make_scheduler
 
         super().__init__(make_scheduler(num_train_timesteps=1000, beta_schedule="linear"), (dim,))
         self.milliseconds = milliseconds

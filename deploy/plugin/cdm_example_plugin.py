@@ -1,7 +1,7 @@
 """A stand-in for a user's problem package: not installed in the image, it reaches every actor only through the
 study's `resources.runtime_env.working_dir` (deploy/study.yaml). Replace it with your own models."""
 
-from cdm_dist.problems import gmm_fast_sampler, gmm_metrics, gmm_prior, gmm_target
+from cdm_dist.problems.builtins import gmm_fast_sampler, gmm_metrics, gmm_prior, gmm_target
 
 
 def prior(name: str = "gmm5d"):

@@ -7,10 +7,10 @@ import ray
 import torch
 
 from actors.coordinator import RayExecutor
-from cdm_dist.callbacks import CampaignCallback
-from cdm_dist.runner import run_campaign
-from cdm_dist.store import CampaignStore
-from cdm_dist.worker import LocalExecutor
+from cdm_dist.driver.callbacks import CampaignCallback
+from cdm_dist.driver.runner import run_campaign
+from cdm_dist.driver.store import CampaignStore
+from cdm_dist.driver.worker import LocalExecutor
 
 
 class OnChunk(CampaignCallback):
@@ -45,7 +45,7 @@ def _assert_same_chains(report, reference, atol=1e-5):
 
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
-    from cdm_dist.campaign import load_config
+    from cdm_dist.driver.campaign import load_config
 
     root = tmp_path_factory.mktemp("reference")
     config = load_config(None, [f"output={root}", "resources.executor=local", *_SMALL])
@@ -180,7 +180,7 @@ def test_a_micro_batch_that_keeps_failing_on_a_live_actor_fails_only_its_chains(
 ):
     """Micro-batch 2's plans raise inside a live actor (a corrupt checkpoint): it uses its retries, then fails."""
     from actors.lanes import LanePool
-    from cdm_dist.execution import Checkpoint
+    from cdm_dist.driver.execution import Checkpoint
 
     config = small_campaign(resources__placement="split", resources__max_retries=1)
     plan = LanePool._plan

@@ -11,11 +11,11 @@ import pytest
 from ray.runtime_env import RuntimeEnv
 
 from actors.coordinator import RayExecutor
-from cdm_dist.campaign import RAY_RUNTIME_ENV_KEYS, check_config, load_config
+from cdm_dist.driver.campaign import RAY_RUNTIME_ENV_KEYS, check_config, load_config
+from cdm_dist.driver.runner import run_campaign
+from cdm_dist.driver.store import CampaignStore
+from cdm_dist.driver.worker import LocalExecutor
 from cdm_dist.errors import InputError
-from cdm_dist.runner import run_campaign
-from cdm_dist.store import CampaignStore
-from cdm_dist.worker import LocalExecutor
 
 SMALL = [
     "method.num_steps=8",
@@ -90,10 +90,10 @@ import json, sys
 import ray
 from ray.cluster_utils import Cluster
 from actors.coordinator import RayExecutor
-from cdm_dist.campaign import check_config, load_config
+from cdm_dist.driver.campaign import check_config, load_config
 from cdm_dist.errors import InputError
-from cdm_dist.runner import run_campaign
-from cdm_dist.store import CampaignStore
+from cdm_dist.driver.runner import run_campaign
+from cdm_dist.driver.store import CampaignStore
 
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
 cluster.add_node(num_cpus=2)

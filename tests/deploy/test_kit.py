@@ -144,7 +144,7 @@ def test_the_rayjob_entrypoint_runs_a_study_on_a_local_ray(ray_cluster, postgres
     trials = int(words[words.index("--trials") + 1])
     study = optuna.load_study(study_name="cluster-study", storage=storage)
     assert len([t for t in study.get_trials() if counted(t)]) == trials  # complete or pruned
-    from cdm_dist.tracking import client_for
+    from cdm_dist.driver.tracking import client_for
 
     client = client_for(env["CDM_TRACKING_URI"])
     experiment = client.get_experiment_by_name("cluster-study").experiment_id

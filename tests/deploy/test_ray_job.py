@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cdm_dist.tracking import client_for
+from cdm_dist.driver.tracking import client_for
 
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 

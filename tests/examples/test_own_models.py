@@ -74,8 +74,8 @@ def test_the_package_registers_its_problem_name(example, monkeypatch):
     assert entry == {"projectile": f"{PACKAGE}.problem:projectile"}
     monkeypatch.syspath_prepend(str(example))
     monkeypatch.chdir(example)
-    from cdm_dist.factories import load_object
-    from cdm_dist.spec import ProblemConfig
+    from cdm_dist.models.factories import load_object
+    from cdm_dist.models.spec import ProblemConfig
 
     parts = ProblemConfig.model_validate(load_object(entry["projectile"], "entry point")())
     assert parts.kind == "parts" and Path(parts.target.file) == example / "models" / "target.npy"

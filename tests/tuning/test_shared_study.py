@@ -12,9 +12,9 @@ from collections import Counter
 import optuna
 import pytest
 
-from cdm_dist.campaign import dump_config, load_config
+from cdm_dist.driver.campaign import dump_config, load_config
+from cdm_dist.driver.tracking import client_for
 from cdm_dist.errors import InputError
-from cdm_dist.tracking import client_for
 from tuning.storage import exclusive_journal
 from tuning.study import CAMPAIGN_DIR, OUTCOME, PROCESS, Tuner, counted, died
 
@@ -123,7 +123,7 @@ def test_a_journal_file_takes_one_process_at_a_time(small_campaign, tmp_path):
     with exclusive_journal(tuner.storage_label, tuner.storage):
         probe = f"""
 import sys
-from cdm_dist.campaign import load_config
+from cdm_dist.driver.campaign import load_config
 from cdm_dist.errors import InputError
 from tuning.study import Tuner
 config = load_config(None, [{SPACE!r}, "output={tmp_path / "out"}", "tracking.enabled=false"])

@@ -11,9 +11,9 @@ import optuna
 import pytest
 import torch
 
-from cdm_dist.campaign import load_config, with_values
+from cdm_dist.driver.campaign import load_config, with_values
+from cdm_dist.driver.tracking import client_for
 from cdm_dist.errors import InputError
-from cdm_dist.tracking import client_for
 from tuning.study import MilestoneReporter, Tuner, aggregate, counted, died, suggest
 
 SPACE = (
@@ -74,9 +74,9 @@ class _Trial:
 
 
 def test_milestones_are_reported_once_every_micro_batch_passed_them(small_campaign):
-    from cdm_dist.callbacks import CampaignStopped
-    from cdm_dist.campaign import micro_batches
-    from cdm_dist.execution import Checkpoint, Chunk
+    from cdm_dist.driver.callbacks import CampaignStopped
+    from cdm_dist.driver.campaign import micro_batches
+    from cdm_dist.driver.execution import Checkpoint, Chunk
 
     config = small_campaign()  # 12 steps: milestones at 3, 6, 9; 3 micro-batches of 2 chains
     trial = _Trial(prune_at=6)
@@ -146,7 +146,7 @@ def test_a_study_tracks_trials_under_its_run_and_finishes_n_trials_after_a_crash
 
 def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path):
     from cdm_cli.main import main
-    from cdm_dist.selection import find_candidates
+    from cdm_dist.driver.selection import find_candidates
 
     config = study_config(chains__count=4)
     Tuner(config).run(trials=2, parallel=1)
@@ -214,9 +214,9 @@ def test_multi_objective_study_on_rdb_storage_reports_a_pareto_front(study_confi
 
 def test_parallel_trials_share_one_ray_actor_pool_and_match_in_process_runs(ray_cluster, study_config, monkeypatch):
     import tuning.study as study_module
-    from cdm_dist.runner import run_campaign
-    from cdm_dist.store import CampaignStore
-    from cdm_dist.worker import LocalExecutor
+    from cdm_dist.driver.runner import run_campaign
+    from cdm_dist.driver.store import CampaignStore
+    from cdm_dist.driver.worker import LocalExecutor
 
     made = []
     real = study_module.make_executor
@@ -282,10 +282,10 @@ def test_every_trial_is_scored_on_the_same_heldout_sample_size(study_config):
 
 
 def test_the_auto_prior_fit_limit_is_the_unguided_chains_quantile_and_survives_a_restart(study_config):
-    from cdm_dist.config import ZetaConfig
-    from cdm_dist.methods import run_method
-    from cdm_dist.mlgd import Chains
-    from cdm_dist.registry import resolve_problem
+    from cdm_dist.chains.config import ZetaConfig
+    from cdm_dist.chains.mlgd import Chains
+    from cdm_dist.driver.methods import run_method
+    from cdm_dist.problems.registry import resolve_problem
     from tuning.study import PRIOR_FIT_LIMIT, UNGUIDED_CHAINS, UNGUIDED_SEED
 
     config = study_config(chains__count=2)
@@ -325,7 +325,7 @@ def test_trials_over_the_prior_fit_limit_cannot_be_best(study_config):
 
 
 def test_a_study_tunes_a_users_parts_spec(study_config, user_plugin, monkeypatch):
-    from cdm_dist.spec import ProblemConfig
+    from cdm_dist.models.spec import ProblemConfig
 
     monkeypatch.syspath_prepend(str(user_plugin.folder))
     parts = {p: {"factory": f"{user_plugin.module}:{p}"} for p in ("prior", "sampler", "target", "metrics")}
@@ -372,7 +372,7 @@ def test_a_killed_study_process_leaves_no_running_runs(study_config, tmp_path):
     import signal
     import subprocess
 
-    from cdm_dist.campaign import dump_config
+    from cdm_dist.driver.campaign import dump_config
 
     config = study_config(chains__count=4, method__num_steps=40)
     path = tmp_path / "study.yaml"

@@ -10,10 +10,10 @@ import urllib.request
 
 import pytest
 
-from cdm_dist.runner import run_campaign
-from cdm_dist.store import CampaignStore
-from cdm_dist.tracking import client_for
-from cdm_dist.worker import LocalExecutor
+from cdm_dist.driver.runner import run_campaign
+from cdm_dist.driver.store import CampaignStore
+from cdm_dist.driver.tracking import client_for
+from cdm_dist.driver.worker import LocalExecutor
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="needs a Chromium binary (apt-get install chromium)")

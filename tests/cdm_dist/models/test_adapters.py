@@ -10,13 +10,13 @@ from safetensors.torch import save_file
 
 from cdm_dist.errors import InputError
 from cdm_dist.models.adapters import DecodedSampler, load_diffusers_prior, load_latent_decoder
+from cdm_dist.models.spec import DiffusersPriorSpec
 from cdm_dist.models.tiny import (
     GaussianNoiseModel,
     ImageFeatureSampler,
     save_tiny_latent_pipeline,
     tiny_scheduler,
 )
-from cdm_dist.spec import DiffusersPriorSpec
 
 MEAN, STD = 0.5, 0.7
 
@@ -241,8 +241,8 @@ def test_a_dtype_the_device_cannot_run_is_named(pipeline, monkeypatch):
 def test_a_latent_prior_fills_the_decoder_part_with_its_vae(pipeline):
     """No decoder given: the prior's VAE is the decoder part, and the spec is written out without it."""
     from cdm_dist.models.adapters import LatentDecoder
-    from cdm_dist.registry import resolve_problem
-    from cdm_dist.spec import ProblemConfig, VaeDecoderSpec
+    from cdm_dist.models.spec import ProblemConfig, VaeDecoderSpec
+    from cdm_dist.problems.registry import resolve_problem
 
     parts = {
         "prior": _latent_spec(pipeline, vae_dtype="float64", decoder_checkpointing=False).model_dump(),

@@ -4,14 +4,14 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from cdm_dist.diffusion import make_scheduler
+from cdm_dist.chains.diffusion import make_scheduler
+from cdm_dist.chains.mixtures import GaussianMixture
+from cdm_dist.chains.priors import GaussianMixturePrior
 from cdm_dist.errors import InputError
-from cdm_dist.mixtures import GaussianMixture
 from cdm_dist.models.adapters import DiffusersPrior
 from cdm_dist.models.learned import FlowSampler, euler_flow, load_prior, load_sampler
 from cdm_dist.models.manifest import sha256
 from cdm_dist.models.networks import ConditionalVelocityModel, MLPNoiseModel
-from cdm_dist.priors import GaussianMixturePrior
 
 
 def _manifest(folder, role):

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from cdm_dist.diffusion import tweedie_x0
+from cdm_dist.chains.diffusion import tweedie_x0
+from cdm_dist.chains.priors import GaussianMixturePrior
 from cdm_dist.models.learned import load_prior, load_sampler
-from cdm_dist.priors import GaussianMixturePrior
-from cdm_dist.problems import SHIPPED_CHECKPOINTS, gmm_problem
-from cdm_dist.training import digits_sampler_quality, gmm_sampler_quality, prior_quality, sha256, training_data
+from cdm_dist.problems.builtins import SHIPPED_CHECKPOINTS, gmm_problem
+from cdm_dist.problems.training import digits_sampler_quality, gmm_sampler_quality, prior_quality, sha256, training_data
 
 PROBLEMS = ["gmm2d", "gmm5d", "gmm10d", "digits"]
 # Bounds sit about 1.5x above what the shipped models measure (their manifests); the mixtures' Y spreads over
@@ -106,7 +106,7 @@ def test_the_digits_prior_predicts_v_so_its_x0_is_sane_at_high_noise():
     """v-prediction: Tweedie's x̂0 on held-out digits noised to t = 999, where x_t says almost nothing, is about
     the mean image (error ≈ the pixels' spread around it); the ε-prior it replaced was 7.7x that, dividing its
     ε error by sqrt(ᾱ) = 0.006."""
-    from cdm_dist.training import x0_errors
+    from cdm_dist.problems.training import x0_errors
 
     prior = load_prior(SHIPPED_CHECKPOINTS / "digits" / "prior")
     assert prior.prediction_type == "v_prediction"

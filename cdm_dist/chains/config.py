@@ -1,0 +1,101 @@
+"""Typed, validated configs for the chain loop; bad values fail up front with the field named."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cdm_dist.chains.losses import UNION_TAG, LossConfig, MMDLoss  # LossConfig: the union of the losses' configs
+from cdm_dist.errors import InputError
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class StrictModel(BaseModel):
+    """Frozen, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ZetaConfig(StrictModel):
+    """A chain's guidance step sizes zeta_t over the reverse steps."""
+
+    kind: Literal["constant", "linear", "cosine", "power", "inv_sqrt_alpha", "rt", "cdms"] = "constant"
+    scale: NonNegative = 1.0  # zeta at the first guided step
+    final: NonNegative = 1.0  # ratio zeta_end / zeta_start (linear, cosine, power)
+    power: Positive = 1.0  # exponent of the power schedule
+    beta: NonNegative | None = None  # CDMS inverse temperature (kind 'cdms')
+    normalize: bool = False  # use grad / ||grad||: zeta is then a step length
+    trust_radius: Positive | None = None  # clip ||zeta grad|| to trust_radius * sqrt(1 - ᾱ_t)
+
+    @model_validator(mode="after")
+    def _beta_for_cdms(self) -> ZetaConfig:
+        if self.kind == "cdms" and self.beta is None:
+            raise ValueError("kind 'cdms' needs beta (the CDMS inverse temperature)")
+        if self.kind == "cdms" and self.normalize:
+            raise ValueError("kind 'cdms' fixes the step from beta; normalize must be false")
+        return self
+
+
+class MLGDConfig(StrictModel):
+    """MLGD / MLGD-F hyper-parameters shared by every chain of a batch (MLGD-F Alg. 1 + 2)."""
+
+    num_steps: Annotated[int, Field(ge=1)] = 100  # reverse diffusion steps over x
+    eta: Fraction = 0.0  # 0 = DDIM, 1 = DDPM
+    n_c: Annotated[int, Field(ge=1)] = 250  # conditional samples per guess
+    n_guess: Annotated[int, Field(ge=1)] = 3  # loss-guided-diffusion guesses x̂0 + r_t noise
+    guess_radius: Literal["step_beta", "posterior"] = "step_beta"  # r_t = beta_t/sqrt(1+beta_t^2) (MLGD-F code)
+    # or r_t = guess_scale sqrt(1 - ᾱ_t), LGD's posterior-std radius for data of std guess_scale
+    guess_scale: Positive = 1.0
+    target_batch: Annotated[int, Field(ge=2)] = 250  # target samples seen per guess and step
+    loss: LossConfig = MMDLoss()  # the matching loss D(P(Y|X=x), G): one of cdm_dist.chains.losses.LOSSES by name
+    grad: Literal["full", "identity"] = "full"  # through Tweedie and the prior, or d x̂0/d x_t = I
+    guidance_start: Fraction = 0.0  # fraction of the steps before guidance starts
+    guidance_stop: Fraction = 1.0  # fraction of the steps after which guidance stops
+    common_random_numbers: bool = False  # the same eta and guesses' noise at every step
+    init: Literal["noise", "zero"] = "noise"  # x_T ~ N(0, I), or 0 as the MLGD-F code
+    refine_steps: Annotated[int, Field(ge=0)] = 0  # CDMO: Adam steps on L(x0) after the chain
+    refine_lr: Positive = 0.02
+    eval_samples: Annotated[int, Field(ge=2)] | None = None  # held-out samples; default 4 n_c
+    eval_seed: int = 20260517  # seed of the held-out target draw shared by all chains
+    dtype: Literal["float64", "float32"] = "float64"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MLGDConfig:
+        if self.guidance_start >= self.guidance_stop:
+            raise ValueError(
+                f"guidance_start ({self.guidance_start}) must be below guidance_stop ({self.guidance_stop})"
+            )
+        if self.n_c < self.loss.min_samples:
+            raise ValueError(f"n_c = {self.n_c}: the {self.loss.name} loss needs n_c >= {self.loss.min_samples}")
+        return self
+
+    @property
+    def heldout_samples(self) -> int:
+        return self.eval_samples or 4 * self.n_c
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def is_field(part: str | int) -> bool:
+    """Whether a part of a pydantic error location is a field name or list index, not a union member's label
+    (e.g. "~diffusers", "literal['auto','off']", "constrained-float")."""
+    return isinstance(part, int) or (
+        not part.startswith(UNION_TAG) and part.isidentifier() and part not in ("float", "int", "str", "bool")
+    )
+
+
+def parse(model: type[M], data: Any, source: str = "config") -> M:
+    """Validate data into a config, turning the first error into one InputError naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"] if is_field(p)) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise InputError(f"{source}: {field}: {error['msg']}{more}") from None

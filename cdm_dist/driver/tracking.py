@@ -1,0 +1,322 @@
+"""MLflow tracking of a campaign, as a campaign callback: one parent run, one child run per chain; the driver is the
+only writer and writes in batches (one log_batch per chain when its micro-batch finishes). mlflow is imported
+lazily."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cdm_dist.driver.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, ChainFiles, Progress
+from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, TrackingConfig
+from cdm_dist.driver.execution import Chunk, MicroBatchResult, SystemMetricsSource
+from cdm_dist.driver.store import CampaignStore
+from cdm_dist.errors import InputError
+
+if TYPE_CHECKING:
+    from cdm_dist.driver.report import CampaignReport
+
+MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # per log_batch request (MLflow REST limits)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'a.b': 'value'} for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a relative sqlite:/// path absolute and create its folder, so runs land where the user expects."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri.removeprefix("sqlite:///")).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+_READY: set[str] = set()  # SQLite stores this process has opened (their tables exist)
+
+
+def client_for(uri: str) -> Any:
+    """An MlflowClient on the store at uri (relative SQLite paths resolved). A SQLite store is first opened under a
+    file lock: processes that meet a new file at once would otherwise race to create (or migrate) its tables."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri)  # opens the store: makes or migrates its tables
+    _READY.add(uri)
+    return client
+
+
+class MLflowTracker(CampaignCallback):
+    """The campaign callback that tracks it in MLflow: a parent run, one child run per chain.
+
+    Writing is idempotent, so the store and MLflow agree after a crash at any point: run ids are saved as they are
+    made, a resumed campaign adopts the runs it already has, a finished chain's run is never written again, and a
+    run that was half-written gets only the (metric, step) points it lacks."""
+
+    def __init__(self, config: CampaignConfig, store: CampaignStore, parent_tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        self._metric, self._param, self._tag = Metric, Param, RunTag
+        self.config, self.store, self.parent_tags = config, store, parent_tags or {}
+        self.client = client_for(config.tracking.uri)
+        self.experiment_id = experiment_id(self.client, config.tracking)
+        self.parent_id: str | None = None
+        self.child_ids: dict[int, str] = {}
+        self.resumed = False  # runs made by an earlier driver may hold part of what we write
+        self._done: set[str] | None = None  # child runs already terminal (read once on resume)
+        self._have: dict[tuple[str, str], set[int]] = {}  # (run, key) -> steps written (by any driver)
+        self._buffer: dict[int, dict[int, float]] = {}  # chain -> step -> loss, not written yet
+        self._flushed = time.monotonic()
+
+    def _save_ids(self) -> None:
+        self.store.save_tracking(
+            {"parent_run_id": self.parent_id, "child_run_ids": {str(k): v for k, v in self.child_ids.items()}}
+        )
+
+    # -- the callback -------------------------------------------------------------------------------------
+    def on_start(self, info: CampaignInfo, progress: Progress) -> None:
+        """Create (or, for a resumed campaign, reopen) the parent and one child per chain; their ids go in the
+        campaign folder as they are made."""
+        state = self.store.load_tracking()
+        if state.get("parent_run_id"):
+            self.parent_id, self.resumed = state["parent_run_id"], True
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=info.output_dir.name,
+                tags={"cdm.kind": "campaign", "cdm.output_dir": str(info.output_dir.resolve())} | self.parent_tags,
+            )
+            self.parent_id = run.info.run_id
+            self._save_ids()
+            self._batch(self.parent_id, params=flatten(self.config.model_dump(mode="json")))
+            self.client.log_artifact(self.parent_id, str(self.store.config_path))
+        self.child_ids = {int(k): v for k, v in state.get("child_run_ids", {}).items()}
+        if self.resumed and len(self.child_ids) < len(info.chains):  # died while making them: adopt, not repeat
+            self.child_ids |= {int(r.data.tags["cdm.chain"]): r.info.run_id for r in self._children()}
+        for chain in info.chains:
+            if chain.chain not in self.child_ids:
+                run = self.client.create_run(
+                    self.experiment_id,
+                    run_name=f"chain-{chain.chain:05d}",
+                    tags={
+                        "mlflow.parentRunId": self.parent_id,
+                        "cdm.kind": "chain",
+                        "cdm.campaign": self.parent_id,
+                        "cdm.chain": str(chain.chain),
+                        "cdm.seed": str(chain.seed),
+                        "cdm.zeta": chain.zeta,
+                        "status": "running",
+                    },
+                )
+                self.child_ids[chain.chain] = run.info.run_id
+        self._save_ids()
+
+    def _children(self) -> list[Any]:
+        """The parent's child runs in MLflow (every page)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'", max_results=1000,
+                page_token=token,
+            )  # fmt: skip
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def on_chunk(self, batch: MicroBatch, chunk: Chunk, progress: Progress) -> None:
+        """Buffer the chunk's guidance losses per chain; write the buffer every tracking.flush_seconds (live
+        curves in the UI while the campaign runs)."""
+        every = self.config.tracking.log_every
+        for row, chain in enumerate(batch.chain_ids):
+            points = self._buffer.setdefault(chain, {})
+            for k, value in enumerate(chunk.losses[row].tolist()):
+                step = chunk.first_step + k
+                if step % every == 0 and math.isfinite(value):
+                    points[step] = value  # a step redone after a roll-back has the same value: kept once
+        if time.monotonic() - self._flushed >= self.config.tracking.flush_seconds:
+            self._flush(progress)
+
+    def _flush(self, progress: Progress | None) -> None:
+        for chain, points in self._buffer.items():
+            if points:
+                run_id = self.child_ids[chain]
+                self._batch(run_id, self._missing(run_id, [("loss", v, s) for s, v in sorted(points.items())]))
+                points.clear()
+        if progress is not None:
+            steps = progress.chain_steps_done
+            self._batch(self.parent_id, self._missing(self.parent_id, [("chain_steps_done", steps, steps)]))
+        self._flushed = time.monotonic()
+
+    def on_restored(
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles
+    ) -> None:
+        """A micro-batch an earlier driver finished: repair its chains' runs if that driver died while writing."""
+        self._log_chains(batch, result, history, files)
+
+    def on_result(
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles, progress: Progress
+    ) -> None:
+        """The finished micro-batch's chains (_log_chains); then the campaign's progress on the parent."""
+        self._log_chains(batch, result, history, files)
+        done = progress.chains_done
+        metrics = [("chains_done", done, done), ("best_final_loss", progress.best_loss, done)]
+        self._batch(self.parent_id, self._missing(self.parent_id, metrics))
+
+    def _log_chains(
+        self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles
+    ) -> None:
+        """Each chain of a finished micro-batch: params, loss per step, final metrics, files, status (skipped where
+        already written)."""
+        method = self.config.method.model_dump(mode="json")
+        every = self.config.tracking.log_every
+        for row, chain in enumerate(batch.chain_ids):
+            run_id = self.child_ids[chain]
+            if self._is_done(run_id):
+                continue
+            failed = bool(result.failed[row])
+            params = {"chain": str(chain), "seed": str(batch.chains.seeds[row])}
+            params |= flatten(batch.chains.zetas[row].model_dump(mode="json"), "zeta.")
+            params |= flatten(method, "method.")
+            losses = history[row].tolist()
+            metrics = [("loss", v, s) for s, v in enumerate(losses) if s % every == 0 or s == len(losses) - 1]
+            self._buffer.pop(chain, None)
+            if not failed:
+                metrics.append(("final_loss", result.final_loss[row].item(), len(losses)))
+                metrics += [(k, v[row].item(), len(losses)) for k, v in result.metrics.items()]
+            self._batch(run_id, self._missing(run_id, metrics), params, {"status": "failed" if failed else "ok"})
+            for path in files[row]:
+                self.client.log_artifact(run_id, str(path))
+            self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def _is_done(self, run_id: str) -> bool:
+        """Whether an earlier driver finished writing this run (only asked on resume; read once)."""
+        if not self.resumed:
+            return False
+        if self._done is None:
+            self._done = {r.info.run_id for r in self._children() if r.info.status in ("FINISHED", "FAILED")}
+        return run_id in self._done
+
+    def _missing(self, run_id: str, metrics: Sequence[tuple[str, float, int]]) -> list[tuple[str, float, int]]:
+        """The points no driver has written yet (read from MLflow once per run and key on resume), now counted as
+        written: a step redone after a roll-back, a live point written again at the end, or a point an earlier
+        driver wrote is never written twice."""
+        missing = []
+        for key, value, step in metrics:
+            have = self._have.get((run_id, key))
+            if have is None:
+                have = {m.step for m in self.client.get_metric_history(run_id, key)} if self.resumed else set()
+                self._have[(run_id, key)] = have
+            if step not in have and math.isfinite(value):
+                have.add(step)
+                missing.append((key, value, step))
+        return missing
+
+    def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:
+        """Summary metrics and FINISHED; or FAILED (`--resume` can finish it), KILLED when a callback stopped it."""
+        if self.parent_id is None:
+            return
+        if report is None:
+            self.client.set_terminated(self.parent_id, "KILLED" if isinstance(error, CampaignStopped) else "FAILED")
+            return
+        self._flush(None)
+        summary = [(k, v, 0) for k, v in report.summary().items()]
+        self._batch(self.parent_id, self._missing(self.parent_id, summary))
+        self.client.set_terminated(self.parent_id, "FINISHED")
+        report.campaign_run_id = self.parent_id
+        for row in report.rows:
+            row.run_id = self.child_ids.get(row.chain)
+
+    def tag_parent(self, tags: dict[str, str]) -> None:
+        """Set tags on the campaign's (parent) run."""
+        self._batch(self.parent_id, tags=tags)
+
+    def _batch(
+        self,
+        run_id: str,
+        metrics: Sequence[tuple[str, float, int]] = (),
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """log_batch in pieces under MLflow's per-request limits."""
+        now = int(time.time() * 1000)
+        metric_list = [self._metric(k, float(v), now, s) for k, v, s in metrics if math.isfinite(v)]
+        param_list = [self._param(k, v[:6000]) for k, v in (params or {}).items()]
+        tag_list = [self._tag(k, v) for k, v in (tags or {}).items()]
+        while metric_list or param_list or tag_list:
+            self.client.log_batch(
+                run_id,
+                metrics=metric_list[:MAX_METRICS],
+                params=param_list[:MAX_PARAMS],
+                tags=tag_list[:MAX_TAGS],
+            )
+            metric_list, param_list, tag_list = (
+                metric_list[MAX_METRICS:],
+                param_list[MAX_PARAMS:],
+                tag_list[MAX_TAGS:],
+            )
+
+
+class SystemMetrics(CampaignCallback):
+    """Per-node system metrics on the campaign's run while it runs: the executor starts MLflow's monitor on every
+    node (tagged by node id; the run's cdm.node.<id> tags give each node's address) and stops them at the end."""
+
+    def __init__(self, tracker: MLflowTracker, executor: SystemMetricsSource) -> None:
+        self.tracker, self.executor = tracker, executor
+
+    def on_start(self, info: CampaignInfo, progress: Progress) -> None:
+        tracking = self.tracker.config.tracking
+        seconds = tracking.system_metrics_seconds
+        nodes = self.executor.start_system_metrics(self.tracker.parent_id, tracking.uri, seconds)
+        self.tracker.tag_parent({f"cdm.node.{k}": v for k, v in nodes.items()})
+
+    def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:
+        self.executor.stop_system_metrics()
+
+
+def experiment_id(client: Any, tracking: TrackingConfig) -> str:
+    """The experiment's id, created (with the configured artifact location for local stores) when missing."""
+    name = tracking.experiment
+    try:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        if tracking.uri.startswith(("http://", "https://")):  # the server stores artifacts
+            return client.create_experiment(name)
+        location = Path(tracking.artifact_location).resolve().as_uri()
+        return client.create_experiment(name, artifact_location=location)
+    except Exception as exc:  # a bad URI or an unreachable server
+        raise InputError(f"tracking.uri: cannot use MLflow store {tracking.uri!r} ({exc})") from None
+
+
+def find_campaign(run_id: str, uri: str) -> Path:
+    """The output folder of the campaign whose parent run is run_id."""
+    client = client_for(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise InputError(f"--resume: no run {run_id!r} in MLflow store {uri!r}") from None
+    folder = run.data.tags.get("cdm.output_dir")
+    if run.data.tags.get("cdm.kind") != "campaign" or not folder:
+        raise InputError(f"--resume: run {run_id} is not a campaign's parent run")
+    return Path(folder)

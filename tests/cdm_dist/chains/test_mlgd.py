@@ -1,0 +1,169 @@
+import math
+
+import pytest
+import torch
+
+from cdm_dist.chains.config import MLGDConfig, ZetaConfig
+from cdm_dist.chains.diffusion import ddim_sample
+from cdm_dist.chains.losses import MMDLoss
+from cdm_dist.chains.mlgd import (
+    Chains,
+    ChainState,
+    GradRequest,
+    GuidedChains,
+    begin_step,
+    finish_step,
+    guided_step,
+    run_chains,
+)
+from cdm_dist.chains.targets import Target
+from cdm_dist.errors import InputError
+
+SMALL = MLGDConfig(num_steps=8, n_c=12, n_guess=2, target_batch=10, refine_steps=2)
+ZETAS = [
+    ZetaConfig(scale=1.0),
+    ZetaConfig(kind="linear", scale=2.0, final=0.1),
+    ZetaConfig(kind="rt", normalize=True),
+    ZetaConfig(kind="cosine", trust_radius=0.5),
+    ZetaConfig(kind="cdms", beta=2.0),
+]
+
+
+def _run(problem, chains, config=SMALL, method="mlgd_f"):
+    runner = GuidedChains(problem.prior, problem.sampler(method), problem.target, chains, config)
+    return run_chains(runner, problem.metrics)
+
+
+@pytest.mark.parametrize("method", ["mlgd_f", "mlgd"])
+def test_a_chain_does_not_depend_on_its_batch(gmm2d, method):
+    chains = Chains.make([11, 3, 7, 42, 5], ZETAS)
+    together = _run(gmm2d, chains, method=method)
+    split = [_run(gmm2d, chains[0:2], method=method), _run(gmm2d, chains[2:5], method=method)]
+    alone = _run(gmm2d, chains[3:4], method=method)
+    torch.testing.assert_close(torch.cat([r.x for r in split]), together.x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat([r.final_loss for r in split]), together.final_loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(alone.x[0], together.x[3], rtol=0, atol=1e-12)
+
+
+def _guidance(runner, x, i):
+    """x̂0, the smoothed loss and dL/dx_t at x_t = x and step i, through the split stages."""
+    state = runner.prior_side.initial_state()
+    state.x, state.step = x, i
+    denoised = runner.prior_side.tweedie(state)
+    loss, grad = runner.sampler_side.matching_grad(GradRequest(i, denoised.x0, denoised.radius))
+    if denoised.x0_graph is not None:
+        (grad,) = torch.autograd.grad(denoised.x0_graph, denoised.x_in, grad)
+    return denoised.x0, loss, grad
+
+
+def test_zero_step_size_is_unguided_prior_sampling(gmm2d):
+    chains = Chains.make([1, 2, 3], ZetaConfig(scale=0.0))
+    runner = GuidedChains(
+        gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL.model_copy(update={"refine_steps": 0})
+    )
+    x_T = runner.prior_side.initial_state().x
+    expected = ddim_sample(gmm2d.prior.predict_noise, x_T, gmm2d.prior.schedule(SMALL.num_steps))
+    torch.testing.assert_close(run_chains(runner).x, expected)
+
+
+def test_guidance_gradient_is_the_derivative_of_the_smoothed_loss(gmm2d):
+    """With common random numbers and a fixed bandwidth the guidance loss is a smooth function of x_t."""
+    config = SMALL.model_copy(update={"common_random_numbers": True, "loss": MMDLoss(bandwidth=1.0)})
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([4, 9], ZetaConfig()), config)
+    x = torch.tensor([[-3.0], [1.5]], dtype=torch.float64)
+    i, h = 5, 1e-6
+    _, _, grad = _guidance(runner, x, i)
+    plus, minus = _guidance(runner, x + h, i)[1], _guidance(runner, x - h, i)[1]
+    torch.testing.assert_close(grad[:, 0], (plus - minus) / (2 * h), rtol=1e-5, atol=1e-8)
+
+
+def test_identity_gradient_is_the_gradient_at_x0_hat(gmm2d):
+    config = SMALL.model_copy(
+        update={"common_random_numbers": True, "grad": "identity", "loss": MMDLoss(bandwidth=1.0)}
+    )
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([4], ZetaConfig()), config)
+    x = torch.tensor([[-3.0]], dtype=torch.float64)
+    x0, _, grad = _guidance(runner, x, 5)
+    x0_var = x0.clone().requires_grad_(True)
+    guesses = x0_var.unsqueeze(1) + runner.prior_side.radius[5] * runner.noise.normal(3, 0, (2, 1))
+    loss = -(torch.logsumexp(-runner.sampler_side.sample_loss(guesses, 0, 2), -1) - math.log(2))
+    torch.testing.assert_close(grad, torch.autograd.grad(loss.sum(), x0_var)[0])
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_chains(gmm2d):
+    chains = Chains.make([1, 2, 3], ZETAS[:3])
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL.model_copy(update={"eta": 1.0}))
+    full = list(runner.states())
+    saved = full[3].checkpoint()
+    resumed = list(runner.states(runner.prior_side.resume(saved)))
+    assert len(full) == SMALL.num_steps and len(resumed) == SMALL.num_steps - 4
+    torch.testing.assert_close(resumed[-1].x, full[-1].x, rtol=0, atol=0)
+
+
+def test_a_diverging_chain_is_marked_failed_and_leaves_the_others_alone(gmm2d):
+    chains = Chains.make([1, 2, 3], [ZetaConfig(), ZetaConfig(scale=1e308), ZetaConfig()])
+    result = _run(gmm2d, chains)
+    assert result.failed.tolist() == [False, True, False]
+    assert math.isinf(result.final_loss[1].item()) and math.isnan(result.metrics["l2_gmm"][1].item())
+    alone = _run(gmm2d, Chains.make([1, 3], [ZetaConfig(), ZetaConfig()]))
+    torch.testing.assert_close(result.x[[0, 2]], alone.x, rtol=0, atol=1e-12)
+
+
+def test_mlgd_f_finds_the_2d_solution(gmm2d):
+    config = MLGDConfig(num_steps=100, n_c=48, target_batch=48, grad="identity")
+    chains = Chains.make(range(6), ZetaConfig(kind="linear", scale=3.0, final=0.1))
+    result = _run(gmm2d, chains, config)
+    # half the chains or more end at x* = -5, and the held-out loss ranks them as the exact l2 distance does
+    assert (result.metrics["x_err"] < 0.3).sum() >= 3
+    best = result.final_loss.argmin()
+    assert result.metrics["x_err"][best] < 0.3
+    assert result.loss_history.shape == (6, 100)
+
+
+def test_float32_runs_and_agrees_with_float64(gmm2d):
+    chains = Chains.make([1, 2], ZetaConfig())
+    r64 = _run(gmm2d, chains, SMALL.model_copy(update={"refine_steps": 0}))
+    r32 = _run(gmm2d, chains, SMALL.model_copy(update={"refine_steps": 0, "dtype": "float32"}))
+    assert r32.x.dtype == torch.float32
+    torch.testing.assert_close(r32.x.double(), r64.x, rtol=1e-3, atol=1e-3)
+
+
+def test_target_dimension_must_match_the_sampler(gmm2d):
+    with pytest.raises(InputError, match="dimension 2"):
+        GuidedChains(gmm2d.prior, gmm2d.fast_sampler, Target(torch.zeros(5, 2)), Chains.make([1], ZetaConfig()), SMALL)
+
+
+def test_chains_need_one_schedule_each():
+    with pytest.raises(InputError, match="2 seeds but 1 zeta"):
+        Chains((1, 2), (ZetaConfig(),))
+
+
+def test_the_step_paused_at_its_request_and_resumed_later_is_the_step_taken_at_once(gmm2d):
+    """The split prior actor holds paused steps while the sampler answers: same states, bitwise, as in-process."""
+    config = SMALL.model_copy(update={"guidance_start": 0.25, "eta": 1.0})  # steps 0 and 1 unguided
+    chains = Chains.make([1, 2, 3], ZETAS[:3])
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, config)
+    at_once = list(runner.states())
+    state, kinds = runner.prior_side.initial_state(), []
+    while state.step < config.num_steps:
+        paused = [guided_step(runner.prior_side, state)]  # kept in a list, as a resident micro-batch keeps it
+        begun = begin_step(paused[0])
+        kinds.append(type(begun).__name__)
+        if isinstance(begun, GradRequest):
+            assert begun.step == state.step and begun.radius == runner.prior_side.radius[state.step]
+            state = finish_step(paused.pop(), runner.sampler_side.matching_grad(begun))
+        else:
+            state = begun
+        torch.testing.assert_close(state.x, at_once[state.step - 1].x, rtol=0, atol=0)
+    assert kinds == ["ChainState"] * 2 + ["GradRequest"] * 6
+    assert torch.isnan(at_once[1].loss).all() and torch.isfinite(at_once[2].loss).all()
+
+
+def test_a_guided_step_takes_exactly_one_answer(gmm2d):
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([4], ZetaConfig()), SMALL)
+    step = guided_step(runner.prior_side, runner.prior_side.initial_state())
+    request = begin_step(step)
+    after = finish_step(step, runner.sampler_side.matching_grad(request))
+    assert isinstance(after, ChainState) and after.step == 1
+    with pytest.raises(StopIteration):
+        step.send(runner.sampler_side.matching_grad(request))  # a finished step takes no second answer

@@ -1,0 +1,199 @@
+"""Bad input found before anything starts: one line naming the field or file, exit status 2, nothing created."""
+
+import json
+import socket
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from cdm_cli.main import main
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A small local campaign config (YAML file) whose output and MLflow store are in tmp_path; `created()` lists
+    what exists besides the config."""
+    from types import SimpleNamespace
+
+    def write(**extra):
+        config = {
+            "method": {"num_steps": 4, "n_c": 8, "target_batch": 8},
+            "chains": {"count": 2},
+            "resources": {"executor": "local"},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/m.db", "artifact_location": str(tmp_path / "art")},
+            "output": str(tmp_path / "out"),
+        }
+        for key, value in extra.items():
+            section, _, name = key.partition("__")
+            if name:
+                config.setdefault(section, {})[name] = value
+            else:
+                config[section] = value
+        (tmp_path / "c.yaml").write_text(json.dumps(config))
+        return str(tmp_path / "c.yaml")
+
+    def created():
+        return sorted(p.name for p in tmp_path.iterdir() if p.name not in ("c.yaml", "input"))
+
+    (tmp_path / "input").mkdir()
+    return SimpleNamespace(write=write, created=created, root=tmp_path, input=tmp_path / "input")
+
+
+def _one_line(capsys, code, *args):
+    assert main(list(args)) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_or_wrong_tracking_store_stops_before_anything_starts(workspace, capsys):
+    port = _closed_port()
+    cases = [
+        (f"http://127.0.0.1:{port}", f"tracking.uri: no MLflow server answers at http://127.0.0.1:{port}"),
+        ("ftp://host/store", "tracking.uri: unsupported MLflow store 'ftp://host/store'"),
+    ]
+    text = workspace.input / "notes.db"
+    text.write_text("these are not runs\n")
+    cases.append((f"sqlite:///{text}", "notes.db is not an MLflow database (not SQLite)"))
+    other = workspace.input / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("create table customers (id integer)")
+    cases.append((f"sqlite:///{other}", "other.db is a SQLite database but not an MLflow store"))
+    for uri, message in cases:
+        tic = time.perf_counter()
+        line = _one_line(capsys, 2, "run", workspace.write(tracking__uri=uri))
+        assert message in line and time.perf_counter() - tic < 30
+        assert workspace.created() == []
+    with sqlite3.connect(other) as db:  # the foreign database was not touched
+        assert [r[0] for r in db.execute("select name from sqlite_master")] == ["customers"]
+
+
+def test_a_silent_ray_address_and_too_many_chains_stop_at_once(workspace, capsys):
+    port = _closed_port()
+    tic = time.perf_counter()
+    line = _one_line(capsys, 2, "run", workspace.write(resources__executor="ray"), "--address", f"127.0.0.1:{port}")
+    assert line.startswith(f"cdm: error: --address: no Ray cluster answers at 127.0.0.1:{port}")
+    assert time.perf_counter() - tic < 30 and workspace.created() == []
+    line = _one_line(capsys, 2, "run", workspace.write(chains__count=1_000_000_000))
+    assert "chains.count: 1000000000 chains need about" in line and "run them as several campaigns" in line
+    assert workspace.created() == []
+
+
+def test_output_paths_that_cannot_be_written_are_named(workspace, capsys):
+    (workspace.input / "a_file").write_text("")
+    line = _one_line(capsys, 2, "run", workspace.write(), "--json", str(workspace.input))
+    assert line == f"cdm: error: --json: {workspace.input} is a folder, not a file"
+    line = _one_line(capsys, 2, "run", workspace.write(output=str(workspace.input / "a_file" / "x")))
+    assert "output: cannot make" in line and "a_file is a file" in line
+    line = _one_line(capsys, 2, "topk", "--export", str(workspace.input / "a_file"), "--tracking-uri", "sqlite:///x.db")
+    assert line == f"cdm: error: --export: {workspace.input / 'a_file'} is a file, not a folder"
+    line = _one_line(capsys, 2, "train", "prior", "--problem", "gmm2d", "--out", str(workspace.input / "a_file"))
+    assert line.endswith("is a file, not a folder")
+    assert workspace.created() == []
+
+
+def test_topk_needs_an_existing_mlflow_store(workspace, capsys):
+    line = _one_line(capsys, 2, "topk", "--tracking-uri", f"sqlite:///{workspace.root}/none.db")
+    assert line == f"cdm: error: --tracking-uri: no MLflow database at {workspace.root}/none.db"
+    port = _closed_port()
+    line = _one_line(capsys, 2, "topk", "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert line.startswith(f"cdm: error: --tracking-uri: no MLflow server answers at http://127.0.0.1:{port}")
+    assert workspace.created() == []
+
+
+def test_a_config_that_is_not_utf8_and_a_complex_target_are_named(workspace, capsys):
+    bad = workspace.input / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    line = _one_line(capsys, 2, "run", str(bad))
+    assert line == f"cdm: error: {bad}: not UTF-8 text (byte 9); save the config as UTF-8"
+    target = workspace.input / "g.npy"
+    np.save(target, np.array([[1 + 2j], [3 + 0j]]))
+    line = _one_line(capsys, 2, "run", workspace.write(problem__target_file=str(target)))
+    assert line == f"cdm: error: {target}: target samples must be real numbers; got dtype complex128"
+    assert workspace.created() == []
+
+
+def test_damaged_model_folders_are_named(workspace, capsys, tiny_checkpoints):
+    import shutil
+
+    folder = workspace.input / "models"
+    shutil.copytree(tiny_checkpoints("gmm2d"), folder)
+    run = ["run", workspace.write(problem__models="learned", problem__checkpoints=str(folder))]
+    (folder / "sampler" / "config.json").write_text("{not json")
+    line = _one_line(capsys, 2, *run)
+    assert f"{folder / 'sampler' / 'config.json'}" in line and "not valid JSON" in line
+    shutil.copy(tiny_checkpoints("gmm2d") / "sampler" / "config.json", folder / "sampler" / "config.json")
+    weights = folder / "prior" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    line = _one_line(capsys, 2, *run)
+    assert "does not match the sha256 in" in line and "manifest.json" in line
+    shutil.copy(folder / "sampler" / "diffusion_pytorch_model.safetensors", weights)  # the sampler's weights
+    line = _one_line(capsys, 2, *run)
+    assert "does not match the sha256 in" in line
+    assert workspace.created() == []
+
+
+def test_a_damaged_campaign_checkpoint_is_named_on_resume(workspace, capsys):
+    assert main(["run", "--quiet", workspace.write(tracking__enabled=False)]) == 0
+    (folder,) = (workspace.root / "out").iterdir()
+    result = folder / "results" / "mb00000.pt"
+    result.write_bytes(result.read_bytes()[:50])
+    line = _one_line(capsys, 2, "run", "--resume", str(folder))
+    assert line.startswith(f"cdm: error: {result}: the result cannot be read")
+
+
+def test_a_cluster_too_small_for_one_replica_per_node_is_refused(tmp_path):
+    """Two nodes of 2 CPUs hold 4 CPUs in all, but a split replica of 2 x 1.5 CPUs fits on neither."""
+    import subprocess
+    import sys
+
+    script = f"""
+import ray
+from ray.cluster_utils import Cluster
+from actors.coordinator import RayExecutor
+from cdm_dist.driver.campaign import load_config
+from cdm_dist.errors import InputError
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
+cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+config = load_config(None, ["resources.placement=split", "resources.num_cpus=1.5", "tracking.enabled=false",
+                            "output={tmp_path}"])
+try:
+    RayExecutor(config, address=cluster.address)
+except InputError as exc:
+    print("ERROR", exc)
+ray.shutdown()
+cluster.shutdown()
+"""
+    tic = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "ERROR resources: replica 1 of 1 needs {'CPU': 3.0} on one node" in out.stdout, out.stderr[-2000:]
+    assert time.perf_counter() - tic < 120  # not the placement group's timeout
+
+
+def test_a_local_ray_started_by_cdm_keeps_token_authentication_and_no_dashboard(tmp_path):
+    import subprocess
+    import sys
+
+    script = """
+import json, psutil, ray
+from actors.coordinator import connect
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
+connect(None, num_cpus=1)
+session = ray._private.worker._global_node.get_session_dir_path()
+ports = sorted({c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == "LISTEN"})
+print("RESULT", json.dumps({"token": is_token_auth_enabled(), "dashboard": 8265 in ports}))
+ray.shutdown()
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    result = json.loads(out.stdout.split("RESULT", 1)[1])
+    assert result == {"token": True, "dashboard": False}

@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from cdm_dist.errors import InputError
+from cdm_dist.problems.digits import (
+    angle_of,
+    base_digits,
+    from_model_space,
+    rotate,
+    rotated_batch,
+    target_angles,
+    target_samples,
+)
+
+
+def test_splits_partition_the_sklearn_digits():
+    train, train_labels = base_digits("train")
+    held, held_labels = base_digits("heldout")
+    assert len(train) + len(held) == 1797
+    assert train.shape[1:] == (1, 16, 16) and held.shape[1:] == (1, 16, 16)
+    assert float(train.min()) >= 0 and float(train.max()) <= 1
+    assert set(held_labels.tolist()) == set(range(10)) == set(train_labels.tolist())
+    with pytest.raises(InputError, match="digits split"):
+        base_digits("test")
+
+
+def test_padding_keeps_every_digit_inside_the_rotation_disc():
+    """The 2-pixel border is empty, so rotating never crops ink: mass is preserved up to interpolation."""
+    images, _ = base_digits("all")
+    assert images[..., :2, :].abs().sum() == 0 and images[..., :, -2:].abs().sum() == 0
+    theta = torch.full((len(images),), 0.7)
+    mass_before, mass_after = images.sum((1, 2, 3)), rotate(images, theta).sum((1, 2, 3))
+    assert torch.allclose(mass_after, mass_before, rtol=0.05)
+
+
+def test_rotation_matches_rot90_and_composes():
+    images, _ = base_digits("heldout")
+    x = images[:8]
+    quarter = torch.full((8,), math.pi / 2)
+    torch.testing.assert_close(rotate(x, quarter), torch.rot90(x, 1, dims=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate(x, 2 * quarter), torch.rot90(x, 2, dims=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate(x, 4 * quarter), x, atol=1e-5, rtol=0)
+
+
+def test_rotated_batch_labels_are_the_rotation_angles():
+    gen = torch.Generator().manual_seed(0)
+    x, y = rotated_batch(64, gen)
+    assert x.shape == (64, 1, 16, 16) and y.shape == (64, 2)
+    torch.testing.assert_close(y.norm(dim=1), torch.ones(64))
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    # Undo each rotation: the image must then be one of the upright digits (nearest neighbour at ~0 distance
+    # up to the double interpolation, far below the distance between different digits).
+    upright = rotate(from_model_space(x), -angle_of(y))
+    images, _ = base_digits("train")
+    distances = torch.cdist(upright.flatten(1), images.flatten(1)).min(dim=1).values
+    typical = torch.cdist(images[:64].flatten(1), images[64:128].flatten(1)).mean()
+    assert float(distances.max()) < 0.35 * float(typical)
+
+
+def test_targets_have_the_stated_shapes_on_the_circle():
+    n = 20_000
+    uniform = target_angles("uniform", n, 0)
+    resultant = torch.stack([torch.cos(uniform), torch.sin(uniform)]).mean(1).norm()
+    assert float(resultant) < 0.02  # no preferred direction
+    unimodal = target_angles("unimodal", n, 0)
+    wrapped = torch.remainder(unimodal + math.pi, 2 * math.pi) - math.pi
+    assert abs(float(wrapped.mean())) < 0.01 and abs(float(wrapped.std()) - 0.15) < 0.01
+    bimodal = target_angles("bimodal", n, 0)
+    near_pi = (bimodal - math.pi).abs() < 1.0
+    assert abs(float(near_pi.float().mean()) - 0.5) < 0.02
+    samples = target_samples("bimodal", 10, 3)
+    assert samples.shape == (10, 2) and torch.allclose(samples.norm(dim=1), torch.ones(10, dtype=torch.float64))
+    assert torch.equal(target_samples("bimodal", 10, 3), samples)
+    with pytest.raises(InputError, match="digits target"):
+        target_angles("trimodal", 10, 0)
