@@ -149,3 +149,18 @@ def test_the_rayjob_entrypoint_runs_a_study_on_a_local_ray(ray_cluster, postgres
     client = client_for(env["CDM_TRACKING_URI"])
     experiment = client.get_experiment_by_name("cluster-study").experiment_id
     assert len(client.search_runs([experiment], "tags.`cdm.kind` = 'study'")) == 1
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    """pip install . inside the image finds every package pyproject.toml names (a moved package is not left out)."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in include}
+    copied = {
+        line.split()[-1].removeprefix("./")
+        for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY") and line.split()[-1].startswith("./") and line.split()[-1] != "./"
+    }
+    assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
+    assert all((ROOT / name / "__init__.py").is_file() for name in packages)
