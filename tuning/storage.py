@@ -163,13 +163,17 @@ class Heartbeats:
         with self.lock:
             self.trials.discard(trial_id)
 
+    def beat(self) -> None:
+        """A heartbeat for each of this process's running trials, now."""
+        with self.lock:
+            trials = sorted(self.trials)
+        for trial_id in trials:
+            with contextlib.suppress(Exception):  # a lost beat is retried next interval
+                self.storage.record_heartbeat(trial_id)
+
     def _beat(self) -> None:
         while not self.stop.wait(self.interval):
-            with self.lock:
-                trials = sorted(self.trials)
-            for trial_id in trials:
-                with contextlib.suppress(Exception):  # a lost beat is retried next interval
-                    self.storage.record_heartbeat(trial_id)
+            self.beat()
 
     def __enter__(self) -> Heartbeats:
         if self.interval is not None:

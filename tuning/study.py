@@ -422,6 +422,7 @@ class Tuner:
         with ThreadPoolExecutor(max_workers=parallel) as pool, Heartbeats(self.storage) as heartbeats:
             while True:
                 if self.shared:
+                    heartbeats.beat()  # this process's trials are live: fresh beats, whatever the beat thread's delay
                     self.recover_stale()
                 counted = len(self._finished())
                 bar.n = min(counted, trials)
