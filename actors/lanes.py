@@ -107,7 +107,9 @@ class LanePool:
         """Queue the jobs; handle their chunks, results, roll-backs and failures on this thread until all are done."""
         call = Call(remaining=len(jobs))
         with self.condition:
-            self.pending += [LaneFlight(job, call, step_of(job.checkpoint), start=not job.checkpoint) for job in jobs]
+            self.pending += [
+                LaneFlight(job, call, step_of(job.checkpoint), start=job.checkpoint is None) for job in jobs
+            ]
             self.condition.notify_all()
         while call.remaining:
             kind, batch, value = call.inbox.get()

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from cdm_dist.chains.mlgd import Checkpoint, step_of
+from cdm_dist.chains.mlgd import Checkpoint, GradRequest, step_of
 from cdm_dist.driver.campaign import MicroBatch
 
 __all__ = [
@@ -76,7 +76,7 @@ class ProbeWorker(Protocol):
     """A worker's stages of one guided step, called and waited for (`cdm check`; cdm_dist.driver.worker.ChainWorker)."""
 
     def probe_denoise(self, batch: MicroBatch, checkpoint: Checkpoint) -> dict[str, Any]: ...
-    def probe_matching_grad(self, batch: MicroBatch, request: Any) -> dict[str, Any]: ...
+    def probe_matching_grad(self, batch: MicroBatch, request: GradRequest) -> dict[str, Any]: ...
     def probe_advance(self, batch: MicroBatch, loss: torch.Tensor, grad: torch.Tensor) -> dict[str, Any]: ...
 
 

@@ -212,10 +212,10 @@ class ChainWorker:
     def run(self, batch: MicroBatch, checkpoint: Checkpoint | None, until: int) -> Chunk:
         """Guided steps from the checkpoint up to step `until`, each answered by this worker's sampler side."""
         with self.busy():
-            prior, state = self.prior_side(batch), self.start_state(batch, checkpoint)
+            prior, state, answer = self.prior_side(batch), self.start_state(batch, checkpoint), self._answer(batch)
             first, losses = state.step, []
             while state.step < until:
-                state = drive_step(guided_step(prior, state), self._answer(batch))
+                state = drive_step(guided_step(prior, state), answer)
                 losses.append(state.loss.cpu())
         stacked = torch.stack(losses, 1) if losses else torch.empty(len(batch.chains), 0, dtype=torch.float64)
         return Chunk(state.checkpoint(), first, stacked)
