@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from cdm_dist.chains.config import MLGDConfig, NonNegative, Positive, StrictModel, ZetaConfig, parse
 from cdm_dist.chains.mlgd import Chains
 from cdm_dist.errors import InputError
-from cdm_dist.models.spec import ProblemConfig, absolute, existing_folder
+from cdm_dist.models.spec import FactorySpec, File, ProblemConfig, absolute, existing_folder
 
 PositiveInt = Annotated[int, Field(ge=1)]
 EXECUTORS = ("local", "ray_colocated", "ray_split")
@@ -29,6 +29,33 @@ class MethodConfig(MLGDConfig):
         return MLGDConfig(**self.model_dump(exclude={"name"}))
 
 
+class SourceConfig(StrictModel):
+    """Editing: chains start from a source x_src noised to an intermediate step (SDEdit; MLGD-F paper, Exp. 2).
+
+    Chain k starts at step K_k = start_step, or num_steps - int(num_steps * s_k) for strength s_k (diffusers'
+    img2img convention: the fraction of the schedule re-noised), with s_k = strengths[k mod len] or `strength`.
+    """
+
+    file: File  # .npy / .safetensors tensor in the prior's event shape, or a PNG/JPEG image for image priors
+    start_step: Annotated[int, Field(ge=0)] | None = None
+    strength: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    strengths: list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_start(self) -> SourceConfig:
+        given = [k for k in ("start_step", "strength", "strengths") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of start_step, strength or strengths (given: {given or 'none'})")
+        return self
+
+    def start_steps(self, count: int, num_steps: int) -> list[int]:
+        """The start step of each of `count` chains on a schedule of num_steps steps."""
+        if self.start_step is not None:
+            return [self.start_step] * count
+        strengths = self.strengths or [self.strength]
+        return [num_steps - int(num_steps * strengths[k % len(strengths)]) for k in range(count)]
+
+
 class ChainsConfig(StrictModel):
     """The campaign's chains: chain k has seed base_seed + k and zeta schedule k modulo the list (or grid)."""
 
@@ -38,6 +65,7 @@ class ChainsConfig(StrictModel):
         default_factory=lambda: [ZetaConfig(kind="linear", scale=3.0, final=0.1)], min_length=1
     )
     zeta_grid: dict[str, list[Any]] | None = None  # cartesian product of ZetaConfig fields; replaces `zeta`
+    source: SourceConfig | None = None  # editing: start from a noised source instead of pure noise
 
     @model_validator(mode="after")
     def _grid_fields(self) -> ChainsConfig:
@@ -241,6 +269,40 @@ class TuneConfig(StrictModel):
         return self
 
 
+class ClassifierConfig(StrictModel):
+    """An attribute classifier: zero-shot against class text embeddings (softmax of logit_scale x cosine, as CLIP),
+    or a factory returning class probabilities of y (input 'y') or of the generated image (input 'image')."""
+
+    zero_shot: File | None = None  # .safetensors: "embeddings" (K, d_y) [+ "logit_scale"]
+    factory: FactorySpec | None = None
+    input: Literal["y", "image"] = "y"  # what the factory's function takes
+    classes: list[str] = Field(min_length=2)  # class names, in the order of the embeddings / probabilities
+    attribute: str | None = None  # the class whose share is the headline number (default: the first)
+    logit_scale: Positive | None = None  # default: the file's logit_scale, else 100 (CLIP's)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ClassifierConfig:
+        if (self.zero_shot is None) == (self.factory is None):
+            raise ValueError("give exactly one of zero_shot (a .safetensors of class embeddings) or factory")
+        if self.zero_shot is not None and self.input != "y":
+            raise ValueError("input: zero-shot classification compares y with the class embeddings; input must be y")
+        if self.attribute is not None and self.attribute not in self.classes:
+            raise ValueError(f"attribute: {self.attribute!r} is not one of classes {self.classes}")
+        return self
+
+
+class EvaluationConfig(StrictModel):
+    """`cdm evaluate`: fresh conditional samples at the source and the top-k x*, their MMD to the target and the
+    improvement over the source, and attribute shares with 95% Wilson intervals (MLGD-F paper, Exp. 2)."""
+
+    samples: PositiveInt = 2000  # conditional samples per design
+    chunk: PositiveInt = 250  # samples per sampler call
+    topk: PositiveInt | None = None  # default: the campaign's topk
+    seed: int = 20261202  # of the evaluation's eta
+    classifier: ClassifierConfig | None = None
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+
+
 class CampaignConfig(StrictModel):
     """A design campaign: a problem, a method, many chains, resources, tracking and an output folder."""
 
@@ -254,6 +316,17 @@ class CampaignConfig(StrictModel):
     topk: PositiveInt = 5
     pictures: bool = True  # per chain: its samples against the target and x* as an image (output folder, MLflow)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _source_within_schedule(self) -> CampaignConfig:
+        source, steps = self.chains.source, self.method.num_steps
+        if source is not None and source.start_step is not None and source.start_step >= steps:
+            raise ValueError(
+                f"chains.source.start_step: {source.start_step} is beyond the schedule (method.num_steps = {steps}; "
+                f"the start step must be below it)"
+            )
+        return self
 
 
 # -- loading ----------------------------------------------------------------------------------------------
@@ -344,6 +417,7 @@ RESUME_MAY_CHANGE = (
     "tracking.system_metrics",
     "topk",
     "pictures",
+    "evaluation.",
 )  # where and how to run, not which chains
 RESUME_MAY_NOT_CHANGE = ("resources.micro_batch",)  # the split of the chains into micro-batches
 

@@ -219,6 +219,82 @@ class FlowSamplerSpec(StrictModel):
     dtype: WeightDtype = "float32"
 
 
+def _by_key(*keys: str) -> Callable[[Any], str | None]:
+    """Pick a union member by the key the mapping has (a callable discriminator: errors name the right member)."""
+
+    def pick(data: Any) -> str | None:
+        fields = data if isinstance(data, dict) else vars(data) if hasattr(data, "__dict__") else {}
+        return next((f"{UNION_TAG}{key}" for key in keys if key in fields), None)
+
+    return pick
+
+
+ModuleDtypes = dict[Literal["unet", "controlnet", "vae", "embed"], WeightDtype]
+ModuleFlags = dict[Literal["unet", "controlnet", "vae", "embed"], bool]
+GENERATOR_MODULES = ("unet", "controlnet", "vae", "embed")
+
+
+class ClipEmbedSpec(StrictModel):
+    """A local CLIP vision model (transformers' CLIPVisionModelWithProjection + preprocessor_config.json): y is the
+    image embedding of the generated image, preprocessed in torch so it stays differentiable."""
+
+    clip: Folder
+    resize: bool = False  # resize the generated image to the model's input size (else a size mismatch is an error)
+
+
+EmbedSpec = Annotated[
+    Annotated[ClipEmbedSpec, Tag(f"{UNION_TAG}clip")] | Annotated[FactorySpec, Tag(f"{UNION_TAG}factory")],
+    Discriminator(
+        _by_key("clip", "factory"),
+        custom_error_type="spec_kind",
+        custom_error_message="expected {clip: FOLDER} or {factory: 'package.module:function', args: {...}}",
+    ),
+]
+
+
+class GeneratorSamplerSpec(StrictModel):
+    """A few-step image-conditioned generator as the fast sampler (MLGD-F paper, Exp. 2: SDXL-Turbo + a scribble
+    ControlNet conditioned on the decoded x̂0, y = the CLIP embedding of the generated image), from local diffusers
+    folders: `generator` holds unet/, scheduler/ and vae/ (and controlnet/ unless `controlnet` names a folder)."""
+
+    generator: Folder
+    controlnet: Folder | None = None  # default: <generator>/controlnet
+    prompt: File  # .safetensors: encoder_hidden_states (L, D) [+ text_embeds, time_ids for SDXL]
+    negative_prompt: File | None = None  # the same tensors for the unconditional branch of classifier-free guidance
+    guidance_scale: NonNegative = 1.0  # 1 = no guidance (SDXL-Turbo is distilled to run without it)
+    steps: Annotated[int, Field(ge=1, le=4)] = 1
+    controlnet_scale: NonNegative = 1.0  # conditioning_scale of the ControlNet residuals
+    embed: EmbedSpec
+    dtype: WeightDtype = "float32"  # every module's weights unless `dtypes` says otherwise
+    dtypes: ModuleDtypes = Field(default_factory=dict)
+    checkpointing: bool | ModuleFlags = True  # activation checkpointing per module when gradients flow
+    sample_chunk: PositiveInt | None = None  # conditional samples per chunk (gradient accumulation); None: all
+
+    @model_validator(mode="after")
+    def _folders(self) -> GeneratorSamplerSpec:
+        """The generator's parts are there with their configs (no weights are read here)."""
+        root = Path(self.generator)
+        for part, name in (("unet", "config.json"), ("scheduler", "scheduler_config.json"), ("vae", "config.json")):
+            read_json(root / part / name, f"the generator folder needs {part}/ ({part}/{name})")
+        read_json(self.controlnet_folder / "config.json", "the generator needs a ControlNet (controlnet/ or "
+                  "`controlnet: FOLDER`)")  # fmt: skip
+        if self.guidance_scale != 1.0 and self.negative_prompt is None:
+            raise ValueError("guidance_scale != 1 needs a negative_prompt")
+        return self
+
+    @property
+    def controlnet_folder(self) -> Path:
+        return Path(self.controlnet) if self.controlnet is not None else Path(self.generator) / "controlnet"
+
+    def module_dtype(self, module: str) -> str:
+        """The weight dtype of one module (unet, controlnet, vae, embed)."""
+        return self.dtypes.get(module, self.dtype)
+
+    def module_checkpointing(self, module: str) -> bool:
+        """Whether one module checkpoints its activations."""
+        return self.checkpointing if isinstance(self.checkpointing, bool) else self.checkpointing.get(module, True)
+
+
 class TargetFileSpec(StrictModel):
     """Target samples S_G from a .npy, .csv or .safetensors file."""
 
@@ -248,16 +324,6 @@ class CDMProblem:
         return self.fast_sampler
 
 
-def _by_key(*keys: str) -> Callable[[Any], str | None]:
-    """Pick a union member by the key the mapping has (a callable discriminator: errors name the right member)."""
-
-    def pick(data: Any) -> str | None:
-        fields = data if isinstance(data, dict) else vars(data) if hasattr(data, "__dict__") else {}
-        return next((f"{UNION_TAG}{key}" for key in keys if key in fields), None)
-
-    return pick
-
-
 def _either(loader: type, key: str, expected: str) -> Any:
     return Annotated[
         Annotated[loader, Tag(f"{UNION_TAG}{key}")] | Annotated[FactorySpec, Tag(f"{UNION_TAG}factory")],
@@ -270,7 +336,17 @@ def _either(loader: type, key: str, expected: str) -> Any:
 
 
 PriorSpec = _either(DiffusersPriorSpec, "diffusers", "{diffusers: FOLDER, ...}")
-SamplerSpec = _either(FlowSamplerSpec, "flow", "{flow: FOLDER, steps: N}")
+SamplerSpec = Annotated[
+    Annotated[FlowSamplerSpec, Tag(f"{UNION_TAG}flow")]
+    | Annotated[GeneratorSamplerSpec, Tag(f"{UNION_TAG}generator")]
+    | Annotated[FactorySpec, Tag(f"{UNION_TAG}factory")],
+    Discriminator(
+        _by_key("flow", "generator", "factory"),
+        custom_error_type="spec_kind",
+        custom_error_message="expected {flow: FOLDER, steps: N}, {generator: FOLDER, ...} or "
+        "{factory: 'package.module:function', args: {...}}",
+    ),
+]
 TargetSpec = _either(TargetFileSpec, "file", "{file: PATH}")
 DecoderSpec = _either(VaeDecoderSpec, "vae", "{vae: FOLDER, ...}")
 PARTS = ("prior", "sampler", "full_sampler", "target", "metrics", "decoder")
