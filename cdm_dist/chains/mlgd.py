@@ -27,25 +27,41 @@ Device = torch.device | str
 
 @dataclass(frozen=True)
 class Chains:
-    """B chains: one seed and one zeta schedule each."""
+    """B chains: one seed, one zeta schedule and one start step each (0: from x_T ~ N(0, I); K > 0: an editing
+    chain, from the source noised to step K, SDEdit-style)."""
 
     seeds: tuple[int, ...]
     zetas: tuple[ZetaConfig, ...]
+    starts: tuple[int, ...] = ()  # empty: every chain starts at step 0
 
     def __post_init__(self) -> None:
         if len(self.seeds) != len(self.zetas) or not self.seeds:
             raise InputError(f"chains: {len(self.seeds)} seeds but {len(self.zetas)} zeta schedules")
+        if self.starts and len(self.starts) != len(self.seeds):
+            raise InputError(f"chains: {len(self.seeds)} seeds but {len(self.starts)} start steps")
 
     @classmethod
-    def make(cls, seeds: Sequence[int], zeta: ZetaConfig | Sequence[ZetaConfig]) -> Chains:
+    def make(
+        cls, seeds: Sequence[int], zeta: ZetaConfig | Sequence[ZetaConfig], starts: Sequence[int] | None = None
+    ) -> Chains:
         zetas = [zeta] * len(seeds) if isinstance(zeta, ZetaConfig) else list(zeta)
-        return cls(tuple(int(s) for s in seeds), tuple(zetas))
+        return cls(tuple(int(s) for s in seeds), tuple(zetas), tuple(int(k) for k in starts or ()))
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def __getitem__(self, index: slice) -> Chains:
-        return Chains(self.seeds[index], self.zetas[index])
+        return Chains(self.seeds[index], self.zetas[index], self.starts[index])
+
+    @property
+    def start_steps(self) -> tuple[int, ...]:
+        """Each chain's first reverse step."""
+        return self.starts or (0,) * len(self.seeds)
+
+    @property
+    def edits(self) -> bool:
+        """Whether some chain starts from a source."""
+        return any(self.starts)
 
 
 @dataclass(frozen=True)
@@ -127,9 +143,14 @@ class ChainNoise:
         return chain_uniform(self.seeds, stream, step, shape)
 
 
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-chain values (B,) shaped to broadcast over like's rows (B, *event)."""
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
 def _mask_failed(x: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
     """x with the rows of failed chains set to 0, x (B, *event), failed (B,)."""
-    return torch.where(failed.view(-1, *[1] * (x.dim() - 1)), torch.zeros_like(x), x)
+    return torch.where(_rows(failed, x), torch.zeros_like(x), x)
 
 
 @dataclass
@@ -188,13 +209,27 @@ def drive_step(step: GuidedStep, answer: Callable[[GradRequest], GradAnswer]) ->
 class PriorSide:
     """The prior's half of the chain loop (MLGD-F Alg. 1): x_T, Tweedie's x̂0, and the guided reverse step."""
 
-    def __init__(self, prior: DiffusionPrior, chains: Chains, config: MLGDConfig, device: Device = "cpu") -> None:
+    def __init__(
+        self,
+        prior: DiffusionPrior,
+        chains: Chains,
+        config: MLGDConfig,
+        device: Device = "cpu",
+        source: torch.Tensor | None = None,
+    ) -> None:
         self.prior, self.chains, self.config = prior, chains, config
         self.device = torch.device(device)
         self.dtype = DTYPES[config.dtype]
         self.noise = ChainNoise(chains, self.dtype, self.device)
         self.schedule: DiffusionSchedule = prior.schedule(config.num_steps)
         sched = self.schedule
+        self.starts = torch.tensor(chains.start_steps, device=self.device)  # (B,)
+        if chains.edits:
+            if source is None:
+                raise InputError("chains start from a source (chains.source) but no source was given")
+            if int(self.starts.max()) >= len(sched):
+                raise InputError(f"chains.source: start step {int(self.starts.max())} is beyond the {len(sched)} steps")
+            self.source = source.to(self.device, self.dtype).reshape(1, *prior.event_shape)  # (1, *event)
         cache: dict[ZetaConfig, torch.Tensor] = {}
         for z in chains.zetas:
             if z not in cache:
@@ -211,13 +246,25 @@ class PriorSide:
         self.sigma = sched.ddim_sigma(config.eta).tolist()
 
     def initial_state(self) -> ChainState:
-        """x_T ~ N(0, I) from each chain's stream (or 0, as the MLGD-F code)."""
+        """x_T ~ N(0, I) from each chain's stream (or 0, as the MLGD-F code); an editing chain's x is the source
+        noised to its start step K, sqrt(ᾱ_K) x_src + sqrt(1 - ᾱ_K) ε (SDEdit, Meng et al. 2022), and the batch
+        starts at its earliest start step."""
         x = self.noise.normal(Stream.INIT, 0, tuple(self.prior.event_shape))
         if self.config.init == "zero":
             x = torch.zeros_like(x)
+        if self.chains.edits:
+            x = torch.where(_rows(self.starts > 0, x), self.noised_source(), x)
         b = len(self.chains)
         nan = torch.full((b,), float("nan"), dtype=self.dtype, device=self.device)
-        return ChainState(0, x, torch.zeros(b, dtype=torch.bool, device=self.device), nan, nan, nan)
+        first = int(self.starts.min())
+        return ChainState(first, x, torch.zeros(b, dtype=torch.bool, device=self.device), nan, nan, nan)
+
+    def noised_source(self) -> torch.Tensor:
+        """The source noised to each chain's start step with the chain's own ε, (B, *event)."""
+        alpha_bar = self.schedule.alpha_bar.to(self.device, self.dtype)[self.starts]  # (B,)
+        eps = self.noise.normal(Stream.SOURCE, 0, tuple(self.prior.event_shape))
+        a = _rows(alpha_bar, eps)
+        return a.sqrt() * self.source + (1 - a).sqrt() * eps
 
     def resume(self, checkpoint: Checkpoint) -> ChainState:
         """The state a checkpoint holds."""
@@ -266,6 +313,11 @@ class PriorSide:
             loss, grad_norm, zeta, correction = nan, nan, torch.zeros_like(nan), 0.0
         noise = self.noise.normal(Stream.REVERSE, i, tuple(x.shape[1:])) if self.sigma[i] > 0 else None
         x_next = ddim_step_from_x0(denoised.x0, denoised.eps, ab_prev, self.sigma[i], noise) - correction
+        waiting = self.starts > i  # (B,) editing chains whose start step is still ahead keep their x
+        if bool(waiting.any()):
+            x_next = torch.where(_rows(waiting, x_next), x, x_next)
+            loss, grad_norm = loss.masked_fill(waiting, float("nan")), grad_norm.masked_fill(waiting, float("nan"))
+            zeta = zeta.masked_fill(waiting, 0.0)
         failed = state.failed | ~torch.isfinite(x_next.flatten(1)).all(1)
         return ChainState(i + 1, _mask_failed(x_next, failed).detach(), failed, loss, grad_norm, zeta, denoised.x0)
 
@@ -348,8 +400,21 @@ class SamplerSide:
         target = self.target.heldout(n, self.config.eval_seed).to(self.device, self.dtype)
         return self.loss_fn(y, target)
 
-    def evaluate(self, state: ChainState | Checkpoint, metrics: MetricsFn | None = None) -> ChainResult:
-        """Refine (CDMO), then the final x's held-out loss and exact metrics (prior_fit is the prior side's)."""
+    @torch.no_grad()
+    def source_loss(self, source: torch.Tensor) -> float:
+        """The held-out loss of an editing campaign's source itself (η from the held-out seed): what an edit improves
+        on. source: (1, *event)."""
+        n, seed = self.config.heldout_samples, self.config.eval_seed
+        seeds = torch.tensor([seed], dtype=torch.int64, device=self.device)
+        eta = chain_normal(seeds, Stream.EVAL, 0, (n, *tuple(self.sampler.noise_shape)), self.dtype)
+        y = self.sampler.sample(source.to(self.device, self.dtype), eta)  # (1, n, d_y)
+        return float(self.loss_fn(y, self.target.heldout(n, seed).to(self.device, self.dtype))[0])
+
+    def evaluate(
+        self, state: ChainState | Checkpoint, metrics: MetricsFn | None = None, source_loss: float | None = None
+    ) -> ChainResult:
+        """Refine (CDMO), then the final x's held-out loss and exact metrics (prior_fit is the prior side's); for an
+        editing campaign also source_loss and improvement = (source_loss - final_loss) / source_loss."""
         x = torch.as_tensor(state.x).to(self.device, self.dtype)
         failed = torch.as_tensor(state.failed).to(self.device)
         x = self.refine(x, failed)
@@ -357,7 +422,11 @@ class SamplerSide:
         x = _mask_failed(x, failed)
         final = self.heldout_loss(x)
         failed = failed | ~torch.isfinite(final)
-        scores = {k: v.masked_fill(failed, float("nan")) for k, v in (metrics(x) if metrics else {}).items()}
+        scores = metrics(x) if metrics else {}
+        if source_loss is not None:
+            scores["source_loss"] = torch.full_like(final, source_loss)
+            scores["improvement"] = (source_loss - final) / source_loss
+        scores = {k: v.masked_fill(failed, float("nan")) for k, v in scores.items()}
         return ChainResult(x, final.masked_fill(failed, float("inf")), failed, scores)
 
 
@@ -372,10 +441,12 @@ class GuidedChains:
         chains: Chains,
         config: MLGDConfig,
         device: Device = "cpu",
+        source: torch.Tensor | None = None,
     ) -> None:
         self.sampler_side = SamplerSide(sampler, target, chains, config, device)
-        self.prior_side = PriorSide(prior, chains, config, device)
+        self.prior_side = PriorSide(prior, chains, config, device, source)
         self.noise = self.prior_side.noise
+        self.source = source
 
     def step(self, state: ChainState) -> ChainState:
         """One reverse step for every chain, its gradient request answered here (Alg. 1)."""
@@ -390,7 +461,8 @@ class GuidedChains:
 
     def finish(self, state: ChainState, metrics: MetricsFn | None = None) -> ChainResult:
         """Refine (CDMO), then evaluate the final x: held-out loss, exact metrics and the prior fit."""
-        result = self.sampler_side.evaluate(state, metrics)
+        source_loss = None if self.source is None else self.sampler_side.source_loss(self.source)
+        result = self.sampler_side.evaluate(state, metrics, source_loss)
         result.metrics["prior_fit"] = self.prior_side.fit_scores(result.x, result.failed)
         return result
 

@@ -81,3 +81,4 @@ class Stream:
     REFINE = 7  # eta for the CDMO refinement
     DFLOW = 8  # eta for D-Flow's fixed objective
     PRIOR_FIT = 9  # the noise of the prior-fit score (shared by every chain)
+    SOURCE = 10  # ε of an editing chain's noised source

@@ -321,11 +321,19 @@ class CampaignConfig(StrictModel):
     @model_validator(mode="after")
     def _source_within_schedule(self) -> CampaignConfig:
         source, steps = self.chains.source, self.method.num_steps
-        if source is not None and source.start_step is not None and source.start_step >= steps:
+        if source is None:
+            return self
+        if source.start_step is not None and source.start_step >= steps:
             raise ValueError(
                 f"chains.source.start_step: {source.start_step} is beyond the schedule (method.num_steps = {steps}; "
                 f"the start step must be below it)"
             )
+        for strength in source.strengths or [source.strength] if source.start_step is None else []:
+            if int(steps * strength) < 1:
+                raise ValueError(
+                    f"chains.source.strength: {strength} of method.num_steps = {steps} re-noises no step (the chain "
+                    f"would start at step {steps}); use a strength of at least {1 / steps:.3g}"
+                )
         return self
 
 
@@ -469,6 +477,7 @@ class MicroBatch:
     method: MethodConfig
     campaign: str = ""
     pictures: bool = True  # draw each chain's pictures at the end
+    source: str | None = None  # editing: the source file the chains with a start step > 0 start from
 
     @property
     def key(self) -> tuple[str, int]:
@@ -482,15 +491,17 @@ class MicroBatch:
 def campaign_chains(config: CampaignConfig) -> Chains:
     """Every chain of the campaign: seeds base_seed + k, schedules cycled."""
     schedules = config.chains.schedules()
-    count, base = config.chains.count, config.chains.base_seed
-    return Chains.make(range(base, base + count), [schedules[k % len(schedules)] for k in range(count)])
+    count, base, source = config.chains.count, config.chains.base_seed, config.chains.source
+    starts = source.start_steps(count, config.method.num_steps) if source is not None else None
+    return Chains.make(range(base, base + count), [schedules[k % len(schedules)] for k in range(count)], starts)
 
 
 def micro_batches(config: CampaignConfig) -> list[MicroBatch]:
     """The campaign's chains cut into micro-batches of resources.micro_batch chains."""
     chains, size = campaign_chains(config), config.resources.micro_batch
+    source = config.chains.source.file if config.chains.source is not None else None
     return [
-        MicroBatch(i, start, chains[start : start + size], config.method, config.name, config.pictures)
+        MicroBatch(i, start, chains[start : start + size], config.method, config.name, config.pictures, source)
         for i, start in enumerate(range(0, len(chains), size))
     ]
 

@@ -104,6 +104,8 @@ class ChainWorker:
         self._prior_sides: dict[tuple[str, int], PriorSide] = {}
         self._sampler_sides: dict[tuple[str, int], SamplerSide] = {}
         self._probes: dict[tuple[str, int], GuidedStep] = {}  # steps paused at their gradient request
+        self._sources: dict[str, torch.Tensor] = {}  # source file -> x_src (1, *event)
+        self._source_losses: dict[tuple[str, str], float] = {}  # (source file, method) -> its held-out loss
         self._busy = 0.0
         self._started = time.perf_counter()
         self.build_parts()
@@ -131,6 +133,7 @@ class ChainWorker:
             self.problem.decoder  # noqa: B018
         if self.role == "both":
             check_shapes(self.problem.prior.event_shape, self.problem.fast_sampler.x_shape, self.config.problem)
+        self.source()  # a bad source stops the worker's start
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -187,11 +190,59 @@ class ChainWorker:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return rss | {"peak_memory_mb": peak, "memory": "cpu_max_rss"}
 
+    # -- the source of an editing campaign --------------------------------------------------------------
+    def source(self, file: str | None = None) -> torch.Tensor | None:
+        """x_src (1, *event) of an editing campaign (chains.source.file, or `file`) on this worker's device, read
+        once; an image is encoded by the latent prior's VAE (the decoder part). None when there is no source."""
+        file = file or (self.config.chains.source.file if self.config.chains.source is not None else None)
+        if file is None:
+            return None
+        if file not in self._sources:
+            from cdm_dist.models.sources import is_image, load_source
+
+            decoder = self.problem.decoder if is_image(file) else None  # (a tensor source needs no VAE)
+            encode = getattr(decoder, "encode", None)
+            if decoder is not None and encode is None:
+                raise InputError(
+                    f"chains.source.file: {file} is an image, but the problem's decoder (a factory) cannot encode it; "
+                    "give the source as a .npy / .safetensors tensor in the prior's event shape"
+                )
+            self._sources[file] = load_source(file, self.event_shape, encode).to(self.device)
+        return self._sources[file]
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        """x's shape: the prior's, or (the sampler alone) the decoder's latent shape or the sampler's x_shape."""
+        if self.has_prior:
+            return tuple(self.problem.prior.event_shape)
+        prior = self.config.problem.prior
+        shape = getattr(prior, "event_shape", None) or self.problem.fast_sampler.x_shape
+        if shape is None:
+            from cdm_dist.models.adapters import infer_event_shape
+            from cdm_dist.models.spec import DiffusersPriorSpec, read_json
+
+            if not isinstance(prior, DiffusersPriorSpec):
+                raise InputError("chains.source: the sampler worker cannot tell x's shape; set the sampler's x_shape")
+            config = read_json(prior.model_folder / "config.json", "not a diffusers folder for the model")
+            shape = infer_event_shape(config, prior.model_class or config.get("_class_name", ""), "problem.prior")
+        return tuple(shape)
+
+    def source_loss(self, batch: MicroBatch) -> float | None:
+        """The held-out loss of the batch's source (once per source and method), None without one."""
+        if batch.source is None:
+            return None
+        key = (batch.source, batch.method.model_dump_json())
+        if key not in self._source_losses:
+            self._source_losses[key] = self.sampler_side(batch).source_loss(self.source(batch.source))
+        return self._source_losses[key]
+
     # -- a micro-batch's halves of the chain loop -------------------------------------------------------
     def prior_side(self, batch: MicroBatch) -> PriorSide:
         """The prior's half for a micro-batch (made once, kept until the micro-batch is finished)."""
         if batch.key not in self._prior_sides:
-            self._prior_sides[batch.key] = PriorSide(self.problem.prior, batch.chains, batch.method.mlgd(), self.device)
+            self._prior_sides[batch.key] = PriorSide(
+                self.problem.prior, batch.chains, batch.method.mlgd(), self.device, self.source(batch.source)
+            )
         return self._prior_sides[batch.key]
 
     def sampler_side(self, batch: MicroBatch) -> SamplerSide:
@@ -234,7 +285,7 @@ class ChainWorker:
         (role 'both') also prior_fit, else the prior's worker adds it (`add_prior_fit`)."""
         with self.busy():
             side = self.sampler_side(batch)
-            result = side.evaluate(checkpoint, self.problem.metrics)
+            result = side.evaluate(checkpoint, self.problem.metrics, self.source_loss(batch))
             if self.has_prior:
                 result.metrics["prior_fit"] = self.prior_side(batch).fit_scores(result.x, result.failed)
             pictures = self._pictures(batch, side, result.x, result.final_loss, result.failed) if batch.pictures else []

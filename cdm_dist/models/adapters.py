@@ -376,6 +376,14 @@ class LatentDecoder:
         z = x.to(self.weights_dtype) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample.to(x.dtype)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> x = (posterior mean - shift) · scaling_factor, (B, C, h, w), the inverse
+        of __call__ (diffusers' img2img takes a posterior sample; the mean makes the source deterministic)."""
+        device = next(self.vae.parameters()).device
+        mean = self.vae.encode(images.to(device, self.weights_dtype)).latent_dist.mean
+        return ((mean - self.shift_factor) * self.scaling_factor).to(images.dtype)
+
 
 def load_latent_decoder(spec: VaeDecoderSpec, device: torch.device | str, field: str) -> LatentDecoder:
     """A VAE decoder part, e.g. a latent prior's (the sampler role loads it: it turns x̂0 into what the sampler sees)."""

@@ -167,3 +167,83 @@ def test_a_guided_step_takes_exactly_one_answer(gmm2d):
     assert isinstance(after, ChainState) and after.step == 1
     with pytest.raises(StopIteration):
         step.send(runner.sampler_side.matching_grad(request))  # a finished step takes no second answer
+
+
+# -- editing chains: from a source noised to a start step (SDEdit) ---------------------------------------------
+
+
+def _source(problem):
+    shape = tuple(problem.prior.event_shape)
+    return torch.linspace(0.7, -0.4, math.prod(shape), dtype=torch.float64).reshape(1, *shape)  # (1, *event)
+
+
+def test_an_unguided_edit_is_ddim_from_the_noised_source(gmm2d):
+    """ζ = 0: x* is deterministic DDIM over the steps from K on, started at sqrt(ᾱ_K) x_src + sqrt(1 - ᾱ_K) ε."""
+    from cdm_dist.chains.rng import Stream, chain_normal
+
+    source, start = _source(gmm2d), 5
+    chains = Chains.make([4, 9], ZetaConfig(scale=0.0), starts=[start, start])
+    config = SMALL.model_copy(update={"refine_steps": 0})
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, config, source=source)
+    schedule = gmm2d.prior.schedule(config.num_steps)
+    eps = chain_normal(torch.tensor([4, 9]), Stream.SOURCE, 0, tuple(gmm2d.prior.event_shape))
+    ab = schedule.alpha_bar[start].item()
+    x = math.sqrt(ab) * source + math.sqrt(1 - ab) * eps
+    for i in range(start, config.num_steps):  # DDIM (eta 0), written out
+        a, a_prev = schedule.alpha_bar[i].item(), schedule.alpha_bar_prev[i].item()
+        e = gmm2d.prior.predict_noise(x, schedule.timesteps[i])
+        x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * e
+    states = list(runner.states())
+    assert runner.prior_side.initial_state().step == start and len(states) == config.num_steps - start
+    torch.testing.assert_close(states[-1].x, x, rtol=0, atol=1e-10)
+
+
+def test_editing_chains_with_different_starts_do_not_depend_on_their_batch(gmm2d):
+    """A batch runs from its earliest start; a chain whose start is ahead keeps its x and is not guided."""
+    source = _source(gmm2d)
+    chains = Chains.make([11, 3, 7, 42], ZETAS[:4], starts=[0, 3, 5, 3])
+    together_runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL, source=source)
+    together = run_chains(together_runner, gmm2d.metrics)
+    for index in range(4):
+        alone_runner = GuidedChains(
+            gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains[index : index + 1], SMALL, source=source
+        )
+        alone = run_chains(alone_runner, gmm2d.metrics)
+        torch.testing.assert_close(alone.x[0], together.x[index], rtol=0, atol=1e-12)
+        torch.testing.assert_close(alone.final_loss[0], together.final_loss[index], rtol=0, atol=1e-12)
+    history = together.loss_history  # (B, T): NaN (unguided) before each chain's start
+    assert history.shape == (4, SMALL.num_steps)
+    assert torch.isnan(history[1, :3]).all() and torch.isfinite(history[1, 3:]).all()
+    assert torch.isnan(history[2, :5]).all() and torch.isfinite(history[2, 5:]).all()
+
+
+def test_resuming_an_editing_batch_gives_the_same_chains(gmm2d):
+    chains = Chains.make([1, 2, 3], ZETAS[:3], starts=[2, 4, 2])
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL, source=_source(gmm2d))
+    full = list(runner.states())
+    saved = full[1].checkpoint()  # step 4: chain 1 starts now
+    resumed = list(runner.states(runner.prior_side.resume(saved)))
+    torch.testing.assert_close(resumed[-1].x, full[-1].x, rtol=0, atol=0)
+
+
+def test_an_edit_reports_its_source_loss_and_improvement(gmm2d):
+    """source_loss is the source's held-out loss (a chain of seed eval_seed at x_src), the same for every chain."""
+    source = _source(gmm2d)
+    chains = Chains.make([5, 6], ZETAS[:2], starts=[3, 3])
+    result = run_chains(GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL, source=source))
+    reference = GuidedChains(
+        gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([SMALL.eval_seed], ZETAS[0]), SMALL
+    ).sampler_side.heldout_loss(source)[0]
+    torch.testing.assert_close(result.metrics["source_loss"], reference.expand(2), rtol=0, atol=1e-12)
+    expected = (reference - result.final_loss) / reference
+    torch.testing.assert_close(result.metrics["improvement"], expected, rtol=0, atol=1e-12)
+
+
+def test_editing_chains_need_a_source(gmm2d):
+    chains = Chains.make([1], ZETAS[0], starts=[3])
+    with pytest.raises(InputError, match="no source"):
+        GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL)
+    with pytest.raises(InputError, match="beyond"):
+        GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([1], ZETAS[0], starts=[8]), SMALL,
+                     source=_source(gmm2d))  # fmt: skip
