@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -96,6 +97,9 @@ def parse(model: type[M], data: Any, source: str = "config") -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"] if is_field(p)) or "(top level)"
+        field, message = ".".join(str(p) for p in error["loc"] if is_field(p)), error["msg"]
+        named = re.match(r"Value error, ([A-Za-z_][\w.]*): (.*)", message, re.S)
+        if not field and named:  # a check across sections names its field itself
+            field, message = named.groups()
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise InputError(f"{source}: {field}: {error['msg']}{more}") from None
+        raise InputError(f"{source}: {field or '(top level)'}: {message}{more}") from None

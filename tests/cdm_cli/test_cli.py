@@ -198,3 +198,17 @@ def test_resume_refuses_overrides_that_change_the_chains_and_takes_the_others(tm
         assert line.startswith(f"cdm: error: --set {field}") and "--resume cannot change the campaign's chains" in line
     ok = ["--set", "resources.threads=2", "--set", "tracking.log_every=2", "--set", "topk=2", "--executor", "local"]
     assert main(["run", "--resume", str(folder), "--quiet", *ok]) == 0
+
+
+def test_a_source_of_the_wrong_shape_stops_the_run_before_it_starts(tmp_path, capsys):
+    import numpy as np
+
+    from cdm_cli.main import main
+
+    np.save(tmp_path / "source.npy", np.zeros(3))
+    out = tmp_path / "out"
+    args = ["run", "--executor", "local", "--set", f"output={out}", "--set", f"tracking.uri=sqlite:///{out}/m.db"]
+    assert main([*args, "--set", f"chains.source={{file: {tmp_path / 'source.npy'}, strength: 0.5}}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cdm: error: chains.source.file: {tmp_path / 'source.npy'} has shape [3]; the prior's x has shape [1]"]
+    assert not out.exists()

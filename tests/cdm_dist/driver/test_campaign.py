@@ -102,3 +102,41 @@ def test_a_target_file_replaces_the_benchmark_target(tmp_path):
 def test_built_in_problem_settings_are_checked_up_front(items, message):
     with pytest.raises(InputError, match=message):
         check_config(load_config(None, items))
+
+
+def test_editing_chains_start_where_their_strength_says(tmp_path):
+    """diffusers' img2img convention: start K = num_steps - int(num_steps * strength), strengths cycled."""
+    np.save(tmp_path / "s.npy", np.zeros(1))
+    source = f"chains.source={{file: {tmp_path / 's.npy'}, strengths: [0.5, 0.2, 1.0]}}"
+    config = load_config(None, ["method.num_steps=30", "chains.count=5", source])
+    assert campaign_chains(config).start_steps == (15, 24, 0, 15, 24)
+    fixed = load_config(None, ["method.num_steps=30", f"chains.source={{file: {tmp_path / 's.npy'}, start_step: 15}}"])
+    assert set(campaign_chains(fixed).start_steps) == {15}
+    assert all(b.source == str(tmp_path / "s.npy") for b in micro_batches(fixed))
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("{file: S, strength: 0.0}", r"chains\.source\.strength: Input should be greater than 0"),
+        ("{file: S, strength: 1.5}", r"chains\.source\.strength: Input should be less than or equal to 1"),
+        ("{file: S, strength: 0.01}", r"strength: 0\.01 of method\.num_steps = 30 re-noises no step"),
+        ("{file: S, start_step: 30}", r"start_step: 30 is beyond the schedule \(method\.num_steps = 30"),
+        ("{file: S, start_step: 3, strength: 0.5}", r"give exactly one of start_step, strength or strengths"),
+        ("{file: S}", r"give exactly one of start_step, strength or strengths \(given: none\)"),
+        ("{file: missing.npy, strength: 0.5}", r"chains\.source\.file: .*missing\.npy is not a file"),
+    ],
+)
+def test_a_bad_source_setting_is_named(tmp_path, source, message):
+    np.save(tmp_path / "s.npy", np.zeros(1))
+    with pytest.raises(InputError, match=message):
+        load_config(None, ["method.num_steps=30", "chains.source=" + source.replace("S", str(tmp_path / "s.npy"))])
+
+
+def test_optuna_can_tune_the_strength(tmp_path):
+    from cdm_dist.driver.campaign import with_values
+
+    np.save(tmp_path / "s.npy", np.zeros(1))
+    config = load_config(None, ["method.num_steps=20", f"chains.source={{file: {tmp_path / 's.npy'}, strength: 0.5}}"])
+    tuned = with_values(config, {"chains.source.strength": 0.25})
+    assert set(campaign_chains(tuned).start_steps) == {15}
