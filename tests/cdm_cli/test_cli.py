@@ -210,5 +210,6 @@ def test_a_source_of_the_wrong_shape_stops_the_run_before_it_starts(tmp_path, ca
     args = ["run", "--executor", "local", "--set", f"output={out}", "--set", f"tracking.uri=sqlite:///{out}/m.db"]
     assert main([*args, "--set", f"chains.source={{file: {tmp_path / 'source.npy'}, strength: 0.5}}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"cdm: error: chains.source.file: {tmp_path / 'source.npy'} has shape [3]; the prior's x has shape [1]"]
+    file = tmp_path / "source.npy"
+    assert err == [f"cdm: error: chains.source.file: {file} has shape [3]; the prior's x has shape [1]"]
     assert not out.exists()
