@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///out/mlflow.db)")
     topk.add_argument("--json", help="write the rows here")
 
+    evaluate = commands.add_parser("evaluate", help="a campaign's source and top-k x* on fresh samples: the loss, "
+                                   "its improvement over the source, attribute shares")  # fmt: skip
+    evaluate.add_argument("campaign", help="the campaign's output folder")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="evaluation.*, resources.*, tracking.* or topk")  # fmt: skip
+    evaluate.add_argument("--json", help="write the report here too")
+
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the run store")
     ui.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///out/mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1")
@@ -187,6 +194,18 @@ def _topk(args: argparse.Namespace) -> int:
         print(f"{rank:<5} {cand.final_loss:<13.6g} {cand.chain:<6} {cand.run_id}  {cand.x_path}")
     if args.json:
         write_json(args.json, rows_json(candidates))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """`cdm evaluate`: the source's and top-k x*'s loss, improvement and attribute shares on fresh samples."""
+    from cdm_dist.driver.evaluation import evaluate_campaign, format_evaluation
+    from cdm_dist.driver.runner import write_json
+
+    report = evaluate_campaign(args.campaign, args.overrides)
+    print(format_evaluation(report))
+    if args.json:
+        write_json(args.json, report)
     return 0
 
 
@@ -378,6 +397,7 @@ COMMANDS = {
     "run": _run,
     "tune": _tune,
     "topk": _topk,
+    "evaluate": _evaluate,
     "ui": _ui,
     "serve": _serve,
     "bench": run_bench,
