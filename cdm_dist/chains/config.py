@@ -55,6 +55,7 @@ class MLGDConfig(StrictModel):
     target_batch: Annotated[int, Field(ge=2)] = 250  # target samples seen per guess and step
     loss: LossConfig = MMDLoss()  # the matching loss D(P(Y|X=x), G): one of cdm_dist.chains.losses.LOSSES by name
     grad: Literal["full", "identity"] = "full"  # through Tweedie and the prior, or d x̂0/d x_t = I
+    guidance: bool = True  # False: the prior alone, no gradient requests (SDEdit variations, plain prior samples)
     guidance_start: Fraction = 0.0  # fraction of the steps before guidance starts
     guidance_stop: Fraction = 1.0  # fraction of the steps after which guidance stops
     common_random_numbers: bool = False  # the same eta and guesses' noise at every step

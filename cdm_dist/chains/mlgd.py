@@ -239,6 +239,8 @@ class PriorSide:
         self.normalize = torch.tensor([z.normalize for z in chains.zetas], device=self.device)
         self.trust = torch.tensor([z.trust_radius or float("inf") for z in chains.zetas], **to)
         self.guided = guided_mask(len(sched), config.guidance_start, config.guidance_stop).tolist()
+        if not config.guidance:
+            self.guided = [False] * len(sched)
         if config.guess_radius == "step_beta":
             self.radius = sched.smoothing_radius().tolist()
         else:

@@ -20,13 +20,15 @@ EXECUTORS = ("local", "ray_colocated", "ray_split")
 
 
 class MethodConfig(MLGDConfig):
-    """The guided method and its knobs (every MLGDConfig field)."""
+    """The method and its knobs (every MLGDConfig field): MLGD-F (the fast sampler), MLGD (the full chain), or
+    'sdedit', the unguided baseline of an editing campaign (SDEdit variations of the source, Meng et al. 2022)."""
 
-    name: Literal["mlgd_f", "mlgd"] = "mlgd_f"
+    name: Literal["mlgd_f", "mlgd", "sdedit"] = "mlgd_f"
 
     def mlgd(self) -> MLGDConfig:
-        """The knobs without the method name."""
-        return MLGDConfig(**self.model_dump(exclude={"name"}))
+        """The knobs without the method name (sdedit: guidance off)."""
+        knobs = self.model_dump(exclude={"name"})
+        return MLGDConfig(**knobs | ({"guidance": False} if self.name == "sdedit" else {}))
 
 
 class SourceConfig(StrictModel):
@@ -322,6 +324,8 @@ class CampaignConfig(StrictModel):
     def _source_within_schedule(self) -> CampaignConfig:
         source, steps = self.chains.source, self.method.num_steps
         if source is None:
+            if self.method.name == "sdedit":
+                raise ValueError("method.name: sdedit edits a source; set chains.source")
             return self
         if source.start_step is not None and source.start_step >= steps:
             raise ValueError(
