@@ -63,6 +63,10 @@ def add_bench_parser(commands: Any) -> None:
     ray_bench.add_argument("--problems", default="gmm5d,digits,latent,balanced", help="comma-separated: gmm5d, "
                            "digits, latent, balanced")  # fmt: skip
 
+    editing = benches.add_parser("editing", help="editing campaigns on the 5D mixture vs a time-matched SDEdit search")
+    _bench_arguments(editing, chains=16)
+    editing.add_argument("--strengths", default="0.3,0.5,0.8", help="comma-separated, each in (0, 1]")
+
     tune_bench = benches.add_parser("tune", help="tuned vs default configuration on the 5D mixture and digits")
     tune_bench.add_argument("--problems", default="gmm5d,digits", help="comma-separated: gmm5d, digits")
     tune_bench.add_argument("--json", help="output JSON path (a .md table is written beside it)")
@@ -107,6 +111,13 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
         return
     if args.chains < 1:
         raise InputError(f"--chains: must be >= 1, got {args.chains}")
+    if args.bench == "editing":
+        try:
+            args.strengths = tuple(float(v) for v in args.strengths.split(","))
+        except ValueError:
+            raise InputError(f"--strengths: expected comma-separated numbers, got {args.strengths!r}") from None
+        if not all(0 < v <= 1 for v in args.strengths):
+            raise InputError(f"--strengths: each must be in (0, 1], got {list(args.strengths)}")
     from cdm_dist.chains.config import MLGDConfig
 
     loss = MLGDConfig().loss  # the benches' loss
@@ -158,6 +169,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
         targets = tuple(args.targets.split(","))
         bench_digits(args.json, targets, args.chains, args.quick, args.device, args.n_c, args.checkpoints)
+    elif args.bench == "editing":
+        from benchmarks.editing import bench_editing
+
+        bench_editing(args.json, args.chains, args.quick, args.strengths)
     elif args.bench == "tune":
         from benchmarks.tune import bench_tune
 
