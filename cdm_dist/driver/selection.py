@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cdm_dist.driver.tracking import client_for
 from cdm_dist.errors import InputError
+
+EVALUATION_COLUMNS = ("eval/mmd", "eval/improvement")  # logged on chain runs by `cdm evaluate`
 
 
 @dataclass
@@ -20,6 +22,7 @@ class Candidate:
     chain: int
     campaign: str
     x_path: str | None = None  # local file once exported
+    evaluation: dict[str, float] = field(default_factory=dict)  # `cdm evaluate`'s eval/mmd, eval/improvement, if run
 
 
 def find_candidates(uri: str, experiment: str | None, k: int, selected: bool = False) -> list[Candidate]:
@@ -39,7 +42,11 @@ def find_candidates(uri: str, experiment: str | None, k: int, selected: bool = F
     )
     found = [
         Candidate(
-            r.info.run_id, r.data.metrics["final_loss"], int(r.data.tags["cdm.chain"]), r.data.tags["cdm.campaign"]
+            r.info.run_id,
+            r.data.metrics["final_loss"],
+            int(r.data.tags["cdm.chain"]),
+            r.data.tags["cdm.campaign"],
+            evaluation={k: r.data.metrics[k] for k in EVALUATION_COLUMNS if k in r.data.metrics},
         )
         for r in runs
         if math.isfinite(r.data.metrics.get("final_loss", math.inf))
@@ -90,4 +97,25 @@ def _contact_sheet(pictures: list[tuple[Candidate, Path]], path: Path) -> None:
 
 
 def rows_json(candidates: list[Candidate]) -> dict[str, Any]:
-    return {"rows": [{"run_id": c.run_id, "final_loss": c.final_loss, "x_path": c.x_path} for c in candidates]}
+    return {
+        "rows": [
+            {"run_id": c.run_id, "final_loss": c.final_loss, "x_path": c.x_path} | c.evaluation for c in candidates
+        ]
+    }
+
+
+def format_candidates(candidates: list[Candidate]) -> str:
+    """The `cdm topk` table; with `cdm evaluate`'s figures where a chain has them (eval/mmd, eval/improvement)."""
+    evaluated = [k for k in EVALUATION_COLUMNS if any(k in c.evaluation for c in candidates)]
+    lines = [["rank", "final_loss", "chain", *evaluated, "run_id", "x"]]
+    for rank, cand in enumerate(candidates, start=1):
+        figures = [_figure(k, cand.evaluation.get(k)) for k in evaluated]
+        lines.append([str(rank), f"{cand.final_loss:.6g}", str(cand.chain), *figures, cand.run_id, str(cand.x_path)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+def _figure(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:+.1f}%" if key.endswith("improvement") else f"{value:.5g}"

@@ -197,7 +197,7 @@ def with_source(campaign, monkeypatch):
     return campaign[1]
 
 
-def test_evaluation_equals_a_direct_computation_on_fresh_samples(with_source):
+def test_evaluation_equals_a_direct_computation_on_fresh_samples(with_source, tmp_path, capsys):
     folder, lines = with_source, []
     settings = [
         "evaluation.samples=600",
@@ -259,6 +259,15 @@ def test_evaluation_equals_a_direct_computation_on_fresh_samples(with_source):
     assert parent.data.metrics["eval/best/improvement"] == pytest.approx(report["rows"][0]["improvement"])
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")]
     assert sorted(artifacts) == ["evaluation/evaluation.json", "evaluation/evaluation.md"]
+
+    # `cdm topk` shows the evaluated chains' figures
+    out = tmp_path / "topk.json"
+    assert main(["topk", "-k", "3", "--tracking-uri", config.tracking.uri, "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:5] == ["rank", "final_loss", "chain", "eval/mmd", "eval/improvement"]
+    topk = json.loads(out.read_text())["rows"]
+    assert [r["eval/mmd"] for r in topk] == pytest.approx([r["mmd"] for r in report["rows"]])
+    assert lines[1].split()[4] == f"{report['rows'][0]['improvement'] * 100:+.1f}%"
 
 
 def test_cdm_evaluate_prints_the_table(with_source, tmp_path, capsys):
