@@ -22,8 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--executor", choices=["local", "ray_colocated", "ray_split"], help="override resources")
     check.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     check.add_argument("--json", help="write the report here")
-    check.add_argument("--plan", action="store_true", help="no weights, no step: per role, each module's "
-                       "parameters and weights from its config.json, estimated activations, GPUs that fit")  # fmt: skip
 
     run = commands.add_parser("run", help="a design campaign: many MLGD-F chains, tracked in MLflow")
     run.add_argument("config", nargs="?", help="campaign YAML (see examples/); default: the built-in defaults")
@@ -92,35 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "the one-step distillation of a teacher flow")  # fmt: skip
     train.add_argument("--teacher", help="one_step: the flow sampler folder to distil (default: the shipped one)")
 
-    baseline = commands.add_parser("baseline", help="a baseline on an editing campaign's wall clock: sdedit (SDEdit "
-                                   "variations of the source, the best by held-out loss)")  # fmt: skip
-    baseline.add_argument("method", choices=["sdedit"])
-    baseline.add_argument("campaign", help="the finished editing campaign's folder")
-    baseline.add_argument("--seconds", type=float, help="time budget (default: the campaign's measured wall clock)")
-    baseline.add_argument("--executor", choices=["local", "ray_colocated", "ray_split"], help="override resources")
-    baseline.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    baseline.add_argument("--json", help="write the result here too")
-    baseline.add_argument("--quiet", action="store_true", help="no progress")
-
     add_bench_parser(commands)
     return parser
 
 
 def _check(args: argparse.Namespace) -> int:
-    """`cdm check`: resolve the spec as the campaign's workers will, take one guided step, report per role;
-    `--plan`: the campaign's memory plan from its models' config.json files (no weights, no step)."""
+    """`cdm check`: resolve the spec as the campaign's workers will, take one guided step, report per role."""
     from cdm_dist.driver.campaign import load_config
-    from cdm_dist.driver.runner import write_json
-
-    if args.plan:
-        from cdm_dist.driver.plan import format_plan, plan_file
-
-        plan = plan_file(args.config, args.overrides, args.executor)
-        print(format_plan(plan))
-        if args.json:
-            write_json(args.json, plan)
-        return 0
     from cdm_dist.driver.preflight import check_campaign, format_check
+    from cdm_dist.driver.runner import write_json
 
     config = load_config(args.config, args.overrides, args.executor)
     report = check_campaign(config, args.address)
@@ -226,21 +204,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_evaluation(report))
     if args.json:
         write_json(args.json, report)
-    return 0
-
-
-def _baseline(args: argparse.Namespace) -> int:
-    """`cdm baseline sdedit CAMPAIGN`: the time-matched SDEdit search, printed beside the campaign's best."""
-    from cdm_dist.driver.runner import write_json
-    from cdm_dist.driver.sdedit import format_sdedit, sdedit_search
-
-    if not Path(args.campaign).is_dir():
-        raise InputError(f"{args.campaign}: not a campaign folder")
-    result = sdedit_search(args.campaign, args.seconds, args.executor, args.address, progress=not args.quiet)
-    print(format_sdedit(result))
-    print(f"written: {Path(args.campaign) / 'sdedit.json'}")
-    if args.json:
-        write_json(args.json, result)
     return 0
 
 
@@ -433,7 +396,6 @@ COMMANDS = {
     "tune": _tune,
     "topk": _topk,
     "evaluate": _evaluate,
-    "baseline": _baseline,
     "ui": _ui,
     "serve": _serve,
     "bench": run_bench,
