@@ -38,6 +38,7 @@ from cdm_dist.models.spec import (
     DiffusersPriorSpec,
     FactorySpec,
     FlowSamplerSpec,
+    GeneratorSamplerSpec,
     PriorSpec,
     ProblemConfig,
     SamplerSpec,
@@ -259,6 +260,10 @@ class ProblemSource:
             if key not in self._flows:
                 self._flows[key] = load_flow_model(spec.flow, spec.dtype, self.device, f"{field}.flow")
             sampler: ConditionalSampler = FlowSampler(self._flows[key], spec.steps)
+        elif isinstance(spec, GeneratorSamplerSpec):
+            from cdm_dist.models.generator import load_generator_sampler
+
+            sampler = load_generator_sampler(spec, self.device, field)
         else:
             sampler = expect_type(call_factory(spec, field, self.device), ConditionalSampler, field,
                                   "a ConditionalSampler")  # fmt: skip
@@ -267,6 +272,9 @@ class ProblemSource:
             return sampler
         from cdm_dist.models.adapters import DecodedSampler
 
+        channels = getattr(getattr(getattr(decoder, "vae", None), "config", None), "out_channels", None)
+        if isinstance(spec, GeneratorSamplerSpec) and channels is not None:  # the ControlNet takes decoded images
+            sampler.check_image_channels(int(channels), "the decoder's images (its VAE's out_channels)")
         return DecodedSampler(decoder, sampler)
 
     def _build_decoder(self, spec: DecoderSpec, field: str) -> Callable[[torch.Tensor], torch.Tensor]:
