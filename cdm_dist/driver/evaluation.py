@@ -270,6 +270,18 @@ class Design:
     final_loss: float | None = None
 
 
+def baseline_designs(store: CampaignStore) -> list[Design]:
+    """The best design of each baseline run on the campaign (`cdm baseline sdedit`), evaluated beside its top-k."""
+    from cdm_dist.driver.sdedit import load_sdedit
+
+    sdedit = load_sdedit(store.root)
+    if not sdedit or not sdedit.get("best"):
+        return []
+    best = sdedit["best"]
+    x = torch.from_numpy(np.load(best["x_path"], allow_pickle=False))[None]
+    return [Design(f"sdedit best of {sdedit['variations']}", x, None, best["final_loss"])]
+
+
 def finished_chains(store: CampaignStore, config: CampaignConfig) -> list[Design]:
     """Every chain of a finished micro-batch that did not fail, with its x* and held-out loss."""
     designs, finished = [], 0
@@ -338,8 +350,9 @@ def evaluate_campaign(
     loss_fn = config.method.loss.build()
     target = worker.problem.target.heldout(settings.samples, settings.seed).to(worker.device, dtype)  # (m, d_y)
 
-    source = getattr(worker, "source", lambda: None)()
-    designs = ([Design("source", source.detach().cpu())] if source is not None else []) + top
+    source = worker.source()
+    baselines = baseline_designs(store)
+    designs = ([Design("source", source.detach().cpu())] if source is not None else []) + top + baselines
     rows: list[dict[str, Any]] = []
     for number, design in enumerate(designs, start=1):
         started = time.perf_counter()
@@ -355,7 +368,7 @@ def evaluate_campaign(
             "improvement": None,
             "shares": None if probs is None else attribute_shares(probs, classifier.classes, settings.confidence),
         }
-        if source is not None and design.chain is not None:
+        if source is not None and design.name != "source":
             reference = rows[0]["mmd"]
             row["improvement"] = (reference - row["mmd"]) / reference if reference != 0 else None
         rows.append(row)
@@ -379,7 +392,8 @@ def evaluate_campaign(
         "classes": None if classifier is None else classifier.classes,
         "attribute": None if classifier is None else settings.classifier.attribute or classifier.classes[0],
         "source": rows[0] if source is not None else None,
-        "rows": rows[1:] if source is not None else rows,
+        "rows": rows[int(source is not None) : len(rows) - len(baselines)],
+        "baselines": rows[len(rows) - len(baselines) :],  # e.g. the time-matched SDEdit search's best
         "target": {"samples": int(target.shape[0]), "shares": target_shares},
         "seconds": time.perf_counter() - tic,
     }
@@ -418,7 +432,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     level = f"{report['confidence'] * 100:g}%"
     header = ["design", "final_loss", report["loss"], "vs source", *(f"{c} % [{level} CI]" for c in classes)]
     lines = [header]
-    for row in ([report["source"]] if report["source"] else []) + report["rows"]:
+    for row in ([report["source"]] if report["source"] else []) + report["rows"] + report.get("baselines", []):
         shares = row["shares"] or {}
         lines.append([
             row["design"],
@@ -510,6 +524,8 @@ def log_to_mlflow(store: CampaignStore, config: CampaignConfig, report: dict[str
             per_run[parent].update(design_metrics(row, ("eval", f"chain{row['chain']:05d}")))
     if report["source"] is not None:
         per_run[parent].update(design_metrics(report["source"], ("eval", "source")))
+    for row in report.get("baselines", []):
+        per_run[parent].update(design_metrics(row, ("eval", row["design"].split()[0])))
     if report["rows"]:
         best = report["rows"][0]
         per_run[parent].update(

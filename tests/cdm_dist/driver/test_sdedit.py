@@ -56,3 +56,17 @@ def test_sdedit_needs_an_editing_campaign(small_campaign):
     report = run_campaign(config, LocalExecutor(config), CampaignStore.create(config), progress=False)
     with pytest.raises(InputError, match=r"chains\.source is not set"):
         sdedit_search(report.output_dir, progress=False)
+
+
+def test_cdm_evaluate_scores_the_sdedit_best_beside_the_top_k(editing_campaign):
+    from cdm_dist.driver.evaluation import evaluate_campaign, format_evaluation
+
+    _, campaign = editing_campaign
+    result = sdedit_search(campaign.output_dir, seconds=campaign.wall_seconds, progress=False)
+    report = evaluate_campaign(campaign.output_dir, ["evaluation.samples=300", "topk=2"], progress=lambda line: None)
+    (baseline,) = report["baselines"]
+    assert baseline["design"] == f"sdedit best of {result['variations']}"
+    assert baseline["final_loss"] == result["best"]["final_loss"]
+    source = report["source"]["mmd"]
+    assert baseline["improvement"] == pytest.approx((source - baseline["mmd"]) / source, rel=1e-12)
+    assert len(report["rows"]) == 2 and format_evaluation(report).count("sdedit best of") == 1
