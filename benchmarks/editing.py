@@ -98,7 +98,8 @@ def bench_editing(json_path: str | None, chains: int, quick: bool, strengths: tu
         "rows": rows,
     }
     columns = ["strength", "start_step", "mlgd_f_chains", "mlgd_f_seconds", "sdedit_variations", "sdedit_seconds",
-               "mlgd_f_median_improvement", "mlgd_f_best_improvement", "sdedit_best_improvement"]  # fmt: skip
+               "source_rescored", "mlgd_f_best_rescored", "sdedit_best_rescored", "mlgd_f_median_improvement",
+               "mlgd_f_best_improvement", "sdedit_best_improvement"]  # fmt: skip
     markdown = (
         f"Editing on gmm5d ({steps} steps, n_c = {n_c}): MLGD-F vs a time-matched SDEdit search; improvements are "
         f"over the source, each best rescored on {RESCORE_SAMPLES} fresh samples\n\n" + markdown_table(rows, columns)
