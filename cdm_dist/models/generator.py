@@ -259,6 +259,17 @@ def load_factory_embedder(
 # -- the sampler ----------------------------------------------------------------------------------------------
 
 
+def _latent_size(unet: Any) -> tuple[int, int]:
+    size = unet.config.sample_size
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def generated_shape(unet: Any, vae: Any) -> tuple[int, int, int]:
+    """(C, H, W) of the generated images: the VAE's out_channels, the UNet's latent size times the VAE's factor."""
+    factor, (h, w) = 2 ** (len(vae.config.block_out_channels) - 1), _latent_size(unet)
+    return int(vae.config.out_channels), h * factor, w * factor
+
+
 def _checkpointing(module: Any, on: bool) -> None:
     if on:
         module.enable_gradient_checkpointing()
@@ -312,15 +323,11 @@ class GeneratorSampler(ConditionalSampler):
         self.controlnet_scale, self.prediction_type = float(controlnet_scale), prediction_type
         self.sample_chunk, self.field = sample_chunk, field
         self.x_shape = None
-        config = unet.config
-        size = config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        self.noise_shape = (int(config.in_channels), *(int(s) for s in size))
+        self.noise_shape = (int(unet.config.in_channels), *_latent_size(unet))
         embedding = controlnet.config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
-        factor = 2 ** (len(embedding) - 1)
-        self.control_shape = (int(controlnet.config.conditioning_channels), size[0] * factor, size[1] * factor)
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.image_shape = (int(vae.config.out_channels), size[0] * vae_factor, size[1] * vae_factor)
+        factor, (h, w) = 2 ** (len(embedding) - 1), _latent_size(unet)
+        self.control_shape = (int(controlnet.config.conditioning_channels), h * factor, w * factor)
+        self.image_shape = generated_shape(unet, vae)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
         self.shift_factor = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
         self._moved: dict[tuple[torch.device, torch.dtype], Conditioning] = {}
@@ -337,8 +344,8 @@ class GeneratorSampler(ConditionalSampler):
 
     def _modules(self) -> list[nn.Module]:
         modules = [self.unet, self.controlnet, self.vae]
-        owner = getattr(self.embed, "model", None) or getattr(self.embed, "function", None)
-        return [*modules, owner] if isinstance(owner, nn.Module) else modules
+        owners = [getattr(self.embed, name, None) for name in ("model", "function")]
+        return modules + [owner for owner in owners if isinstance(owner, nn.Module)]
 
     def _follow(self, device: torch.device) -> None:
         if next(self.unet.parameters()).device != device:
@@ -426,16 +433,24 @@ class GeneratorSampler(ConditionalSampler):
         return y.reshape(batch, n_c, self.y_dim)
 
     @torch.no_grad()
-    def images(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-        """The generated images behind `sample`: x (B, C, H, W), eta (B, n_c, c, h, w) -> (B, n_c, C', H', W')."""
+    def sample_with_images(self, x: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y and the generated images behind it, in one pass without gradients (evaluation): x (B, C, H, W), eta
+        (B, n_c, c, h, w) -> y (B, n_c, y_dim) in x's dtype, images (B, n_c, C', H', W')."""
         batch, n_c = eta.shape[:2]
+        self.check_image_channels(x.shape[1])
         self._follow(x.device)
         noise = eta.to(x.device, x.dtype).reshape(batch * n_c, *self.noise_shape)
-        pieces = [
-            self.generate(x.index_select(0, torch.arange(s, e, device=x.device) // n_c), noise[s:e])
-            for s, e in self._chunks(batch * n_c)
-        ]
-        return torch.cat(pieces).reshape(batch, n_c, *pieces[0].shape[1:])
+        ys, pictures = [], []
+        for start, end in self._chunks(batch * n_c):
+            rows = torch.arange(start, end, device=x.device) // n_c
+            pictures.append(self.generate(x.index_select(0, rows), noise[start:end]))
+            ys.append(self.embed(pictures[-1]).to(x.dtype))
+        images = torch.cat(pictures)
+        return torch.cat(ys).reshape(batch, n_c, -1), images.reshape(batch, n_c, *images.shape[1:])
+
+    def images(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        """The generated images behind `sample`: x (B, C, H, W), eta (B, n_c, c, h, w) -> (B, n_c, C', H', W')."""
+        return self.sample_with_images(x, eta)[1]
 
 
 # -- loading --------------------------------------------------------------------------------------------------
@@ -494,10 +509,7 @@ def load_generator_sampler(
     conditioning = Conditioning(_conditioning_tensors(spec.prompt, config, f"{field}.prompt"), negative,
                                 spec.guidance_scale)  # fmt: skip
 
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    image_shape = (int(vae.config.out_channels), size[0] * vae_factor, size[1] * vae_factor)
+    image_shape = generated_shape(unet, vae)
     if isinstance(spec.embed, ClipEmbedSpec):
         embed: Any = load_clip_embedder(spec.embed, dtypes["embed"], device, spec.module_checkpointing("embed"),
                                         f"{field}.embed")  # fmt: skip

@@ -267,8 +267,11 @@ class GeneratorSamplerSpec(StrictModel):
     embed: EmbedSpec
     dtype: WeightDtype = "float32"  # every module's weights unless `dtypes` says otherwise
     dtypes: ModuleDtypes = Field(default_factory=dict)
-    checkpointing: bool | ModuleFlags = True  # activation checkpointing per module when gradients flow
-    sample_chunk: PositiveInt | None = None  # conditional samples per chunk (gradient accumulation); None: all
+    # activation checkpointing per module when gradients flow (embed: a CLIP model; a factory's function is as it is)
+    checkpointing: bool | ModuleFlags = True
+    # conditional samples per chunk, each chunk one activation checkpoint when gradients flow (its backward recomputes
+    # it alone, so memory holds one chunk's graph); None: all samples at once
+    sample_chunk: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _folders(self) -> GeneratorSamplerSpec:

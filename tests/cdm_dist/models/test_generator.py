@@ -75,8 +75,11 @@ def test_the_steps_are_diffusers_ddim_on_trailing_timesteps_with_the_controlnet_
             latent = step.prev_sample if t == 999 else step.pred_original_sample
         expected = sampler.vae.decode(latent / sampler.vae.config.scaling_factor).sample
         torch.testing.assert_close(sampler.generate(x, eta[:, 0]), expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(sampler.images(x, eta)[:, 0], expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(sampler.sample(x, eta)[:, 0], sampler.embed(expected), rtol=1e-4, atol=1e-5)
+        y, images = sampler.sample_with_images(x, eta)
+        torch.testing.assert_close(images[:, 0], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sampler.images(x, eta), images, rtol=0, atol=0)
+        torch.testing.assert_close(y[:, 0], sampler.embed(expected), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sampler.sample(x, eta), y, rtol=1e-5, atol=1e-6)
 
 
 def test_the_gradient_matches_central_finite_differences_in_float64(models):
