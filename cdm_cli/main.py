@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--executor", choices=["local", "ray_colocated", "ray_split"], help="override resources")
     check.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     check.add_argument("--json", help="write the report here")
+    check.add_argument("--plan", action="store_true", help="no weights, no step: per role, each module's "
+                       "parameters and weights from its config.json, estimated activations, GPUs that fit")  # fmt: skip
 
     run = commands.add_parser("run", help="a design campaign: many MLGD-F chains, tracked in MLflow")
     run.add_argument("config", nargs="?", help="campaign YAML (see examples/); default: the built-in defaults")
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="a campaign's source and top-k x* on fresh samples: the loss, "
                                    "its improvement over the source, attribute shares")  # fmt: skip
-    evaluate.add_argument("campaign", help="the campaign's output folder")
+    evaluate.add_argument("campaign", help="the campaign's output folder, or its YAML (then its newest run)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="evaluation.*, resources.*, tracking.* or topk")  # fmt: skip
     evaluate.add_argument("--json", help="write the report here too")
@@ -90,15 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
                        "the one-step distillation of a teacher flow")  # fmt: skip
     train.add_argument("--teacher", help="one_step: the flow sampler folder to distil (default: the shipped one)")
 
+    baseline = commands.add_parser("baseline", help="a baseline on an editing campaign's wall clock: sdedit (SDEdit "
+                                   "variations of the source, the best by held-out loss)")  # fmt: skip
+    baseline.add_argument("method", choices=["sdedit"])
+    baseline.add_argument("campaign", help="the finished editing campaign's folder, or its YAML (its newest run)")
+    baseline.add_argument("--seconds", type=float, help="time budget (default: the campaign's measured wall clock)")
+    baseline.add_argument("--executor", choices=["local", "ray_colocated", "ray_split"], help="override resources")
+    baseline.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    baseline.add_argument("--json", help="write the result here too")
+    baseline.add_argument("--quiet", action="store_true", help="no progress")
+
     add_bench_parser(commands)
     return parser
 
 
 def _check(args: argparse.Namespace) -> int:
-    """`cdm check`: resolve the spec as the campaign's workers will, take one guided step, report per role."""
+    """`cdm check`: resolve the spec as the campaign's workers will, take one guided step, report per role;
+    `--plan`: the campaign's memory plan from its models' config.json files (no weights, no step)."""
     from cdm_dist.driver.campaign import load_config
-    from cdm_dist.driver.preflight import check_campaign, format_check
     from cdm_dist.driver.runner import write_json
+
+    if args.plan:
+        from cdm_dist.driver.plan import format_plan, plan_file
+
+        plan = plan_file(args.config, args.overrides, args.executor)
+        print(format_plan(plan))
+        if args.json:
+            write_json(args.json, plan)
+        return 0
+    from cdm_dist.driver.preflight import check_campaign, format_check
 
     config = load_config(args.config, args.overrides, args.executor)
     report = check_campaign(config, args.address)
@@ -195,15 +218,46 @@ def _topk(args: argparse.Namespace) -> int:
     return 0
 
 
+def campaign_folder(text: str) -> Path:
+    """A campaign folder, or a campaign YAML: then the newest folder its runs made (output/<name>-<time>-<hex>)."""
+    path = Path(text)
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        from cdm_dist.driver.campaign import load_config
+
+        config = load_config(path)
+        stamp = re.compile(re.escape(config.name) + r"-\d{8}-\d{6}-[0-9a-f]{4}")
+        runs = sorted(p for p in Path(config.output).glob(f"{config.name}-*") if stamp.fullmatch(p.name))
+        if not runs:
+            raise InputError(f"{path}: no run of campaign {config.name!r} in {config.output} yet (cdm run {path})")
+        return runs[-1]  # the names sort by their time stamp
+    raise InputError(f"{text}: not a campaign folder or campaign YAML")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     """`cdm evaluate`: the source's and top-k x*'s loss, improvement and attribute shares on fresh samples."""
     from cdm_dist.driver.evaluation import evaluate_campaign, format_evaluation
     from cdm_dist.driver.runner import write_json
 
-    report = evaluate_campaign(args.campaign, args.overrides)
+    report = evaluate_campaign(campaign_folder(args.campaign), args.overrides)
     print(format_evaluation(report))
     if args.json:
         write_json(args.json, report)
+    return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    """`cdm baseline sdedit CAMPAIGN`: the time-matched SDEdit search, printed beside the campaign's best."""
+    from cdm_dist.driver.runner import write_json
+    from cdm_dist.driver.sdedit import format_sdedit, sdedit_search
+
+    folder = campaign_folder(args.campaign)
+    result = sdedit_search(folder, args.seconds, args.executor, args.address, progress=not args.quiet)
+    print(format_sdedit(result))
+    print(f"written: {folder / 'sdedit.json'}")
+    if args.json:
+        write_json(args.json, result)
     return 0
 
 
@@ -396,6 +450,7 @@ COMMANDS = {
     "tune": _tune,
     "topk": _topk,
     "evaluate": _evaluate,
+    "baseline": _baseline,
     "ui": _ui,
     "serve": _serve,
     "bench": run_bench,

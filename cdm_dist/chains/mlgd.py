@@ -416,7 +416,8 @@ class SamplerSide:
         self, state: ChainState | Checkpoint, metrics: MetricsFn | None = None, source_loss: float | None = None
     ) -> ChainResult:
         """Refine (CDMO), then the final x's held-out loss and exact metrics (prior_fit is the prior side's); for an
-        editing campaign also source_loss and improvement = (source_loss - final_loss) / source_loss."""
+        editing campaign also source_loss and improvement = (source_loss - final_loss) / source_loss (NaN unless
+        source_loss > 0: use a loss that is never negative, e.g. the V-statistic MMD², for the ratio)."""
         x = torch.as_tensor(state.x).to(self.device, self.dtype)
         failed = torch.as_tensor(state.failed).to(self.device)
         x = self.refine(x, failed)
@@ -427,7 +428,10 @@ class SamplerSide:
         scores = metrics(x) if metrics else {}
         if source_loss is not None:
             scores["source_loss"] = torch.full_like(final, source_loss)
-            scores["improvement"] = (source_loss - final) / source_loss
+            # a ratio needs a positive baseline: an unbiased MMD² estimate at or below 0 has none (NaN)
+            scores["improvement"] = (
+                (source_loss - final) / source_loss if source_loss > 0 else torch.full_like(final, float("nan"))
+            )
         scores = {k: v.masked_fill(failed, float("nan")) for k, v in scores.items()}
         return ChainResult(x, final.masked_fill(failed, float("inf")), failed, scores)
 

@@ -370,7 +370,7 @@ def evaluate_campaign(
         }
         if source is not None and design.name != "source":
             reference = rows[0]["mmd"]
-            row["improvement"] = (reference - row["mmd"]) / reference if reference != 0 else None
+            row["improvement"] = (reference - row["mmd"]) / reference if reference > 0 else None
         rows.append(row)
         tell(_progress_line(number, len(designs), row, classifier, time.perf_counter() - started))
 

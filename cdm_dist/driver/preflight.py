@@ -25,11 +25,15 @@ CHAINS = 2
 
 
 def probe_batch(config: CampaignConfig, count: int = CHAINS) -> tuple[MicroBatch, int]:
-    """The campaign's first `count` chains as a micro-batch, and the index of its first guided step."""
+    """The campaign's first `count` chains as a micro-batch, and the index of its first guided step (at which they
+    have all started)."""
     chains = campaign_chains(config)[:count]
     method = config.method
-    first = int(torch.nonzero(guided_mask(method.num_steps, method.guidance_start, method.guidance_stop))[0])
-    return MicroBatch(0, 0, chains, method, f"{config.name}-check"), first
+    guided = torch.nonzero(guided_mask(method.num_steps, method.guidance_start, method.guidance_stop))[:, 0]
+    started = guided[guided >= max(chains.start_steps)]  # editing chains: a step where every probe chain has started
+    first = int(started[0]) if len(started) else int(guided[-1])
+    source = config.chains.source.file if config.chains.source is not None else None
+    return MicroBatch(0, 0, chains, method, f"{config.name}-check", source=source), first
 
 
 def check_campaign(config: CampaignConfig, address: str | None = None) -> dict[str, Any]:
@@ -59,6 +63,7 @@ def check_campaign(config: CampaignConfig, address: str | None = None) -> dict[s
     finally:
         executor.close()
     seconds = {"denoise": denoised["seconds"], "matching_grad": grad["seconds"], "advance": advanced["seconds"]}
+    modules = module_rows(config, {"prior": denoised["modules"], "sampler": grad["modules"]})
     return {
         "problem": config.problem.label(),
         "executor": one.resources.executor_name,
@@ -75,7 +80,24 @@ def check_campaign(config: CampaignConfig, address: str | None = None) -> dict[s
             "seconds": seconds,
         },
         "estimate": estimate(config, seconds),
+        "modules": modules,
     }
+
+
+def module_rows(config: CampaignConfig, profiles: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per module of each role (e.g. a generator's unet, controlnet, vae and embed): parameters, dtype, forward time
+    and memory in the probe's step, and its forward time over the whole campaign (linear in the chains, as
+    `estimate`; the sampler's modules run at guided steps only)."""
+    method = config.method
+    guided = int(guided_mask(method.num_steps, method.guidance_start, method.guidance_stop).sum())
+    chain_scale = config.chains.count / CHAINS / config.resources.replicas
+    rows = []
+    for role, modules in profiles.items():
+        steps = method.num_steps if role == "prior" else guided
+        for name, profile in modules.items():
+            rows.append({"role": role, "module": name, **profile,
+                         "campaign_forward_seconds": profile["forward_seconds"] * steps * chain_scale})  # fmt: skip
+    return rows
 
 
 def _check_denoised(denoised: dict[str, Any]) -> None:
@@ -164,6 +186,15 @@ def format_check(report: dict[str, Any]) -> str:
             f"  {worker['role']:<8} {worker['device']:<6} {parts}; loaded {loads or '-'}; {stages}; peak "
             f"{worker['peak_memory_mb']:.0f} MB ({worker['memory']})"
         )
+    if report.get("modules"):
+        lines.append(f"  per module (one step, {CHAINS} chains; forward time includes checkpointed recomputation):")
+        for row in report["modules"]:
+            peak = "" if row["peak_mb"] is None else f", peak {row['peak_mb']:.0f} MB"
+            lines.append(
+                f"    {row['role']:<8} {row['module']:<20} {row['parameters']:>14,} params {row['dtype']:<9} "
+                f"{row['calls']} call(s) {1000 * row['forward_seconds']:8.1f} ms, activations for backward "
+                f"{row['saved_mb']:.1f} MB{peak}; campaign: about {row['campaign_forward_seconds']:.1f} s forward"
+            )
     est = report["estimate"]
     lines.append(
         f"estimate: {est['chains']} chains x {est['guided_steps'] + est['unguided_steps']} steps in "

@@ -30,6 +30,7 @@ from cdm_dist.chains.mlgd import (
     finish_step,
     guided_step,
 )
+from cdm_dist.chains.profiling import named_modules, profile_modules
 from cdm_dist.driver.campaign import CampaignConfig, MicroBatch
 from cdm_dist.driver.execution import Checkpoint, Chunk, Job, MicroBatchResult, Sink, chunk_end, step_of
 from cdm_dist.errors import InputError
@@ -339,7 +340,8 @@ class ChainWorker:
         step = guided_step(self.prior_side(batch), self.start_state(batch, checkpoint))
         torch_sync(self.device)
         tic = time.perf_counter()
-        request = begin_step(step)
+        with profile_modules(named_modules(self.problem.prior), self.device) as modules:
+            request = begin_step(step)
         torch_sync(self.device)
         seconds = time.perf_counter() - tic
         if not isinstance(request, GradRequest):
@@ -351,6 +353,7 @@ class ChainWorker:
             "seconds": seconds,
             "x0_finite": bool(torch.isfinite(x0).all()),
             "x0_abs_max": float(x0.abs().max()),
+            "modules": {name: profile.to_json() for name, profile in modules.items()},
         }
 
     def probe_matching_grad(self, batch: MicroBatch, request: GradRequest) -> dict[str, Any]:
@@ -374,10 +377,12 @@ class ChainWorker:
             )
         torch_sync(self.device)
         tic = time.perf_counter()
-        loss, grad = side.matching_grad(request)
+        with profile_modules(named_modules(side.sampler), self.device) as modules:
+            loss, grad = side.matching_grad(request)
         torch_sync(self.device)
         return {
             "seconds": time.perf_counter() - tic,
+            "modules": {name: profile.to_json() for name, profile in modules.items()},
             "y_shape": list(y.shape),
             "y_finite": bool(torch.isfinite(y).all()),
             "loss": loss.tolist(),

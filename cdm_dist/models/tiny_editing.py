@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import ControlNetModel
 from safetensors.torch import save_file
@@ -124,3 +125,57 @@ def save_tiny_classes(
     file = Path(file)
     save_file({"embeddings": embeddings, "logit_scale": torch.tensor(100.0)}, str(file))
     return file
+
+
+def scribble(kind: str, size: int = 16) -> np.ndarray:
+    """A size x size RGB scribble (uint8): dark strokes on white, 'rows' (horizontal) or 'columns' (vertical)."""
+    image = np.full((size, size, 3), 255, dtype=np.uint8)
+    for k in range(2, size - 2, 4):
+        if kind == "rows":
+            image[k, 2 : size - 2] = 0
+        else:
+            image[2 : size - 2, k] = 0
+    return image
+
+
+def save_tiny_editing(root: str | Path, target_size: int = 400, seed: int = 0) -> dict[str, Path]:
+    """Everything a tiny editing campaign needs under root: prior/ (a latent prior), generator/, clip/, source.png
+    (a scribble of rows), target.npy (y of the source and of a scribble of columns, half each: a 50% attribute
+    mix) and classes.safetensors (zero-shot embeddings of 'rows' and 'columns': the mean y of each, normalized).
+    With random weights y hardly depends on the scribble: this exercises the machinery, it measures nothing."""
+    from PIL import Image
+
+    from cdm_dist.models.adapters import DecodedSampler, load_latent_decoder
+    from cdm_dist.models.generator import load_generator_sampler
+    from cdm_dist.models.spec import ClipEmbedSpec, GeneratorSamplerSpec, VaeDecoderSpec
+    from cdm_dist.models.tiny import save_tiny_latent_pipeline
+
+    root = Path(root)
+    prior = save_tiny_latent_pipeline(root / "prior", seed=seed)
+    generator = save_tiny_generator(root / "generator", seed=seed + 10)
+    clip = save_tiny_clip(root / "clip", seed=seed + 20)
+    decoder = load_latent_decoder(VaeDecoderSpec(vae=str(prior / "vae")), "cpu", "tiny")
+    spec = GeneratorSamplerSpec(generator=str(generator), prompt=str(generator / "prompt.safetensors"),
+                                embed=ClipEmbedSpec(clip=str(clip)), steps=2)  # fmt: skip
+    sampler = DecodedSampler(decoder, load_generator_sampler(spec, "cpu"))
+    Image.fromarray(scribble("rows")).save(root / "source.png")
+    gen = torch.Generator().manual_seed(seed)
+    ys = []
+    for kind in ("rows", "columns"):
+        image = torch.from_numpy(scribble(kind)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        eta = torch.randn(1, target_size // 2, *sampler.noise_shape, generator=gen)
+        with torch.no_grad():
+            ys.append(sampler.sample(decoder.encode(image), eta)[0])  # (n, d_y)
+    np.save(root / "target.npy", torch.cat(ys).numpy())
+    means = torch.stack([y.mean(0) for y in ys])
+    save_file({"embeddings": means / means.norm(dim=-1, keepdim=True), "logit_scale": torch.tensor(100.0)},
+              str(root / "classes.safetensors"))  # fmt: skip
+    names = ("prior", "generator", "clip", "source.png", "target.npy", "classes.safetensors")
+    return {name: root / name for name in names}
+
+
+if __name__ == "__main__":
+    import sys
+
+    written = save_tiny_editing(sys.argv[1] if len(sys.argv) > 1 else "out/tiny_editing")
+    print("\n".join(str(path) for path in written.values()))
