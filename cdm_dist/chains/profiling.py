@@ -100,7 +100,8 @@ def profile_modules(
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
         profiles[name] = ModuleProfile(sum(p.numel() for p in params), "/".join(dtypes), peak_bytes=0 if cuda else None)
     running: list[tuple[str, float, int]] = []  # (name, start time, allocated at start)
-    seen: set[int] = set()
+    # storages counted once; weights are not activations
+    seen = {p.untyped_storage().data_ptr() for module in modules.values() for p in module.parameters()}
 
     def sync() -> None:
         if cuda:
