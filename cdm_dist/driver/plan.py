@@ -664,8 +664,9 @@ def plan_campaign(config: CampaignConfig, activations: bool = True) -> dict[str,
         roles.append(planner.sampler(sampler_spec, decoder, event))
     else:
         kind = "none" if sampler_spec is None else type(sampler_spec).__name__.removesuffix("Spec").lower()
-        planner.notes.append(f"problem.sampler: {kind}; only generator samplers are planned (`cdm check` measures "
-                             "the others)")  # fmt: skip
+        where = "problem.full_sampler" if config.method.name == "mlgd" else "problem.sampler"
+        planner.notes.append(f"{where}: {kind}; only generator samplers are planned (`cdm check` measures the "
+                             "others)")  # fmt: skip
     split = resources.executor == "ray" and resources.placement == "split"
     placement = (f"ray split: prior and sampler on separate actors, num_gpus {resources.num_gpus:g} each"
                  if split else f"{resources.executor_name}: both roles in one process (one GPU)")  # fmt: skip
@@ -705,7 +706,9 @@ def _module_json(module: ModulePlan) -> dict[str, Any]:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.0f} MiB"
+    if nbytes >= GIB / 10:
+        return f"{nbytes / GIB:.2f} GiB"
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
 
 
 def _fit_line(fit: dict[str, bool]) -> str:
