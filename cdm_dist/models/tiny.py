@@ -106,14 +106,21 @@ def save_tiny_latent_pipeline(
     tiny_unet(sdxl, seed, latent_size, unet_channels).save_pretrained(folder / "unet")
     tiny_vae(seed=seed + 1, image_size=2 * latent_size, channels=vae_channels).save_pretrained(folder / "vae")
     tiny_scheduler(prediction_type).save_pretrained(folder / "scheduler")
-    gen = torch.Generator().manual_seed(seed + 2)
-    for name in ("conditioning", "negative"):
+    save_text_conditioning(folder, ("conditioning", "negative"), sdxl, 2 * latent_size, seed + 2)
+    return folder
+
+
+def save_text_conditioning(folder: Path, names: tuple[str, ...], sdxl: bool, image_size: int, seed: int) -> None:
+    """Seeded random text conditioning, one <name>.safetensors each: encoder_hidden_states (TEXT_TOKENS,
+    TEXT_WIDTH), and for SDXL-style UNets text_embeds and the time_ids of an image_size² image."""
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
         tensors = {"encoder_hidden_states": torch.randn(TEXT_TOKENS, TEXT_WIDTH, generator=gen)}
         if sdxl:
+            size = float(image_size)
             tensors["text_embeds"] = torch.randn(SDXL_TEXT_EMBEDS, generator=gen)
-            tensors["time_ids"] = torch.tensor([16.0, 16.0, 0.0, 0.0, 16.0, 16.0])
+            tensors["time_ids"] = torch.tensor([size, size, 0.0, 0.0, size, size])
         save_file(tensors, str(folder / f"{name}.safetensors"))
-    return folder
 
 
 # -- a small image -> y sampler --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from diffusers import ControlNetModel
 from safetensors.torch import save_file
 
-from cdm_dist.models.tiny import SDXL_TEXT_EMBEDS, TEXT_TOKENS, TEXT_WIDTH, tiny_scheduler, tiny_unet, tiny_vae
+from cdm_dist.models.tiny import save_text_conditioning, tiny_scheduler, tiny_unet, tiny_vae
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -64,14 +64,7 @@ def save_tiny_generator(
     tiny_controlnet(unet, conditioning_channels, control_size, seed + 1).save_pretrained(folder / "controlnet")
     tiny_vae(seed=seed + 2, image_size=2 * latent_size, channels=vae_channels).save_pretrained(folder / "vae")
     tiny_scheduler(prediction_type).save_pretrained(folder / "scheduler")
-    gen = torch.Generator().manual_seed(seed + 3)
-    for name in ("prompt", "negative"):
-        tensors = {"encoder_hidden_states": torch.randn(TEXT_TOKENS, TEXT_WIDTH, generator=gen)}
-        if sdxl:
-            size = float(2 * latent_size)
-            tensors["text_embeds"] = torch.randn(SDXL_TEXT_EMBEDS, generator=gen)
-            tensors["time_ids"] = torch.tensor([size, size, 0.0, 0.0, size, size])
-        save_file(tensors, str(folder / f"{name}.safetensors"))
+    save_text_conditioning(folder, ("prompt", "negative"), sdxl, 2 * latent_size, seed + 3)
     return folder
 
 
