@@ -66,6 +66,7 @@ def add_bench_parser(commands: Any) -> None:
     editing = benches.add_parser("editing", help="editing campaigns on the 5D mixture vs a time-matched SDEdit search")
     _bench_arguments(editing, chains=16)
     editing.add_argument("--strengths", default="0.3,0.5,0.8", help="comma-separated, each in (0, 1]")
+    editing.add_argument("--sources", type=int, default=3, help="sources (unguided prior samples) per strength")
 
     tune_bench = benches.add_parser("tune", help="tuned vs default configuration on the 5D mixture and digits")
     tune_bench.add_argument("--problems", default="gmm5d,digits", help="comma-separated: gmm5d, digits")
@@ -118,6 +119,8 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
             raise InputError(f"--strengths: expected comma-separated numbers, got {args.strengths!r}") from None
         if not all(0 < v <= 1 for v in args.strengths):
             raise InputError(f"--strengths: each must be in (0, 1], got {list(args.strengths)}")
+        if args.sources < 1:
+            raise InputError(f"--sources: must be >= 1, got {args.sources}")
     from cdm_dist.chains.config import MLGDConfig
 
     loss = MLGDConfig().loss  # the benches' loss
@@ -172,7 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.bench == "editing":
         from benchmarks.editing import bench_editing
 
-        bench_editing(args.json, args.chains, args.quick, args.strengths)
+        bench_editing(args.json, args.chains, args.quick, args.strengths, args.sources)
     elif args.bench == "tune":
         from benchmarks.tune import bench_tune
 

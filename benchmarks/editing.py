@@ -25,17 +25,17 @@ from cdm_dist.driver.sdedit import sdedit_search
 from cdm_dist.driver.store import CampaignStore
 from cdm_dist.driver.worker import ChainWorker, LocalExecutor
 
-SOURCE_SEED = 7  # the unguided prior sample that is the source
+SOURCE_SEED = 7  # the first source: an unguided prior sample of this seed (the next ones: 8, 9, ...)
 RESCORE_SEED = 99_991  # η of the fresh scoring, never used by a campaign
 RESCORE_SAMPLES = 2000
 
 
-def source_sample(config: Any) -> np.ndarray:
-    """The source: one unguided prior sample of the problem (x of shape event)."""
+def source_sample(config: Any, seed: int) -> np.ndarray:
+    """A source: one unguided prior sample of the problem (x of shape event)."""
     worker = ChainWorker(config, "both")
     problem = worker.problem
     runner = GuidedChains(problem.prior, problem.fast_sampler, problem.target,
-                          Chains.make([SOURCE_SEED], ZetaConfig(scale=0.0)), config.method.mlgd())  # fmt: skip
+                          Chains.make([seed], ZetaConfig(scale=0.0)), config.method.mlgd())  # fmt: skip
     return run_chains(runner).x[0].numpy()
 
 
@@ -51,7 +51,7 @@ def rescore(config: Any, xs: torch.Tensor) -> list[float]:
 
 
 def bench_strength(root: Path, base: list[str], strength: float, chains: int) -> dict[str, Any]:
-    """One strength: the campaign, its time-matched SDEdit search, both bests and the source rescored."""
+    """One source and strength: the campaign, its time-matched SDEdit search, both bests and the source rescored."""
     settings = [*base, f"chains.source={{file: {root / 'source.npy'}, strength: {strength}}}", f"chains.count={chains}",
                 f"output={root / f's{strength}'}", f"name=edit-s{strength}"]  # fmt: skip
     config = load_config(None, settings)
@@ -79,17 +79,29 @@ def bench_strength(root: Path, base: list[str], strength: float, chains: int) ->
     }
 
 
-def bench_editing(json_path: str | None, chains: int, quick: bool, strengths: tuple[float, ...]) -> dict[str, Any]:
-    """Every strength on the 5D mixture; JSON + markdown."""
+def bench_editing(
+    json_path: str | None, chains: int, quick: bool, strengths: tuple[float, ...], sources: int = 3
+) -> dict[str, Any]:
+    """Every strength for each of `sources` sources (prior samples) on the 5D mixture; JSON + markdown."""
     steps, n_c = (10, 16) if quick else (100, 64)
     base = ["problem.name=gmm5d", "resources.executor=local", "tracking.enabled=false", "pictures=false",
             f"method.num_steps={steps}", f"method.n_c={n_c}", f"method.target_batch={n_c}", "method.grad=identity",
             "method.loss={name: mmd, unbiased: false, sqrt: true}",
             "chains.zeta=[{kind: linear, scale: 3.0, final: 0.1}, {kind: linear, scale: 1.0, final: 0.1}]"]  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="cdm-bench-editing-") as tmp:
-        root = Path(tmp)
-        np.save(root / "source.npy", source_sample(load_config(None, [*base, f"output={root / 'src'}"])))
-        rows = [bench_strength(root, base, s, chains) for s in strengths]
+    rows = []
+    for index in range(sources):
+        with tempfile.TemporaryDirectory(prefix="cdm-bench-editing-") as tmp:
+            root = Path(tmp)
+            config = load_config(None, [*base, f"output={root / 'src'}"])
+            np.save(root / "source.npy", source_sample(config, SOURCE_SEED + index))
+            rows += [{"source": index} | bench_strength(root, base, s, chains) for s in strengths]
+    summary = [
+        {"strength": s, "sources": sources,
+         **{f"mean_{k}": float(np.mean([r[k] for r in rows if r["strength"] == s]))
+            for k in ("mlgd_f_best_improvement", "sdedit_best_improvement", "mlgd_f_median_improvement")},
+         "mlgd_f_wins": sum(r["mlgd_f_best_rescored"] < r["sdedit_best_rescored"] for r in rows if r["strength"] == s)}
+        for s in strengths
+    ]  # fmt: skip
     payload = {
         "problem": "gmm5d",
         "num_steps": steps,
@@ -97,14 +109,16 @@ def bench_editing(json_path: str | None, chains: int, quick: bool, strengths: tu
         "rescore": {"samples": RESCORE_SAMPLES, "seed": RESCORE_SEED},
         "environment": environment(torch.device("cpu")),
         "rows": rows,
+        "summary": summary,
     }
-    columns = ["strength", "start_step", "mlgd_f_chains", "mlgd_f_seconds", "sdedit_variations", "sdedit_seconds",
-               "source_rescored", "mlgd_f_best_rescored", "sdedit_best_rescored", "mlgd_f_median_improvement",
-               "mlgd_f_best_improvement", "sdedit_best_improvement"]  # fmt: skip
+    columns = ["source", "strength", "start_step", "mlgd_f_chains", "mlgd_f_seconds", "sdedit_variations",
+               "sdedit_seconds", "source_rescored", "mlgd_f_best_rescored", "sdedit_best_rescored",
+               "mlgd_f_median_improvement", "mlgd_f_best_improvement", "sdedit_best_improvement"]  # fmt: skip
     markdown = (
         f"Editing on gmm5d ({steps} steps, n_c = {n_c}, loss MMD = sqrt of the V-statistic MMD²): MLGD-F vs a "
         f"time-matched SDEdit search; improvements are over the source, each best rescored on {RESCORE_SAMPLES} fresh "
-        "samples\n\n" + markdown_table(rows, columns)
+        "samples\n\n" + markdown_table(rows, columns) + "\nPer strength, over the sources (mlgd_f_wins: sources where "
+        "MLGD-F's rescored best beats the SDEdit search's)\n\n" + markdown_table(summary, list(summary[0]))
     )
     write_report(payload, json_path, markdown)
     return payload
