@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--plan", action="store_true", help="no weights, no step: per role, each module's "
                        "parameters and weights from its config.json, estimated activations, GPUs that fit")  # fmt: skip
 
-    run = commands.add_parser("run", help="a design campaign: many MLGD-F chains, tracked in MLflow")
+    run = commands.add_parser("run", help="a design campaign: many MLGD-F chains, tracked in MLflow (exit 1 when "
+                              "micro-batches kept failing; diverged chains are results)")  # fmt: skip
     run.add_argument("config", nargs="?", help="campaign YAML (see examples/); default: the built-in defaults")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--json", help="write the campaign summary and top-k here")
@@ -170,6 +171,10 @@ def _run(args: argparse.Namespace) -> int:
     print(format_topk(report.topk))
     if args.json:
         write_json(args.json, summary)
+    if report.failed_batches:  # errors, not diverged chains (those are results): the run failed
+        first = (next(iter(report.failed_batches.values())).strip().splitlines() or ["?"])[0]
+        print(f"cdm: error: {len(report.failed_batches)} micro-batch(es) failed, e.g.: {first}", file=sys.stderr)
+        return 1
     return 0
 
 

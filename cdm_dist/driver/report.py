@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,8 @@ class CampaignReport:
     topk: list[ChainRow]
     wall_seconds: float
     chain_steps: int
+    # micro-batches that kept failing (errors, not diverged chains) -> why; the run then fails (exit 1, MLflow FAILED)
+    failed_batches: dict[int, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         """Counts and losses over the chains (the campaign run's summary metrics)."""
@@ -67,6 +69,7 @@ class CampaignReport:
             "wall_seconds": self.wall_seconds,
             "chain_steps": self.chain_steps,
             "chain_steps_per_s": self.chain_steps / self.wall_seconds if self.wall_seconds > 0 else None,
+            "failed_micro_batches": {str(k): v for k, v in self.failed_batches.items()},
         }
 
 

@@ -39,6 +39,7 @@ class CampaignDriver:
         self.step: dict[int, int] = {}  # steps reached per micro-batch
         self.saved: dict[int, tuple[Checkpoint | None, torch.Tensor]] = {}  # the last checkpoint
         self.steps_run = 0  # chain-steps run by this driver, counting redone ones
+        self.failed_batches: dict[int, str] = {}  # micro-batches that kept failing in this run -> why
 
     def restore(self) -> list[Job]:
         """Load finished micro-batches and checkpoints from the store; the rest are the jobs to run."""
@@ -113,6 +114,7 @@ class CampaignDriver:
         n = len(batch.chains)
         x = checkpoint.x if checkpoint is not None else torch.zeros(n, *event_shape, dtype=torch.float64)
         tqdm.write(f"micro-batch {batch.index}: chains {list(batch.chain_ids)} failed: {reason}")
+        self.failed_batches[batch.index] = reason
         failed = torch.ones(n, dtype=torch.bool)
         self.on_result(batch, MicroBatchResult(batch.index, x, torch.full((n,), math.inf), failed))
 
@@ -215,6 +217,7 @@ def run_campaign(
         topk=top_k(rows, config.topk),
         wall_seconds=wall,
         chain_steps=driver.steps_run,
+        failed_batches=dict(driver.failed_batches),
     )
     for callback in everyone:
         callback.on_end(report, None)

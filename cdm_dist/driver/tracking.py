@@ -233,7 +233,8 @@ class MLflowTracker(CampaignCallback):
         return missing
 
     def on_end(self, report: CampaignReport | None, error: BaseException | None) -> None:
-        """Summary metrics and FINISHED; or FAILED (`--resume` can finish it), KILLED when a callback stopped it."""
+        """Summary metrics and FINISHED (FAILED when micro-batches kept failing: errors, unlike diverged chains); or
+        FAILED (`--resume` can finish it), KILLED when a callback stopped it."""
         if self.parent_id is None:
             return
         if report is None:
@@ -241,8 +242,10 @@ class MLflowTracker(CampaignCallback):
             return
         self._flush(None)
         summary = [(k, v, 0) for k, v in report.summary().items()]
-        self._batch(self.parent_id, self._missing(self.parent_id, summary))
-        self.client.set_terminated(self.parent_id, "FINISHED")
+        failed = ",".join(map(str, sorted(report.failed_batches)))
+        tags = {"cdm.failed_micro_batches": failed} if failed else None
+        self._batch(self.parent_id, self._missing(self.parent_id, summary), tags=tags)
+        self.client.set_terminated(self.parent_id, "FAILED" if report.failed_batches else "FINISHED")
         report.campaign_run_id = self.parent_id
         for row in report.rows:
             row.run_id = self.child_ids.get(row.chain)

@@ -195,6 +195,7 @@ def test_a_micro_batch_that_keeps_failing_on_a_live_actor_fails_only_its_chains(
     monkeypatch.setattr(LanePool, "_plan", corrupt_batch_2)
     report = _run(config)
     assert [r.failed for r in report.rows] == [False] * 4 + [True] * 2
+    assert list(report.failed_batches) == [2]  # an error, not diverged chains: the run fails (cdm run exits 1)
     assert all(r.chain not in (4, 5) for r in report.topk)
     for got, want in zip(report.rows[:4], local_reference.rows[:4], strict=True):
         assert got.final_loss == pytest.approx(want.final_loss, abs=1e-5)

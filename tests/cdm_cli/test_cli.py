@@ -213,3 +213,33 @@ def test_a_source_of_the_wrong_shape_stops_the_run_before_it_starts(tmp_path, ca
     file = tmp_path / "source.npy"
     assert err == [f"cdm: error: chains.source.file: {file} has shape [3]; the prior's x has shape [1]"]
     assert not out.exists()
+
+
+def test_a_campaign_whose_micro_batches_fail_exits_1_and_its_run_is_failed(tmp_path, capsys, monkeypatch):
+    """Errors (a micro-batch that kept failing) are not diverged chains: the run fails, in the shell and in MLflow."""
+    import mlflow
+
+    import cdm_dist.driver.launch as launch
+    from cdm_cli.main import main
+    from cdm_dist.driver.worker import LocalExecutor
+
+    class FailingFirstBatch(LocalExecutor):
+        def execute(self, jobs, sink):
+            sink.on_failed(jobs[0].batch, "RuntimeError: boom\nand a traceback", self.event_shape)
+            super().execute(jobs[1:], sink)
+
+    monkeypatch.setattr(launch, "make_executor", lambda config, address=None: FailingFirstBatch(config))
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/m.db"
+    settings = [f"output={out}", f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path / 'art'}",
+                "method.num_steps=4", "method.n_c=8", "method.target_batch=8", "chains.count=4",
+                "resources.micro_batch=2", "pictures=false"]  # fmt: skip
+    code = main(["run", "--executor", "local", "--quiet", "--json", str(tmp_path / "r.json"),
+                 *(a for s in settings for a in ("--set", s))])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "cdm: error: 1 micro-batch(es) failed, e.g.: RuntimeError: boom"
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["failed_micro_batches"] == {"0": "RuntimeError: boom\nand a traceback"}
+    assert summary["chains_ok"] == 2  # the other micro-batch's chains are results
+    run = mlflow.MlflowClient(uri).get_run(summary["campaign_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["cdm.failed_micro_batches"] == "0"
