@@ -224,11 +224,12 @@ class PriorSide:
         self.schedule: DiffusionSchedule = prior.schedule(config.num_steps)
         sched = self.schedule
         self.starts = torch.tensor(chains.start_steps, device=self.device)  # (B,)
+        self.last_start = max(chains.start_steps)  # steps before it have chains still waiting for their start
         if chains.edits:
             if source is None:
                 raise InputError("chains start from a source (chains.source) but no source was given")
-            if int(self.starts.max()) >= len(sched):
-                raise InputError(f"chains.source: start step {int(self.starts.max())} is beyond the {len(sched)} steps")
+            if self.last_start >= len(sched):
+                raise InputError(f"chains.source: start step {self.last_start} is beyond the {len(sched)} steps")
             self.source = source.to(self.device, self.dtype).reshape(1, *prior.event_shape)  # (1, *event)
         cache: dict[ZetaConfig, torch.Tensor] = {}
         for z in chains.zetas:
@@ -258,8 +259,8 @@ class PriorSide:
             x = torch.where(_rows(self.starts > 0, x), self.noised_source(), x)
         b = len(self.chains)
         nan = torch.full((b,), float("nan"), dtype=self.dtype, device=self.device)
-        first = int(self.starts.min())
-        return ChainState(first, x, torch.zeros(b, dtype=torch.bool, device=self.device), nan, nan, nan)
+        failed = torch.zeros(b, dtype=torch.bool, device=self.device)
+        return ChainState(min(self.chains.start_steps), x, failed, nan, nan, nan)
 
     def noised_source(self) -> torch.Tensor:
         """The source noised to each chain's start step with the chain's own ε, (B, *event)."""
@@ -315,8 +316,8 @@ class PriorSide:
             loss, grad_norm, zeta, correction = nan, nan, torch.zeros_like(nan), 0.0
         noise = self.noise.normal(Stream.REVERSE, i, tuple(x.shape[1:])) if self.sigma[i] > 0 else None
         x_next = ddim_step_from_x0(denoised.x0, denoised.eps, ab_prev, self.sigma[i], noise) - correction
-        waiting = self.starts > i  # (B,) editing chains whose start step is still ahead keep their x
-        if bool(waiting.any()):
+        if i < self.last_start:  # editing chains whose start step is still ahead keep their x
+            waiting = self.starts > i  # (B,)
             x_next = torch.where(_rows(waiting, x_next), x, x_next)
             loss, grad_norm = loss.masked_fill(waiting, float("nan")), grad_norm.masked_fill(waiting, float("nan"))
             zeta = zeta.masked_fill(waiting, 0.0)

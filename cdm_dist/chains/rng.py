@@ -82,3 +82,4 @@ class Stream:
     DFLOW = 8  # eta for D-Flow's fixed objective
     PRIOR_FIT = 9  # the noise of the prior-fit score (shared by every chain)
     SOURCE = 10  # ε of an editing chain's noised source
+    EVALUATE = 11  # eta of `cdm evaluate`'s fresh samples (one stream for every design)

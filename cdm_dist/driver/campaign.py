@@ -82,6 +82,11 @@ class ChainsConfig(StrictModel):
             self.schedules()
         return self
 
+    @property
+    def source_file(self) -> str | None:
+        """The editing source's file, None for chains from noise."""
+        return None if self.source is None else self.source.file
+
     def schedules(self) -> list[ZetaConfig]:
         """The zeta schedules chains cycle through."""
         if self.zeta_grid is None:
@@ -502,8 +507,7 @@ def campaign_chains(config: CampaignConfig) -> Chains:
 
 def micro_batches(config: CampaignConfig) -> list[MicroBatch]:
     """The campaign's chains cut into micro-batches of resources.micro_batch chains."""
-    chains, size = campaign_chains(config), config.resources.micro_batch
-    source = config.chains.source.file if config.chains.source is not None else None
+    chains, size, source = campaign_chains(config), config.resources.micro_batch, config.chains.source_file
     return [
         MicroBatch(i, start, chains[start : start + size], config.method, config.name, config.pictures, source)
         for i, start in enumerate(range(0, len(chains), size))

@@ -30,6 +30,7 @@ import torch
 
 from cdm_dist.chains.losses import Loss
 from cdm_dist.chains.mlgd import DTYPES
+from cdm_dist.chains.rng import Stream, chain_normal
 from cdm_dist.driver.campaign import CampaignConfig, ClassifierConfig, load_config, micro_batches
 from cdm_dist.driver.store import CampaignStore, atomic_write
 from cdm_dist.errors import InputError
@@ -84,16 +85,15 @@ def matching_loss(loss_fn: Loss, y: torch.Tensor, target: torch.Tensor) -> float
 def evaluation_eta(
     seed: int, start: int, stop: int, noise_shape: Sequence[int], dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """The eta of samples [start, stop), (stop - start, *noise_shape): drawn in seeded blocks of ETA_BLOCK samples,
-    so a sample's eta is the same whatever the chunk size and for every design (common random numbers)."""
+    """The eta of samples [start, stop), (stop - start, *noise_shape): blocks of ETA_BLOCK samples from the seed's
+    counter-based stream (cdm_dist.chains.rng, block = step), so a sample's eta is the same whatever the chunk size
+    and for every design (common random numbers)."""
     if stop <= start:
         return torch.empty(0, *noise_shape, dtype=dtype)
     first, last = start // ETA_BLOCK, (stop - 1) // ETA_BLOCK
-    blocks = []
-    for block in range(first, last + 1):
-        state = np.random.SeedSequence([seed % 2**63, block]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state) % 2**63)
-        blocks.append(torch.randn(ETA_BLOCK, *noise_shape, generator=generator, dtype=torch.float64))
+    seeds = torch.tensor([seed], dtype=torch.int64)
+    shape = (ETA_BLOCK, *noise_shape)
+    blocks = [chain_normal(seeds, Stream.EVALUATE, block, shape)[0] for block in range(first, last + 1)]
     offset = first * ETA_BLOCK
     return torch.cat(blocks)[start - offset : stop - offset].to(dtype)
 

@@ -32,8 +32,7 @@ def probe_batch(config: CampaignConfig, count: int = CHAINS) -> tuple[MicroBatch
     guided = torch.nonzero(guided_mask(method.num_steps, method.guidance_start, method.guidance_stop))[:, 0]
     started = guided[guided >= max(chains.start_steps)]  # editing chains: a step where every probe chain has started
     first = int(started[0]) if len(started) else int(guided[-1])
-    source = config.chains.source.file if config.chains.source is not None else None
-    return MicroBatch(0, 0, chains, method, f"{config.name}-check", source=source), first
+    return MicroBatch(0, 0, chains, method, f"{config.name}-check", source=config.chains.source_file), first
 
 
 def check_campaign(config: CampaignConfig, address: str | None = None) -> dict[str, Any]:

@@ -60,13 +60,13 @@ def sdedit_search(
     if not budget > 0:
         raise InputError(f"--seconds: must be > 0, got {budget}")
 
-    def round_config(count: int, base_seed: int, index: int) -> Any:
+    def round_config(count: int, base_seed: int) -> Any:
         settings = ["method.name=sdedit", f"name={config.name}-sdedit", f"output={store.root / 'sdedit'}",
                     f"chains.count={count}", f"chains.base_seed={base_seed}", "pictures=false"]  # fmt: skip
         return load_config(store.config_path, settings, executor_name)
 
     count, seed = config.chains.count, config.chains.base_seed + SEED_OFFSET
-    first = round_config(count, seed, 0)
+    first = round_config(count, seed)
     check_config(first)
     executor = make_executor(first, address)
     rounds: list[dict[str, Any]] = []
@@ -74,7 +74,7 @@ def sdedit_search(
     used = 0.0
     try:
         while count >= 1:
-            cfg = round_config(count, seed, len(rounds))
+            cfg = round_config(count, seed)
             report = run_campaign(cfg, executor, CampaignStore.create(cfg), progress=progress)
             used += report.wall_seconds
             rounds.append({"variations": count, "seconds": report.wall_seconds, "folder": report.output_dir,

@@ -195,7 +195,7 @@ class ChainWorker:
     def source(self, file: str | None = None) -> torch.Tensor | None:
         """x_src (1, *event) of an editing campaign (chains.source.file, or `file`) on this worker's device, read
         once; an image is encoded by the latent prior's VAE (the decoder part). None when there is no source."""
-        file = file or (self.config.chains.source.file if self.config.chains.source is not None else None)
+        file = file or self.config.chains.source_file
         if file is None:
             return None
         if file not in self._sources:
