@@ -9,27 +9,55 @@ the registered losses discriminated on `name`, is built at the end of this modul
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
 from cdm_dist.errors import InputError
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PAIR_CHUNK = 1 << 22  # most kernel entries of the target block evaluated at once
+# torch's CPU exp leaves its vectorised path below about -87 and runs 10-35x slower there; kernel arguments are
+# floored at -87, where exp is 1.6e-38, far below what any loss resolves (and where float32 underflows anyway)
+EXP_FLOOR = -87.0
+
+
+def kernel_exp(argument: torch.Tensor) -> torch.Tensor:
+    """exp of a kernel's (non-positive) argument, floored at EXP_FLOOR."""
+    return torch.exp(argument.clamp_min(EXP_FLOOR))
+
+
+@dataclass(frozen=True)
+class PreparedTarget:
+    """Target samples with a loss's target-only terms (the target-target block), computed once per target batch and
+    detached: the gradient never needs them, and their value only enters the reported loss and the guesses'
+    log-mean-exp weights."""
+
+    samples: torch.Tensor  # (m, d) shared by every row of y, or (B, m, d) one batch per row
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each (1, ...) when shared, else (B, ...)
+
+    @property
+    def size(self) -> int:
+        """m, the target samples per row."""
+        return self.samples.shape[-2]
+
+
+Loss = Callable[[torch.Tensor, "torch.Tensor | PreparedTarget"], torch.Tensor]
 UNION_TAG = "~"  # prefix of the tags of discriminated unions: not fields, so left out of error paths (config.parse)
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-def _batched_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Broadcast a shared target (m, d) to (B, m, d)."""
-    return target.unsqueeze(0).expand(y.shape[0], -1, -1) if target.dim() == 2 else target
+def _per_row(target: torch.Tensor) -> torch.Tensor:
+    """A shared target (m, d) as one row (1, m, d); a per-row target (B, m, d) as it is."""
+    return target.unsqueeze(0) if target.dim() == 2 else target
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||a_i - b_j||^2, a (B, n, d), b (B, m, d) -> (B, n, m), clamped at 0."""
+    """||a_i - b_j||^2, a (B, n, d), b (B, m, d) or (m, d) -> (B, n, m), clamped at 0."""
     if a.shape[-1] == 1:
         return (a - b.transpose(-1, -2)) ** 2  # exact, and cheaper, in 1-D
     cross = a @ b.transpose(-1, -2)
@@ -37,8 +65,36 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||a_i - b_j||, a (B, n, d), b (B, m, d) -> (B, n, m); the clamp keeps the gradient finite at 0."""
+    """||a_i - b_j||, a (B, n, d), b (B, m, d) or (m, d) -> (B, n, m); the clamp keeps the gradient finite at 0."""
     return torch.sqrt(squared_distances(a, b).clamp_min(1e-30))
+
+
+@functools.lru_cache(maxsize=8)
+def _upper_pairs(m: int, device: torch.device) -> torch.Tensor:
+    """The index pairs i < j of m samples, (2, m(m-1)/2)."""
+    return torch.triu_indices(m, m, offset=1, device=device)
+
+
+@torch.no_grad()
+def target_pairs(target: torch.Tensor, power: int) -> torch.Tensor:
+    """The target's within-sample squared distances (power 2) or distances (power 1): a shared target (m, d) as its
+    pairs i < j, (1, m(m-1)/2), kept and reused; per-row targets (B, m, d) as their blocks (B, m, m) with a zero
+    diagonal, used once."""
+    if target.dim() == 2:
+        first, second = _upper_pairs(target.shape[0], target.device)
+        if target.shape[-1] <= 4:  # differences of the pairs themselves: exact, and half the full block
+            pairs = (target[first] - target[second]).square_().sum(-1)[None]  # (1, K)
+        else:
+            pairs = squared_distances(target[None], target)[:, first, second]  # (1, K)
+    else:
+        pairs = squared_distances(target, target)  # (B, m, m)
+        pairs.diagonal(dim1=-2, dim2=-1).zero_()
+    return pairs if power == 2 else pairs.sqrt_()  # no gradient flows here, so sqrt(0) = 0 needs no clamp
+
+
+def _pair_sum(pairs: torch.Tensor) -> torch.Tensor:
+    """Σ_{i<j} of a sample's pair values, from its pairs (1, K) or its block (B, m, m) -> (1 or B,)."""
+    return pairs.sum(-1) if pairs.dim() == 2 else pairs.sum((-1, -2)) / 2
 
 
 def _off_diagonal_mean(k: torch.Tensor) -> torch.Tensor:
@@ -47,18 +103,86 @@ def _off_diagonal_mean(k: torch.Tensor) -> torch.Tensor:
     return (k.sum((-1, -2)) - torch.diagonal(k, dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
 
 
-def kernel_scale(d_xy: torch.Tensor, d_xx: torch.Tensor, d_yy: torch.Tensor, bandwidth: str | float) -> torch.Tensor:
-    """The RBF scale s (B,) in exp(-d^2 / s), detached: median of cross distances, mean of pooled ones, or 2 h^2."""
+@torch.no_grad()
+def within_kernel_mean(
+    pairs: torch.Tensor, m: int, scale: torch.Tensor, multipliers: Sequence[float], unbiased: bool
+) -> torch.Tensor:
+    """Mean kernel Σ_j exp(-v / (c_j s)) over a sample's pairs i != j (unbiased) or all (i, j) (biased), from its
+    target_pairs (1, K) or (B, m, m) and one scale per row s (B,) -> (B,); chunked over rows."""
+    rows, size = scale.shape[0], pairs[0].numel()
+    chunk = max(1, PAIR_CHUNK // max(size, 1))
+    total = torch.zeros_like(scale)
+    for c in multipliers:
+        for lo in range(0, rows, chunk):
+            hi = min(rows, lo + chunk)
+            v = pairs if pairs.shape[0] == 1 else pairs[lo:hi]
+            coef = (-1.0 / (c * scale[lo:hi])).view(-1, *[1] * (pairs.dim() - 1))
+            total[lo:hi] += torch.mul(v, coef).clamp_min_(EXP_FLOOR).exp_().flatten(1).sum(-1)
+    if pairs.dim() == 3:  # a block: both orders of each pair, and its zero diagonal, exp(0) = 1 once per multiplier
+        total = (total - m * len(multipliers)) / 2
+    if unbiased:
+        return 2 * total / (m * (m - 1))
+    return (2 * total + m * len(multipliers)) / (m * m)  # the diagonal
+
+
+def kernel_scale(
+    d_xy: torch.Tensor, d_xx: torch.Tensor, target_pair_sum: torch.Tensor | None, m: int, bandwidth: str | float
+) -> torch.Tensor:
+    """The kernel scale s (B,) in exp(-v / s), detached: the median of the cross values v, the mean of the pooled
+    off-diagonal ones (target_pair_sum (1 or B,): Σ_{i<j} of the target's), or a fixed number (already a scale)."""
     if isinstance(bandwidth, float | int):
-        return torch.full(d_xy.shape[:1], 2.0 * float(bandwidth) ** 2, dtype=d_xy.dtype, device=d_xy.device)
+        return torch.full(d_xy.shape[:1], float(bandwidth), dtype=d_xy.dtype, device=d_xy.device)
     with torch.no_grad():
-        if bandwidth == "median":  # median heuristic on the cross distances (as the MLGD-F code)
+        if bandwidth == "median":  # median heuristic on the cross values (as the MLGD-F code)
             return d_xy.flatten(1).median(dim=1).values.clamp_min(1e-12)
-        if bandwidth == "mean":  # mean pooled off-diagonal squared distance
-            n, m = d_xx.shape[-1], d_yy.shape[-1]
-            total = d_xx.sum((-1, -2)) + d_yy.sum((-1, -2)) + 2 * d_xy.sum((-1, -2))
-            return (total / ((n + m) ** 2 - (n + m))).clamp_min(1e-12)
+        if bandwidth == "mean" and target_pair_sum is not None:
+            pooled = d_xx.shape[-1] + m
+            total = d_xx.sum((-1, -2)) + 2 * target_pair_sum + 2 * d_xy.sum((-1, -2))
+            return (total / (pooled**2 - pooled)).clamp_min(1e-12)
     raise InputError(f"loss.bandwidth: unknown {bandwidth!r}; expected 'median', 'mean' or a positive number")
+
+
+def kernel_target_terms(
+    target: torch.Tensor, bandwidth: str | float, multipliers: Sequence[float], unbiased: bool, power: int
+) -> dict[str, torch.Tensor]:
+    """The target's terms of a kernel MMD: with a fixed scale its within-target kernel mean ('within'), else its
+    pair values ('pairs') and, for the mean heuristic, their sum ('pair_sum')."""
+    pairs = target_pairs(target, power)  # (P, K)
+    if isinstance(bandwidth, str):
+        return {"pairs": pairs, "pair_sum": _pair_sum(pairs)}
+    scale = pairs.new_full((pairs.shape[0],), float(bandwidth))
+    return {"within": within_kernel_mean(pairs, target.shape[-2], scale, multipliers, unbiased)}
+
+
+def kernel_mmd2(
+    y: torch.Tensor,
+    target: PreparedTarget,
+    bandwidth: str | float,
+    multipliers: Sequence[float],
+    unbiased: bool,
+    power: int,
+) -> torch.Tensor:
+    """MMD² with the kernel Σ_j exp(-v / (c_j s)), v the squared distance (power 2, RBF) or the distance (power 1,
+    Laplace) (Gretton et al. 2012); U-statistic if unbiased, else V. y (B, n, d) -> (B,); the target block comes
+    prepared."""
+    pair = squared_distances if power == 2 else distances
+    d_xx, d_xy = pair(y, y), pair(y, target.samples)  # (B, n, n), (B, n, m)
+    m = target.size
+    scale = kernel_scale(d_xy, d_xx, target.terms.get("pair_sum"), m, bandwidth)  # (B,)
+    if "within" in target.terms:
+        within_t = target.terms["within"].expand(y.shape[0])
+    else:
+        within_t = within_kernel_mean(target.terms["pairs"], m, scale, multipliers, unbiased)  # (B,)
+    scale = scale[:, None, None]
+    k_xx = sum(kernel_exp(-d_xx / (c * scale)) for c in multipliers)
+    k_xy = sum(kernel_exp(-d_xy / (c * scale)) for c in multipliers)
+    within_y = _off_diagonal_mean(k_xx) if unbiased else k_xx.mean((-1, -2))
+    return within_y + within_t - 2 * k_xy.mean((-1, -2))
+
+
+def _rbf_bandwidth(bandwidth: str | float) -> str | float:
+    """The RBF scale of a bandwidth h, 2 h²; a heuristic's name as it is."""
+    return bandwidth if isinstance(bandwidth, str) else 2.0 * float(bandwidth) ** 2
 
 
 def mmd2(
@@ -68,28 +192,25 @@ def mmd2(
     multipliers: Sequence[float] = (1.0,),
     unbiased: bool = True,
 ) -> torch.Tensor:
-    """MMD² with the kernel Σ_j exp(-d² / (c_j s)) (Gretton et al. 2012); U-statistic if unbiased, else V."""
-    t = _batched_target(y, target)
-    d_xx, d_yy, d_xy = squared_distances(y, y), squared_distances(t, t), squared_distances(y, t)
-    scale = kernel_scale(d_xy, d_xx, d_yy, bandwidth)[:, None, None]  # (B, 1, 1)
-
-    def kernel(d: torch.Tensor) -> torch.Tensor:
-        return sum(torch.exp(-d / (c * scale)) for c in multipliers)
-
-    return mmd2_from_kernels(kernel(d_xx), kernel(d_yy), kernel(d_xy), unbiased)
+    """MMD² with the RBF kernel Σ_j exp(-d² / (c_j s)), s = 2 h² or a heuristic; y (B, n, d), target (m, d) or
+    (B, m, d) -> (B,)."""
+    scale = _rbf_bandwidth(bandwidth)
+    terms = kernel_target_terms(target, scale, multipliers, unbiased, power=2)
+    return kernel_mmd2(y, PreparedTarget(target, terms), scale, multipliers, unbiased, power=2)
 
 
-def mmd2_from_kernels(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor, unbiased: bool) -> torch.Tensor:
-    """MMD² from kernel matrices (B, n, n), (B, m, m), (B, n, m) -> (B,): U-statistic if unbiased, else V."""
-    within = _off_diagonal_mean if unbiased else lambda k: k.mean((-1, -2))
-    return within(k_xx) + within(k_yy) - 2 * k_xy.mean((-1, -2))
+def energy_target_terms(target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The energy distance's target term: the mean distance between the target's samples, i != j."""
+    m = target.shape[-2]
+    return {"within": 2 * _pair_sum(target_pairs(target, power=1)) / (m * (m - 1))}
 
 
-def energy_distance(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def energy_distance(y: torch.Tensor, target: torch.Tensor | PreparedTarget) -> torch.Tensor:
     """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (Székely & Rizzo 2013), within-sample terms as U-statistics."""
-    t = _batched_target(y, target)
-    d_yt, d_yy, d_tt = distances(y, t), distances(y, y), distances(t, t)  # (B, n, m), (B, n, n), (B, m, m)
-    return 2 * d_yt.mean((-1, -2)) - _off_diagonal_mean(d_yy) - _off_diagonal_mean(d_tt)
+    if not isinstance(target, PreparedTarget):
+        target = PreparedTarget(target, energy_target_terms(target))
+    d_yt, d_yy = distances(y, target.samples), distances(y, y)  # (B, n, m), (B, n, n)
+    return 2 * d_yt.mean((-1, -2)) - _off_diagonal_mean(d_yy) - target.terms["within"]
 
 
 def _quantiles(sorted_values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -102,15 +223,28 @@ def _quantiles(sorted_values: torch.Tensor, levels: torch.Tensor) -> torch.Tenso
     return sorted_values[..., lo, :] * (1 - frac) + sorted_values[..., hi, :] * frac
 
 
-def sliced_wasserstein(y: torch.Tensor, target: torch.Tensor, n_projections: int = 64, seed: int = 0) -> torch.Tensor:
-    """Sliced W2² over fixed random directions (Rabin et al. 2011); unequal sizes matched by target quantiles."""
-    t = _batched_target(y, target)
-    d = y.shape[-1]
+def projection_directions(d: int, n_projections: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """Fixed random unit directions (d, L) of the sliced Wasserstein loss, in like's dtype and device."""
     gen = torch.Generator().manual_seed(seed)
     directions = torch.randn(d, n_projections, generator=gen, dtype=torch.float64)
-    directions = (directions / directions.norm(dim=0, keepdim=True)).to(y)
-    y_proj = torch.sort(y @ directions, dim=-2).values  # (B, n, L)
-    t_proj = torch.sort(t @ directions, dim=-2).values  # (B, m, L)
+    return (directions / directions.norm(dim=0, keepdim=True)).to(like)
+
+
+@torch.no_grad()
+def sliced_target_terms(target: torch.Tensor, n_projections: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The sliced Wasserstein loss's target terms: its directions and the target's sorted projections (1 or B, m, L)."""
+    directions = projection_directions(target.shape[-1], n_projections, seed, target)
+    return {"directions": directions, "sorted": torch.sort(_per_row(target) @ directions, dim=-2).values}
+
+
+def sliced_wasserstein(
+    y: torch.Tensor, target: torch.Tensor | PreparedTarget, n_projections: int = 64, seed: int = 0
+) -> torch.Tensor:
+    """Sliced W2² over fixed random directions (Rabin et al. 2011); unequal sizes matched by target quantiles."""
+    if not isinstance(target, PreparedTarget):
+        target = PreparedTarget(target, sliced_target_terms(target, n_projections, seed))
+    y_proj = torch.sort(y @ target.terms["directions"], dim=-2).values  # (B, n, L)
+    t_proj = target.terms["sorted"]  # (1 or B, m, L)
     n = y.shape[1]
     if t_proj.shape[1] != n:
         levels = (torch.arange(n, dtype=torch.float64, device=y.device) + 0.5) / n
@@ -151,18 +285,33 @@ class LossSpec(BaseModel):
         """The fewest samples the loss takes on each side (n_c and the target batch): 2 for U-statistics."""
         return 2
 
-    def base(self) -> Loss:
-        """The loss itself, without the sqrt option or the sample-count check."""
+    def target_terms(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss's terms that depend on the target alone, target (m, d) or (B, m, d); none by default."""
+        return {}
+
+    def prepare(self, target: torch.Tensor | PreparedTarget) -> PreparedTarget:
+        """The target with its terms computed: once per target batch, then reused by every call."""
+        if isinstance(target, PreparedTarget):
+            return target
+        if target.shape[-2] < self.min_samples:
+            raise InputError(
+                f"loss: the {self.name} loss needs at least {self.min_samples} samples on each side "
+                f"(n_c >= {self.min_samples})"
+            )
+        return PreparedTarget(target, self.target_terms(target))
+
+    def base(self) -> Callable[[torch.Tensor, PreparedTarget], torch.Tensor]:
+        """The loss itself on a prepared target, without the sqrt option or the sample-count check."""
         raise NotImplementedError
 
     def build(self) -> Loss:
-        """The loss y (B, n, d), target (m, d) or (B, m, d) -> (B,), checking the sample counts."""
+        """The loss y (B, n, d), target (m, d), (B, m, d) or prepared -> (B,), checking the sample counts."""
         base, least, sqrt, name = self.base(), self.min_samples, self.sqrt, self.name
 
-        def loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            if min(y.shape[-2], target.shape[-2]) < least:
+        def loss(y: torch.Tensor, target: torch.Tensor | PreparedTarget) -> torch.Tensor:
+            if y.shape[-2] < least:
                 raise InputError(f"loss: the {name} loss needs at least {least} samples on each side (n_c >= {least})")
-            value = base(y, target)  # (B,)
+            value = base(y, self.prepare(target))  # (B,)
             return torch.sqrt(value.clamp_min(0) + 1e-8) if sqrt else value
 
         return loss
@@ -173,6 +322,25 @@ class KernelOptions(LossSpec):
 
     bandwidth: Literal["median", "mean"] | PositiveFloat = "median"  # a statistic of the distances, or h
     multipliers: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)  # multi-bandwidth mixture
+
+    power: ClassVar[int] = 2  # the kernel of v = distance**power
+
+    @property
+    def u_statistic(self) -> bool:
+        """Whether the within-sample means leave out i = j (the U-statistic MMD²)."""
+        return True
+
+    @property
+    def scale(self) -> str | float:
+        """The bandwidth as the kernel's scale s in exp(-v / s), or the heuristic's name."""
+        return self.bandwidth
+
+    def target_terms(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return kernel_target_terms(target, self.scale, self.multipliers, self.u_statistic, self.power)
+
+    def base(self) -> Callable[[torch.Tensor, PreparedTarget], torch.Tensor]:
+        scale, mults, unbiased, power = self.scale, tuple(self.multipliers), self.u_statistic, self.power
+        return lambda y, t: kernel_mmd2(y, t, scale, mults, unbiased, power)
 
 
 class MMDLoss(KernelOptions):
@@ -185,9 +353,13 @@ class MMDLoss(KernelOptions):
     def min_samples(self) -> int:
         return 2 if self.unbiased else 1
 
-    def base(self) -> Loss:
-        bandwidth, mults, unbiased = self.bandwidth, tuple(self.multipliers), self.unbiased
-        return lambda y, t: mmd2(y, t, bandwidth, mults, unbiased)
+    @property
+    def u_statistic(self) -> bool:
+        return self.unbiased
+
+    @property
+    def scale(self) -> str | float:
+        return _rbf_bandwidth(self.bandwidth)
 
 
 class EnergyLoss(LossSpec):
@@ -195,7 +367,10 @@ class EnergyLoss(LossSpec):
 
     name: Literal["energy"] = "energy"
 
-    def base(self) -> Loss:
+    def target_terms(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return energy_target_terms(target)
+
+    def base(self) -> Callable[[torch.Tensor, PreparedTarget], torch.Tensor]:
         return energy_distance
 
 
@@ -209,28 +384,18 @@ class SlicedWassersteinLoss(LossSpec):
     def min_samples(self) -> int:
         return 1
 
-    def base(self) -> Loss:
-        n_projections = self.n_projections
-        return lambda y, t: sliced_wasserstein(y, t, n_projections)
+    def target_terms(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return sliced_target_terms(target, self.n_projections)
+
+    def base(self) -> Callable[[torch.Tensor, PreparedTarget], torch.Tensor]:
+        return sliced_wasserstein
 
 
 class MMDLaplaceLoss(KernelOptions):
     """MMD² (U-statistic) with the Laplace kernel Σ_j exp(-||a-b|| / (c_j s)), s from the bandwidth (h for a number)."""
 
     name: Literal["mmd_laplace"] = "mmd_laplace"
-
-    def base(self) -> Loss:
-        bandwidth, mults = self.bandwidth, tuple(self.multipliers)
-
-        def loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            t = _batched_target(y, target)
-            d_xx, d_yy, d_xy = distances(y, y), distances(t, t), distances(y, t)  # (B, n, n), (B, m, m), (B, n, m)
-            fixed = not isinstance(bandwidth, str)
-            scale = d_xy.new_full(d_xy.shape[:1], bandwidth) if fixed else kernel_scale(d_xy, d_xx, d_yy, bandwidth)
-            k = [sum(torch.exp(-d / (c * scale[:, None, None])) for c in mults) for d in (d_xx, d_yy, d_xy)]
-            return mmd2_from_kernels(*k, unbiased=True)
-
-        return loss
+    power: ClassVar[int] = 1
 
 
 def loss_union() -> Any:

@@ -13,7 +13,7 @@ import torch
 
 from cdm_dist.chains.config import MLGDConfig, ZetaConfig
 from cdm_dist.chains.diffusion import DiffusionSchedule, ddim_step_from_x0
-from cdm_dist.chains.losses import Loss, log_mean_exp_loss
+from cdm_dist.chains.losses import Loss, PreparedTarget, log_mean_exp_loss
 from cdm_dist.chains.priors import DiffusionPrior, prior_fit
 from cdm_dist.chains.rng import Stream, chain_normal, chain_uniform
 from cdm_dist.chains.samplers import ConditionalSampler
@@ -347,12 +347,15 @@ class SamplerSide:
         self.noise = ChainNoise(chains, self.dtype, self.device)
         self.loss_fn: Loss = config.loss.build()
         self.target_samples = target.samples.to(self.device, self.dtype)
+        fits = self.target_samples.shape[0] <= config.target_batch
+        self.shared_target = config.loss.prepare(self.target_samples) if fits else None  # its block computed once
 
-    def _target_batch(self, step: int, groups: int) -> torch.Tensor:
-        """Target samples per (chain, group): (m, d) shared when all fit, else (B * groups, n_t, d) drawn per chain."""
+    def _target_batch(self, step: int, groups: int) -> torch.Tensor | PreparedTarget:
+        """Target samples per (chain, group): all of them, prepared once, when they fit, else (B * groups, n_t, d)
+        drawn per chain."""
+        if self.shared_target is not None:
+            return self.shared_target
         m, n_t = self.target_samples.shape[0], self.config.target_batch
-        if m <= n_t:
-            return self.target_samples
         u = self.noise.uniform(Stream.TARGET_BATCH, step, (groups, n_t))  # (B, groups, n_t)
         index = (u * m).long().clamp_max(m - 1).reshape(-1, n_t)
         return self.target_samples[index]

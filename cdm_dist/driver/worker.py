@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from cdm_dist.chains.allocator import keep_large_allocations
 from cdm_dist.chains.mlgd import (
     ChainState,
     GradAnswer,
@@ -99,6 +100,7 @@ class ChainWorker:
         if role not in ROLES:
             raise ValueError(f"role: unknown {role!r}; expected one of {ROLES}")
         torch.set_num_threads(config.resources.threads)
+        keep_large_allocations()
         self.config, self.role = config, role
         self.device = torch.device(device) if device else torch.device("cpu")
         self.problem: ProblemSource = resolve_problem(config.problem, self.device)
