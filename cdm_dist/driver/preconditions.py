@@ -4,6 +4,7 @@ chains fit in the driver's memory, a Ray address answers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -84,13 +85,33 @@ def _sqlite_store(uri: str, field: str, must_exist: bool) -> None:
         raise InputError(f"{field}: {path} is not an MLflow database (not SQLite)")
     if not header:  # an empty file: MLflow makes its tables in it
         return
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
-    except sqlite3.Error as exc:
-        raise InputError(f"{field}: {path} is not a readable SQLite database ({exc})") from None
+    tables = _sqlite_tables(path, field)
     if tables and not {"experiments", "runs", "alembic_version"} <= tables:
         raise InputError(f"{field}: {path} is a SQLite database but not an MLflow store (tables {sorted(tables)[:5]})")
+
+
+def _sqlite_tables(path: Path, field: str) -> set[str]:
+    """The tables of a SQLite file, read without writing; a journal that a crash left behind (hot) is first rolled
+    back by opening the file read-write (SQLite's own recovery), then the file's integrity is checked."""
+    query = "select name from sqlite_master where type = 'table'"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TIMEOUT_S)) as db:
+            return {row[0] for row in db.execute(query)}
+    except sqlite3.Error as exc:
+        journal = path.with_name(f"{path.name}-journal")
+        if not journal.is_file():
+            raise InputError(f"{field}: {path} is not a readable SQLite database ({exc})") from None
+    try:  # a hot journal: only a writer may roll it back
+        with contextlib.closing(sqlite3.connect(path, timeout=TIMEOUT_S)) as db:
+            tables = {row[0] for row in db.execute(query)}
+            check = db.execute("pragma quick_check").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise InputError(
+            f"{field}: {path} has a journal left by a crash ({journal.name}) that cannot be rolled back ({exc})"
+        ) from None
+    if check != "ok":
+        raise InputError(f"{field}: {path} is damaged (SQLite integrity check: {check})")
+    return tables
 
 
 def _server_store(uri: str, field: str) -> None:

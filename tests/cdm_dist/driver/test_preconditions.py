@@ -197,3 +197,69 @@ ray.shutdown()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     result = json.loads(out.stdout.split("RESULT", 1)[1])
     assert result == {"token": True, "dashboard": False}
+
+
+JOURNAL_WRITER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("pragma journal_mode=delete")  # MLflow's mode: a rollback journal beside the file
+db.execute("pragma cache_size=2")  # spill to the file mid-transaction: the journal becomes hot
+db.execute("begin immediate")
+run = db.execute("select run_uuid from runs").fetchone()[0]
+db.executemany("insert into tags (key, value, run_uuid) values (?, ?, ?)",
+               [(f"junk{i}", "x" * 4000, run) for i in range(500)])
+db.execute("delete from metrics")
+print("mid-write", flush=True)
+time.sleep(600)
+"""
+
+
+def _hot_journal(path):
+    """Kill a writer mid-transaction: the store is left with a hot journal (a read-only open cannot read it)."""
+    import signal
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", JOURNAL_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "mid-write"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    journal = path.with_name(f"{path.name}-journal")
+    assert journal.stat().st_size > 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly database"):
+        sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("select count(*) from runs").fetchall()
+    return journal
+
+
+@pytest.mark.parametrize("command", ["topk", "run", "resume"])
+def test_a_store_a_crash_left_with_a_hot_journal_opens_with_its_data_intact(workspace, capsys, command):
+    from cdm_dist.driver.tracking import client_for
+
+    path = workspace.root / "m.db"
+    uri = f"sqlite:///{path}"
+    config = workspace.write()
+    if command == "resume":  # a campaign whose runs are in the store
+        assert main(["run", "--quiet", config]) == 0
+    client = client_for(uri)
+    experiment = client.create_experiment("before-the-crash", artifact_location=str(workspace.root / "art"))
+    run = client.create_run(experiment).info.run_id
+    client.log_metric(run, "final_loss", 0.25)
+    client.set_tag(run, "cdm.kind", "other")
+    runs = sqlite3.connect(path).execute("select count(*) from runs").fetchone()[0]
+    journal = _hot_journal(path)
+
+    if command == "topk":
+        assert main(["topk", "--tracking-uri", uri]) == 0
+    elif command == "run":
+        assert main(["run", "--quiet", config]) == 0
+        runs += 1 + 2  # the campaign's run and its 2 chains
+    else:
+        (folder,) = (workspace.root / "out").iterdir()
+        assert main(["run", "--quiet", "--resume", str(folder)]) == 0  # already finished: nothing to add
+    assert "cdm: error" not in capsys.readouterr().err
+    assert not journal.exists()
+    with sqlite3.connect(path) as db:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+        assert db.execute("select count(*) from runs").fetchone()[0] == runs
+        assert db.execute("select count(*) from tags where key like 'junk%'").fetchone()[0] == 0  # rolled back
+    assert client_for(uri).get_run(run).data.metrics == {"final_loss": 0.25}  # the deleted metrics are back
