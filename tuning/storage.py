@@ -28,6 +28,8 @@ from cdm_dist.errors import InputError, first_line
 HEARTBEAT_SECONDS = 30  # defaults for database storages
 GRACE_HEARTBEATS = 3
 TABLE_RACE_ATTEMPTS = 5
+LOCK_GRACE_SECONDS = 10  # Optuna breaks a journal lock that has not changed for this long (a write takes ms)
+STALE_LOCK_SECONDS = 2  # a lock older than this, with no process owning the journal, was left by a killed process
 MAX_RETRY = 1  # a dead process's trial runs once more; if that process dies too, the parameters are dropped
 
 
@@ -56,9 +58,13 @@ def open_storage(
     nothing."""
     if url is None:
         heartbeat_settings(tune, database=False)
+        folder = folder.resolve()  # Optuna's lock is a symlink to this path: relative, it would not resolve
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "optuna.journal"
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path))), str(path)
+        break_stale_lock(path)
+        lock = optuna.storages.journal.JournalFileSymlinkLock(str(path), grace_period=LOCK_GRACE_SECONDS)
+        backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
+        return optuna.storages.JournalStorage(backend), str(path)
     if "://" not in url:
         raise InputError(f"--storage: {url!r} is not a database URL (e.g. postgresql+psycopg2://user@host/db)")
     interval, grace = heartbeat_settings(tune, database=True)
@@ -81,6 +87,29 @@ def open_storage(
                 continue
             raise InputError(f"--storage: cannot open {url} ({first_line(exc)})") from None
     raise AssertionError("unreachable")
+
+
+def break_stale_lock(journal: Path) -> bool:
+    """Remove the lock Optuna takes on the journal for each write when a killed process left it: no process owns
+    the journal (its owner lock is free) and the lock is older than any write, or points elsewhere (a relative link
+    an earlier version made, which Optuna can never break). Returns whether a lock was removed."""
+    lock = Path(f"{journal}.lock")
+    if not lock.is_symlink():
+        return False
+    with open(f"{journal}.owner", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live cdm tune process holds the journal: the lock is its own
+            return False
+        try:
+            stale = os.readlink(lock) != str(journal) or time.time() - os.lstat(lock).st_mtime > STALE_LOCK_SECONDS
+            if stale:
+                lock.unlink()
+            return stale
+        except FileNotFoundError:  # released meanwhile
+            return False
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def uses_heartbeats(storage: optuna.storages.BaseStorage) -> bool:

@@ -181,7 +181,7 @@ class Tuner:
         self.prior_fit_limit: float | None = None  # set when the study runs
         self.executor: Executor | None = None  # the workers every trial shares (made in run): models load once
         self.name = config.tune.study_name or config.name
-        self.folder = Path(config.output) / f"study-{self.name}"
+        self.folder = Path(config.output).resolve() / f"study-{self.name}"
         self.storage, self.storage_label = open_storage(storage_url, self.folder, config.tune, self._on_dead_trial)
         self.shared = uses_heartbeats(self.storage)  # a database: other processes may run trials of this study
         directions = ["minimize", "minimize"] if config.tune.multi_objective else ["minimize"]
