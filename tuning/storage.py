@@ -6,6 +6,8 @@
   of machines. Each process heartbeats its own running trials; a trial whose last heartbeat is older than the grace
   period belongs to a dead process: it is failed (not counted) and its parameters are retried once (Optuna's
   heartbeat mechanism, driven here for ask/tell). A process never touches another live process's trials.
+- A dead trial's parameters run once more (the config as written until it is evaluated); the dead trial's chains
+  that had finished are marked superseded, so its retry's identical chains are the only ones listed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ GRACE_HEARTBEATS = 3
 TABLE_RACE_ATTEMPTS = 5
 LOCK_GRACE_SECONDS = 10  # Optuna breaks a journal lock that has not changed for this long (a write takes ms)
 STALE_LOCK_SECONDS = 2  # a lock older than this, with no process owning the journal, was left by a killed process
-MAX_RETRY = 1  # a dead process's trial runs once more; if that process dies too, the parameters are dropped
+MAX_RETRY = 1  # a dead trial runs once more; if that retry dies too, its parameters are dropped (not the baseline's)
+CONFIG_AS_WRITTEN = "cdm.config_as_written"  # user attribute of the study's first trial and its retries
 
 
 def heartbeat_settings(tune: TuneConfig, database: bool) -> tuple[int | None, int | None]:
@@ -152,17 +155,29 @@ def fail_dead_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-    """Queue a dead trial's parameters again unless it was itself a retry (`retry_history`, Optuna's system
-    attribute for retried trials). Returns whether it was queued."""
+def is_config_as_written(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the trial evaluates the config as written (the study's first, enqueued trial, or a retry of it)."""
+    return bool(trial.user_attrs.get(CONFIG_AS_WRITTEN)) or (trial.number == 0 and "fixed_params" in trial.system_attrs)
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Queue a dead trial's parameters again, once (`retry_history`, Optuna's system attribute for retried trials):
+    a retry that dies too is dropped, except the config as written, queued again until it is evaluated. Called
+    again for the same trial (its process died while recovering it), it queues nothing more. Returns whether the
+    parameters are queued."""
+    for other in study.get_trials(deepcopy=False):
+        if other.system_attrs.get("retry_history", [None])[-1] == trial.number:
+            return True
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if len(history) > MAX_RETRY:
+    baseline = is_config_as_written(trial)
+    if len(history) > MAX_RETRY and not baseline:
         return False
     study.add_trial(
         optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING,
             params=trial.params,
             distributions=trial.distributions,
+            user_attrs={CONFIG_AS_WRITTEN: True} if baseline else None,
             system_attrs={"failed_trial": history[0], "retry_history": history},
         )
     )

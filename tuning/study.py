@@ -10,7 +10,8 @@
 - Storage (tuning/storage.py): a journal file in the output folder by default (one process at a time), or a
   database URL shared by many processes on many machines, which heartbeat their running trials. Together they
   finish exactly N counted trials: a trial asked beyond N is surplus and never runs; a trial whose process died is
-  failed (not counted) and its parameters are retried once.
+  failed (not counted) and its parameters are retried once (the config as written, until it is evaluated); the
+  dead trial's finished chains are marked superseded, so each x* is listed once.
 """
 
 from __future__ import annotations
@@ -38,12 +39,22 @@ from cdm_dist.driver.report import CampaignReport
 from cdm_dist.driver.runner import run_campaign
 from cdm_dist.driver.store import CampaignStore
 from cdm_dist.errors import InputError
-from tuning.storage import Heartbeats, exclusive_journal, fail_dead_trials, open_storage, retry_once, uses_heartbeats
+from tuning.storage import (
+    CONFIG_AS_WRITTEN,
+    Heartbeats,
+    exclusive_journal,
+    fail_dead_trials,
+    open_storage,
+    retry,
+    uses_heartbeats,
+)
 
 OUTCOME = "cdm.outcome"  # user attribute set as a trial is told: complete, pruned, failed, duplicate or surplus
 PROCESS = "cdm.process"  # user attribute: host:pid of the process that ran the trial
 DUPLICATE = "cdm.duplicate_of"  # user attribute of trials not run: their parameters were already evaluated
 CAMPAIGN_DIR = "cdm.campaign_dir"  # user attribute: the trial's campaign folder (its MLflow run ids are there)
+SUPERSEDED = "superseded"  # status tag of a dead trial's finished chains: its retry stores the same chains again
+SUPERSEDED_TAG = "cdm.superseded"  # tag of a dead trial's campaign run whose retry is queued
 MAX_DUPLICATES = 20  # re-asks for one trial before a repeated configuration is run anyway (the space is exhausted)
 PLANNED = "cdm.planned_chain_steps"
 RUN = "cdm.chain_steps"
@@ -226,16 +237,17 @@ class Tuner:
             fail_dead_trials(self.study)
             return before - len(self._running())
         stale = self._running()
-        for trial in stale:
+        for trial in stale:  # failed last: a process killed while recovering it leaves it to the next (idempotent)
+            self._on_dead_trial(self.study, trial)
             self.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-            self._on_dead_trial(self.study, self.storage.get_trial(trial._trial_id))
         return len(stale)
 
     def _on_dead_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """A trial found dead (its process is gone): close its campaign's MLflow runs, queue its parameters again."""
+        """A trial found dead (its process is gone): queue its parameters again, then close its campaign's MLflow
+        runs (its finished chains marked superseded when the retry will store them again)."""
+        queued = retry(study, trial)
         if trial.user_attrs.get(CAMPAIGN_DIR) and self.config.tracking.enabled:
-            kill_campaign_runs(Path(trial.user_attrs[CAMPAIGN_DIR]), self.config.tracking.uri)
-        retry_once(study, trial)
+            close_campaign_runs(Path(trial.user_attrs[CAMPAIGN_DIR]), self.config.tracking.uri, superseded=queued)
 
     def _twin(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
         """A finished trial, or an earlier running one, with exactly these parameters (same seeds, same result)."""
@@ -372,7 +384,7 @@ class Tuner:
             inside = node in spec.choices if spec.type == "categorical" else spec.low <= node <= spec.high
             if inside:
                 values[path] = node
-        self.study.enqueue_trial(values)
+        self.study.enqueue_trial(values, user_attrs={CONFIG_AS_WRITTEN: True})
 
     def run(self, trials: int, parallel: int = 1) -> TuneResult:
         """Finish `trials` counted trials in all (those already in the storage and those other processes run
@@ -557,12 +569,40 @@ def died(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == optuna.trial.TrialState.FAIL and OUTCOME not in trial.user_attrs
 
 
-def kill_campaign_runs(folder: Path, uri: str) -> None:
-    """Close a dead trial's campaign runs (parent and unfinished chains) as KILLED, from the ids in its folder."""
+def close_campaign_runs(folder: Path, uri: str, superseded: bool) -> None:
+    """Close a dead trial's campaign runs (parent and unfinished chains) as KILLED, from the ids in its folder and
+    the parent's children in MLflow (ids the process died before saving). `superseded` (its retry is queued and
+    stores the same chains again): its finished chains get status superseded, so `cdm topk` lists each x* once."""
     from cdm_dist.driver.tracking import client_for
 
     state = CampaignStore(folder).load_tracking()
+    parent = state.get("parent_run_id")
+    if not parent:
+        return
     client = client_for(uri)
-    for run_id in [state.get("parent_run_id"), *state.get("child_run_ids", {}).values()]:
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "KILLED")
+    run = client.get_run(parent)
+    query = f"tags.`mlflow.parentRunId` = '{parent}'"
+    children = {r.info.run_id: r for r in _all_runs(client, run.info.experiment_id, query)}
+    for run_id in state.get("child_run_ids", {}).values():
+        if run_id not in children:
+            children[run_id] = client.get_run(run_id)
+    if superseded:
+        client.set_tag(parent, SUPERSEDED_TAG, "true")
+    for child in children.values():
+        if superseded and child.data.tags.get("status") == "ok":
+            client.set_tag(child.info.run_id, "status", SUPERSEDED)
+        if child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, "KILLED")
+    if run.info.status == "RUNNING":
+        client.set_terminated(parent, "KILLED")
+
+
+def _all_runs(client: Any, experiment: str, query: str) -> list[Any]:
+    """Every run matching the query (all pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment], query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs

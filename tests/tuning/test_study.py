@@ -5,6 +5,7 @@ import math
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -396,3 +397,83 @@ def test_a_killed_study_process_leaves_no_running_runs(study_config, tmp_path):
     killed = [r for r in runs if r.info.status == "KILLED"]
     parent = [r for r in killed if r.data.tags.get("cdm.trial") == str(stale.number)]
     assert len(parent) == 1 and len([r for r in killed if r.data.tags.get("cdm.campaign") == parent[0].info.run_id]) > 0
+
+
+def _no_limit(config):
+    return with_values(config, {"tune.prior_fit_limit": "off"})
+
+
+def test_a_dead_trials_finished_chains_are_superseded_by_its_retry_and_listed_once(study_config, tmp_path):
+    """A process dies after its trial's chains finished, before telling it: its retry stores the same chains again;
+    `cdm topk` lists each x* once."""
+    from cdm_cli.main import main
+    from cdm_dist.driver.launch import make_executor
+    from tuning.study import SUPERSEDED
+
+    config = _no_limit(study_config(chains__count=4))
+    dying = Tuner(config)
+    dying.enqueue_baseline()
+    dying._study_run()
+    dying.executor = make_executor(dying.config)
+    dead = dying._ask()
+    dying._run_trial(dead)  # its campaign and chain runs finish; the trial is never told
+    dying.executor.close()
+    result = Tuner(config).run(trials=2, parallel=1)
+    assert result.complete + result.pruned == 2
+
+    trials = Tuner(config).study.get_trials()
+    (retried,) = [t for t in trials if counted(t) and t.params == trials[dead.number].params]
+    client = client_for(config.tracking.uri)
+
+    def chains(trial):
+        parent = trial.user_attrs["cdm.campaign_run_id"] if counted(trial) else None
+        folder = trial.user_attrs["cdm.campaign_dir"]
+        parent = parent or json.loads((Path(folder) / "tracking.json").read_text())["parent_run_id"]
+        runs = client.search_runs(
+            [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+        )
+        return {int(r.data.tags["cdm.chain"]): r for r in runs}, folder
+
+    dead_runs, dead_folder = chains(trials[dead.number])
+    retry_runs, retry_folder = chains(retried)
+    assert sorted(dead_runs) == sorted(retry_runs) == [0, 1, 2, 3]
+    for chain, run in dead_runs.items():  # the same chain twice: only the retry's is ok
+        assert run.data.tags["status"] == SUPERSEDED and retry_runs[chain].data.tags["status"] == "ok"
+        same = [np.load(f"{folder}/chains/chain{chain:05d}.npy") for folder in (dead_folder, retry_folder)]
+        np.testing.assert_array_equal(*same)
+
+    out = tmp_path / "topk.json"
+    assert main(["topk", "-k", "50", "--tracking-uri", config.tracking.uri, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert not {r["run_id"] for r in rows} & {r.info.run_id for r in dead_runs.values()}
+    listed = []  # (the trial's parameters, chain): the same pair is the same x*
+    for row in rows:
+        tags = client.get_run(row["run_id"]).data.tags
+        trial = trials[int(client.get_run(tags["cdm.campaign"]).data.tags["cdm.trial"])]
+        listed.append((tuple(sorted(trial.params.items())), int(tags["cdm.chain"])))
+    assert len(rows) == 8 and len(set(listed)) == len(listed)  # two counted trials of 4 chains, none twice
+
+
+def test_the_config_as_written_runs_again_until_it_is_evaluated(study_config):
+    """Trial 0 (the config as written) dies, and so does its retry: it is queued a third time and evaluated."""
+    from tuning.storage import CONFIG_AS_WRITTEN, retry
+
+    config = _no_limit(study_config(chains__count=2))
+    written = {"chains.zeta.0.scale": 3.0, "method.n_guess": 2, "chains.zeta.0.kind": "linear"}
+    first = Tuner(config)
+    first.enqueue_baseline()
+    assert suggest(first._ask(), config.tune.space) == written  # its process dies
+    Tuner(config).recover_stale()
+    second = Tuner(config)
+    assert suggest(second._ask(), config.tune.space) == written  # the retry's process dies too
+    third = Tuner(config)
+    assert third.recover_stale() == 1
+    (queued,) = third.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert retry(third.study, third.study.get_trials()[1])  # recovering it again queues nothing more
+    assert len(third.study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+
+    result = Tuner(config).run(trials=2, parallel=1)
+    trials = Tuner(config).study.get_trials()
+    assert result.complete + result.pruned == 2 and [t.number for t in trials if died(t)] == [0, 1]
+    (evaluated,) = [t for t in trials if counted(t) and t.params == written]
+    assert evaluated.number == queued.number and evaluated.user_attrs[CONFIG_AS_WRITTEN]
