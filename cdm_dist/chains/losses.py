@@ -77,17 +77,20 @@ def _upper_pairs(m: int, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def target_pairs(target: torch.Tensor, power: int) -> torch.Tensor:
-    """The target's within-sample squared distances (power 2) or distances (power 1): a shared target (m, d) as its
-    pairs i < j, (1, m(m-1)/2), kept and reused; per-row targets (B, m, d) as their blocks (B, m, m) with a zero
-    diagonal, used once."""
-    if target.dim() == 2:
-        first, second = _upper_pairs(target.shape[0], target.device)
-        if target.shape[-1] <= 4:  # differences of the pairs themselves: exact, and half the full block
-            pairs = (target[first] - target[second]).square_().sum(-1)[None]  # (1, K)
+    """The target's within-sample squared distances (power 2) or distances (power 1), target (m, d) or (B, m, d):
+    in low dimensions its pairs i < j, (1 or B, m(m-1)/2), from the differences themselves (exact, and half the
+    full block); else its full blocks (1 or B, m, m) with a zero diagonal."""
+    t = target if target.dim() == 3 else target[None]
+    m, d = t.shape[-2:]
+    if d <= 4:
+        first, second = _upper_pairs(m, t.device)
+        if d == 1:
+            flat = t[..., 0]  # (P, m): index_select along the last dim is the fast gather
+            pairs = (flat.index_select(-1, first) - flat.index_select(-1, second)).square_()  # (P, K)
         else:
-            pairs = squared_distances(target[None], target)[:, first, second]  # (1, K)
+            pairs = (t.index_select(-2, first) - t.index_select(-2, second)).square_().sum(-1)  # (P, K)
     else:
-        pairs = squared_distances(target, target)  # (B, m, m)
+        pairs = squared_distances(t, t)  # (P, m, m)
         pairs.diagonal(dim1=-2, dim2=-1).zero_()
     return pairs if power == 2 else pairs.sqrt_()  # no gradient flows here, so sqrt(0) = 0 needs no clamp
 

@@ -15,7 +15,7 @@ from cdm_dist.chains.config import MLGDConfig, ZetaConfig
 from cdm_dist.chains.diffusion import DiffusionSchedule, ddim_step_from_x0
 from cdm_dist.chains.losses import Loss, PreparedTarget, log_mean_exp_loss
 from cdm_dist.chains.priors import DiffusionPrior, prior_fit
-from cdm_dist.chains.rng import Stream, chain_normal, chain_uniform
+from cdm_dist.chains.rng import ChainStreams, Stream, chain_normal
 from cdm_dist.chains.samplers import ConditionalSampler
 from cdm_dist.chains.schedules import apply_step_rule, guided_mask, zeta_table
 from cdm_dist.chains.targets import Target
@@ -134,13 +134,19 @@ class ChainNoise:
     def __init__(self, chains: Chains, dtype: torch.dtype, device: torch.device) -> None:
         self.seeds = torch.tensor(chains.seeds, dtype=torch.int64, device=device)
         self.dtype = dtype
+        self.streams = ChainStreams(self.seeds)
+
+    def precompute(self, streams: Sequence[int], steps: int) -> None:
+        """Hash the step keys of these streams for steps 0..steps-1 at once (the loop's per-step streams)."""
+        for stream in streams:
+            self.streams.precompute(stream, steps)
 
     def normal(self, stream: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
         """(B, *shape) standard normal draws of every chain's stream at this step."""
-        return chain_normal(self.seeds, stream, step, shape, self.dtype)
+        return self.streams.normal(stream, step, shape, self.dtype)
 
     def uniform(self, stream: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
-        return chain_uniform(self.seeds, stream, step, shape)
+        return self.streams.uniform(stream, step, shape, torch.float64)
 
 
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -223,6 +229,7 @@ class PriorSide:
         self.noise = ChainNoise(chains, self.dtype, self.device)
         self.schedule: DiffusionSchedule = prior.schedule(config.num_steps)
         sched = self.schedule
+        self.noise.precompute([Stream.REVERSE], len(sched))
         self.starts = torch.tensor(chains.start_steps, device=self.device)  # (B,)
         self.last_start = max(chains.start_steps)  # steps before it have chains still waiting for their start
         if chains.edits:
@@ -345,6 +352,7 @@ class SamplerSide:
         self.device = torch.device(device)
         self.dtype = DTYPES[config.dtype]
         self.noise = ChainNoise(chains, self.dtype, self.device)
+        self.noise.precompute([Stream.SAMPLER, Stream.GUESS, Stream.TARGET_BATCH], config.num_steps)
         self.loss_fn: Loss = config.loss.build()
         self.target_samples = target.samples.to(self.device, self.dtype)
         fits = self.target_samples.shape[0] <= config.target_batch

@@ -7,6 +7,9 @@ whether it was resumed from a checkpoint: the checkpoint needs no generator stat
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -35,29 +38,45 @@ def _finalize(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
-def _key(seeds: torch.Tensor, stream: int, step: int) -> torch.Tensor:
-    """One 64-bit key per chain from (seed, stream, step); seeds: (B,) int64 -> (B,)."""
-    key = _finalize(seeds + _GOLDEN)
-    key = _finalize(key ^ _signed((stream + 1) * _GOLDEN))
-    return _finalize(key ^ _signed((step + 1) * _MIX1))
+def stream_keys(seeds: torch.Tensor, stream: int) -> torch.Tensor:
+    """Each chain's key of one stream, (B,) int64 -> (B,): the part of the key that no step changes."""
+    return _finalize(_finalize(seeds.to(torch.int64) + _GOLDEN) ^ _signed((stream + 1) * _GOLDEN))
+
+
+def step_keys(keys: torch.Tensor, steps: torch.Tensor | int) -> torch.Tensor:
+    """The keys of steps of a stream: keys (B,) and one step (-> (B,)) or steps (T,) (-> (T, B))."""
+    if isinstance(steps, int):
+        return _finalize(keys ^ _signed((steps + 1) * _MIX1))
+    salt = (steps.to(torch.int64) + 1) * _MIX1  # (T,), wrapping int64 as the scalar form
+    return _finalize(keys[None, :] ^ salt[:, None])
+
+
+@functools.lru_cache(maxsize=32)
+def _counters(numel: int, device: torch.device) -> torch.Tensor:
+    """(1, numel): the counter part of each word, (k + 1) * golden."""
+    return (torch.arange(1, numel + 1, dtype=torch.int64, device=device) * _GOLDEN)[None, :]
+
+
+def bits_of(keys: torch.Tensor, numel: int) -> torch.Tensor:
+    """Raw 64-bit words (B, numel) of step keys (B,)."""
+    return _finalize(keys[:, None] + _counters(numel, keys.device))
 
 
 def chain_bits(seeds: torch.Tensor, stream: int, step: int, numel: int) -> torch.Tensor:
     """Raw 64-bit words (B, numel) of each chain's stream at one step."""
-    key = _key(seeds.to(torch.int64), stream, step)  # (B,)
-    counter = torch.arange(1, numel + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN
-    return _finalize(key[:, None] + counter[None, :])  # (B, numel)
+    return bits_of(step_keys(stream_keys(seeds, stream), step), numel)
+
+
+def uniform_of(bits: torch.Tensor) -> torch.Tensor:
+    """Float64 uniforms in the open interval (0, 1) from the top 53 bits of each word."""
+    return (_shift_right(bits, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))
 
 
 def chain_uniform(
     seeds: torch.Tensor, stream: int, step: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """Uniforms in the open interval (0, 1), shape (B, *shape), from the top 53 bits."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    words = _shift_right(chain_bits(seeds, stream, step, numel), 11)  # (B, numel) in [0, 2^53)
-    uniform = (words.to(torch.float64) + 0.5) * (1.0 / (1 << 53))
+    uniform = uniform_of(chain_bits(seeds, stream, step, math.prod(shape)))
     return uniform.reshape(seeds.shape[0], *shape).to(dtype)
 
 
@@ -66,6 +85,40 @@ def chain_normal(
 ) -> torch.Tensor:
     """Standard normals (B, *shape) by the inverse normal CDF of chain_uniform."""
     return torch.special.ndtri(chain_uniform(seeds, stream, step, shape)).to(dtype)
+
+
+class ChainStreams:
+    """Every chain's streams for one batch, with the keys that no step changes computed once: a draw is then one
+    vectorised hash of its words (the same numbers as chain_uniform / chain_normal)."""
+
+    def __init__(self, seeds: torch.Tensor) -> None:
+        self.seeds = seeds.to(torch.int64)
+        self._streams: dict[int, torch.Tensor] = {}  # stream -> (B,)
+        self._steps: dict[int, torch.Tensor] = {}  # stream -> (T, B), the keys of steps 0..T-1
+
+    def keys(self, stream: int, step: int) -> torch.Tensor:
+        """The step's keys (B,) of a stream."""
+        table = self._steps.get(stream)
+        if table is not None and step < table.shape[0]:
+            return table[step]
+        if stream not in self._streams:
+            self._streams[stream] = stream_keys(self.seeds, stream)
+        return step_keys(self._streams[stream], step)
+
+    def precompute(self, stream: int, steps: int) -> None:
+        """The keys of steps 0..steps-1 of a stream, in one vectorised hash."""
+        if stream not in self._streams:
+            self._streams[stream] = stream_keys(self.seeds, stream)
+        self._steps[stream] = step_keys(self._streams[stream], torch.arange(steps, device=self.seeds.device))
+
+    def uniform(self, stream: int, step: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(B, *shape) uniforms in (0, 1)."""
+        words = bits_of(self.keys(stream, step), math.prod(shape))
+        return uniform_of(words).reshape(self.seeds.shape[0], *shape).to(dtype)
+
+    def normal(self, stream: int, step: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(B, *shape) standard normals."""
+        return torch.special.ndtri(self.uniform(stream, step, shape, torch.float64)).to(dtype)
 
 
 class Stream:

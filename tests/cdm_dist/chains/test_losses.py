@@ -233,3 +233,96 @@ def test_every_loss_is_registered_once_with_its_name():
 
         class Again(LossSpec):
             name: Literal["mmd"] = "mmd"
+
+
+def _dense_kernel_mmd2(y, t, bandwidth, mults, unbiased, power):
+    """The loss as it was before the target block was prepared: every block computed in full, per row."""
+    t = t.expand(y.shape[0], -1, -1) if t.dim() == 2 else t
+
+    def values(a, b):
+        d2 = ((a[:, :, None, :] - b[:, None, :, :]) ** 2).sum(-1)
+        return d2 if power == 2 else d2.clamp_min(1e-30).sqrt()
+
+    v_xx, v_tt, v_xt = values(y, y), values(t, t), values(y, t)
+    if bandwidth == "median":
+        scale = v_xt.flatten(1).median(dim=1).values.detach()
+    elif bandwidth == "mean":
+        n, m = y.shape[1], t.shape[1]
+        total = v_xx.sum((1, 2)) + v_tt.sum((1, 2)) + 2 * v_xt.sum((1, 2))
+        scale = (total / ((n + m) ** 2 - (n + m))).detach()
+    else:
+        scale = torch.full((y.shape[0],), bandwidth, dtype=y.dtype)
+
+    def mean_k(v, within):
+        k = sum(torch.exp(-v / (c * scale[:, None, None])) for c in mults)
+        if within and unbiased:
+            size = v.shape[-1]
+            return (k.sum((1, 2)) - torch.diagonal(k, dim1=1, dim2=2).sum(1)) / (size * (size - 1))
+        return k.mean((1, 2))
+
+    return mean_k(v_xx, True) + mean_k(v_tt, True) - 2 * mean_k(v_xt, False)
+
+
+KERNEL_SPECS = [
+    MMDLoss(),
+    MMDLoss(unbiased=False, multipliers=[0.5, 1.0, 2.0]),
+    MMDLoss(bandwidth="mean"),
+    MMDLoss(bandwidth=0.9, unbiased=False),
+    MMDLaplaceLoss(),
+    MMDLaplaceLoss(bandwidth="mean", multipliers=[0.5, 2.0]),
+    MMDLaplaceLoss(bandwidth=1.3),
+]
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: repr(s))
+@pytest.mark.parametrize("dim", [1, 3, 6])  # pair differences (d <= 4) and full blocks
+@pytest.mark.parametrize("per_row", [False, True])
+def test_prepared_target_block_equals_the_dense_loss_and_gradient(spec, dim, per_row):
+    gen = torch.Generator().manual_seed(dim)
+    y = torch.randn(4, 7, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = (
+        torch.randn(4, 12, dim, generator=gen, dtype=torch.float64)
+        if per_row
+        else torch.randn(12, dim, generator=gen, dtype=torch.float64)
+    )
+    scale = spec.scale
+    unbiased = spec.u_statistic
+    expected = _dense_kernel_mmd2(y, t, scale, spec.multipliers, unbiased, spec.power)
+    loss = spec.build()
+    prepared = spec.prepare(t)
+    got = loss(y, prepared)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    (grad,) = torch.autograd.grad(got.sum(), y)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), y)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(loss(y, prepared), got, rtol=0, atol=0)  # a prepared target is reused as it is
+    assert not any(v.requires_grad for v in prepared.terms.values())
+
+
+def test_the_target_block_is_chunked_over_rows_without_changing_it(monkeypatch):
+    y, t = torch.randn(5, 6, 2, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    whole = MMDLoss().build()(y, t)
+    monkeypatch.setattr("cdm_dist.chains.losses.PAIR_CHUNK", 1)  # one row at a time
+    torch.testing.assert_close(MMDLoss().build()(y, t), whole, rtol=1e-14, atol=0)
+
+
+def test_far_apart_samples_keep_the_loss_exact_under_the_exp_floor():
+    """Kernel arguments far below -87 (where torch's exp leaves its fast path) are floored; the loss is unchanged."""
+    y = torch.zeros(2, 5, 1, dtype=torch.float64)
+    y[1] += 1e3  # all cross distances of row 1 are huge against a tight target
+    t = torch.linspace(-0.01, 0.01, 8, dtype=torch.float64)[:, None]
+    for spec in (MMDLoss(bandwidth=0.001), MMDLoss()):
+        got = spec.build()(y, t)
+        expected = _dense_kernel_mmd2(y, t, spec.scale, spec.multipliers, True, 2)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-30)
+
+
+@pytest.mark.parametrize("spec", [EnergyLoss(), SlicedWassersteinLoss(n_projections=5)], ids=lambda s: s.name)
+def test_energy_and_sliced_terms_prepared_once_equal_the_plain_loss(spec):
+    y = torch.randn(3, 6, 2, dtype=torch.float64)
+    t_shared, t_rows = torch.randn(10, 2, dtype=torch.float64), torch.randn(3, 10, 2, dtype=torch.float64)
+    plain = energy_distance if spec.name == "energy" else lambda a, b: sliced_wasserstein(a, b, 5)
+    for t in (t_shared, t_rows):
+        torch.testing.assert_close(spec.build()(y, spec.prepare(t)), plain(y, t), rtol=1e-12, atol=1e-14)
+    rows = torch.stack([spec.build()(y[b : b + 1], t_rows[b])[0] for b in range(3)])
+    torch.testing.assert_close(spec.build()(y, t_rows), rows, rtol=1e-12, atol=1e-14)

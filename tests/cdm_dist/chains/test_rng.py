@@ -1,6 +1,6 @@
 import torch
 
-from cdm_dist.chains.rng import chain_normal, chain_uniform
+from cdm_dist.chains.rng import ChainStreams, chain_normal, chain_uniform
 
 MASK = (1 << 64) - 1
 GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -51,3 +51,15 @@ def test_normals_have_standard_moments():
     assert abs(z.var().item() - 1) < 5 * (2 / n) ** 0.5
     # a normal's fourth moment is 3
     assert abs((z**4).mean().item() - 3) < 0.1
+
+
+def test_cached_streams_give_the_reference_numbers_inside_and_past_their_table():
+    seeds = torch.tensor([0, 3, 2**40 + 7])
+    streams = ChainStreams(seeds)
+    streams.precompute(stream=2, steps=5)
+    for stream, step in [(2, 0), (2, 4), (2, 5), (2, 90), (7, 3)]:  # in the table, past it, another stream
+        uniform = streams.uniform(stream, step, (6,), torch.float64)
+        for row, seed in zip(uniform, seeds.tolist(), strict=True):
+            assert row.tolist() == _reference_uniforms(seed, stream, step, 6)
+        normal = streams.normal(stream, step, (2, 3), torch.float32)
+        assert torch.equal(normal, chain_normal(seeds, stream, step, (2, 3), torch.float32))
