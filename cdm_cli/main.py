@@ -271,17 +271,19 @@ def _ui(args: argparse.Namespace) -> int:
 
     Each server runs in its own process group, stopped as a whole when `cdm ui` ends (Ctrl-C or SIGTERM), so no
     server outlives it."""
+    from cdm_dist.driver import preconditions
     from cdm_dist.driver.campaign import TrackingConfig
     from cdm_dist.driver.tracking import resolve_uri
 
     uri = resolve_uri(args.tracking_uri or TrackingConfig().uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port)]
-    commands = {f"MLflow UI on http://{args.host}:{args.port} over {uri}": command}
+    commands = {f"MLflow UI on http://{args.host}:{args.port} over {preconditions.redacted(uri)}": command}
     dashboard = _optuna_dashboard_command(args)
     if dashboard is not None:
         storage, command = dashboard
-        commands[f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {storage}"] = command
+        where = f"http://{args.host}:{args.dashboard_port} over {preconditions.redacted(storage)}"
+        commands[f"optuna-dashboard on {where}"] = command
     ports = {args.port: "--port"} | ({args.dashboard_port: "--dashboard-port"} if dashboard else {})
     return _run_servers(commands, ports, args.host)
 
@@ -305,25 +307,31 @@ def _serve(args: argparse.Namespace) -> int:
     for flag, url in (("--tracking-db", tracking), ("--optuna-storage", storage)):
         if url:
             _database_answers(flag, url)
-    if storage:  # optuna-dashboard expects Optuna's tables: a new database gets them here
-        import optuna
-
-        optuna.storages.RDBStorage(storage)
     artifacts = Path(args.artifacts).resolve()
     preconditions.writable_folder(str(artifacts), "--artifacts")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking, "--serve-artifacts",
+    ports = {args.port: "--port"} | ({args.dashboard_port: "--dashboard-port"} if storage else {})
+    _ports_free(ports, args.host)
+    executable = _optuna_dashboard_executable()
+    if storage and executable is None:
+        raise InputError("--optuna-storage: optuna-dashboard is not installed (pip install 'cdm-dist[dashboard]')")
+    if storage:  # optuna-dashboard expects Optuna's tables: a new database gets them here, once nothing can refuse
+        import optuna
+
+        try:
+            optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": preconditions.connect_args(storage)})
+        except Exception as exc:
+            reason = preconditions.masked(first_line(exc), storage)
+            raise InputError(f"--optuna-storage: cannot open {preconditions.redacted(storage)} ({reason})") from None
+    backend = preconditions.with_connect_timeout(tracking)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
                "--artifacts-destination", str(artifacts), "--host", args.host, "--port", str(args.port),
                "--workers", "2"]  # fmt: skip
     where = f"http://{args.host}:{args.port} over {preconditions.redacted(tracking)}"
     commands = {f"MLflow tracking server on {where}": command}
-    ports = {args.port: "--port"}
     if storage:
-        executable = _optuna_dashboard_executable()
-        if executable is None:
-            raise InputError("--optuna-storage: optuna-dashboard is not installed (pip install 'cdm-dist[dashboard]')")
         line = f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {preconditions.redacted(storage)}"
-        commands[line] = [executable, storage, "--host", args.host, "--port", str(args.dashboard_port), "--quiet"]
-        ports[args.dashboard_port] = "--dashboard-port"
+        dashboard = preconditions.with_connect_timeout(storage)
+        commands[line] = [executable, dashboard, "--host", args.host, "--port", str(args.dashboard_port), "--quiet"]
     return _run_servers(commands, ports, args.host)
 
 
@@ -341,18 +349,12 @@ def _run_servers(commands: dict[str, list[str]], ports: dict[int, str], host: st
     """Start each server in its own process group once every port is free; wait on the first; stop them all (and
     only them) when it ends, on Ctrl-C or on SIGTERM."""
     import signal
-    import socket
     import subprocess
     import time
 
     from cdm_dist.driver.processes import stop_process_group
 
-    for port, flag in ports.items():
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise InputError(f"{flag}: {host}:{port} is not free ({exc.strerror})") from None
+    _ports_free(ports, host)
     servers = {}
     for line, command in commands.items():
         print(line, flush=True)
@@ -376,6 +378,18 @@ def _run_servers(commands: dict[str, list[str]], ports: dict[int, str], host: st
             stop_process_group(server)
 
 
+def _ports_free(ports: dict[int, str], host: str) -> None:
+    """Every port can be bound on host (one line naming the flag of the first that cannot)."""
+    import socket
+
+    for port, flag in ports.items():
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise InputError(f"{flag}: {host}:{port} is not free ({exc.strerror})") from None
+
+
 def _optuna_dashboard_executable() -> str | None:
     """optuna-dashboard on PATH or beside this Python (a venv not on PATH), else None."""
     import shutil
@@ -387,6 +401,7 @@ def _optuna_dashboard_executable() -> str | None:
 def _optuna_dashboard_command(args: argparse.Namespace) -> tuple[str, list[str]] | None:
     """The study storage and the optuna-dashboard command over it (`--optuna-storage`, else the newest study
     journal), or None with a note."""
+    from cdm_dist.driver import preconditions
 
     storage = args.optuna_storage
     if storage is None:
@@ -395,7 +410,7 @@ def _optuna_dashboard_command(args: argparse.Namespace) -> tuple[str, list[str]]
             return None
         storage = str(journals[-1])
     elif "://" not in storage and not Path(storage).is_file():
-        raise InputError(f"--optuna-storage: {storage} is not a file or a storage URL")
+        raise InputError(f"--optuna-storage: {preconditions.redacted(storage)} is not a file or a storage URL")
     executable = _optuna_dashboard_executable()
     if executable is None:
         print("optuna-dashboard is not installed (pip install 'cdm-dist[dashboard]'); MLflow UI only", flush=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import optuna
 
+from cdm_dist.driver import preconditions
 from cdm_dist.driver.campaign import TuneConfig
 from cdm_dist.errors import InputError, first_line
 
@@ -57,8 +58,8 @@ def open_storage(
     url: str | None, folder: Path, tune: TuneConfig, on_stale: Callable[[optuna.Study, Any], None]
 ) -> tuple[optuna.storages.BaseStorage, str]:
     """The study's storage and its description: the journal file in `folder`, or the database at `url` with
-    heartbeats (`on_stale` runs once per trial found dead). An unreachable database is one InputError and creates
-    nothing."""
+    heartbeats (`on_stale` runs once per trial found dead; its password masked in the description). A database that
+    cannot be reached within the connect timeout is one InputError and creates nothing."""
     if url is None:
         heartbeat_settings(tune, database=False)
         folder = folder.resolve()  # Optuna's lock is a symlink to this path: relative, it would not resolve
@@ -77,18 +78,19 @@ def open_storage(
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(
                     url,
-                    engine_kwargs={"pool_pre_ping": True},
+                    engine_kwargs={"pool_pre_ping": True, "connect_args": preconditions.connect_args(url)},
                     heartbeat_interval=interval,
                     grace_period=grace,
                     heartbeat_stale_trial_callback=on_stale,
                 )
-            return storage, url
+            return storage, preconditions.redacted(url)
         except Exception as exc:
             # Processes that meet a new database at once race to create its tables: the losers try again.
             if "IntegrityError" in type(exc).__name__ + str(exc) and attempt + 1 < TABLE_RACE_ATTEMPTS:
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            raise InputError(f"--storage: cannot open {url} ({first_line(exc)})") from None
+            reason = preconditions.masked(first_line(exc), url)
+            raise InputError(f"--storage: cannot open {preconditions.redacted(url)} ({reason})") from None
     raise AssertionError("unreachable")
 
 

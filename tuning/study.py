@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import statistics
 import threading
@@ -32,7 +33,15 @@ import optuna
 import torch
 
 from cdm_dist.driver.callbacks import CampaignCallback, CampaignStopped, Progress
-from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, ParamSpec, check_config, micro_batches, with_values
+from cdm_dist.driver.campaign import (
+    NAME,
+    CampaignConfig,
+    MicroBatch,
+    ParamSpec,
+    check_config,
+    micro_batches,
+    with_values,
+)
 from cdm_dist.driver.execution import Chunk, Executor
 from cdm_dist.driver.launch import make_executor
 from cdm_dist.driver.report import CampaignReport
@@ -192,6 +201,8 @@ class Tuner:
         self.prior_fit_limit: float | None = None  # set when the study runs
         self.executor: Executor | None = None  # the workers every trial shares (made in run): models load once
         self.name = config.tune.study_name or config.name
+        if not re.fullmatch(NAME, self.name):  # its folder, and its trials' campaign folders, stay in output
+            raise InputError(f"tune.study_name: {self.name!r} would leave output; use letters, digits, '_', '.', '-'")
         self.folder = Path(config.output).resolve() / f"study-{self.name}"
         self.storage, self.storage_label = open_storage(storage_url, self.folder, config.tune, self._on_dead_trial)
         self.shared = uses_heartbeats(self.storage)  # a database: other processes may run trials of this study

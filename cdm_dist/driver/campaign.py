@@ -17,6 +17,7 @@ from cdm_dist.models.spec import FactorySpec, File, ProblemConfig, absolute, exi
 
 PositiveInt = Annotated[int, Field(ge=1)]
 EXECUTORS = ("local", "ray_colocated", "ray_split")
+NAME = r"^[A-Za-z0-9_.-]+$"  # campaign and study names: one folder under output (no separator)
 
 
 class MethodConfig(MLGDConfig):
@@ -216,6 +217,13 @@ class TrackingConfig(StrictModel):
     system_metrics: bool = False  # CPU, memory, disk, network, GPU of every Ray node on the campaign run (MLflow's)
     system_metrics_seconds: Positive = 10.0  # their sampling interval
 
+    @field_validator("experiment")
+    @classmethod
+    def _plain_experiment(cls, value: str) -> str:
+        if value.strip() in (".", "..") or any(c in value for c in "/\\\0"):
+            raise ValueError(f"{value!r} is a path; an experiment is a plain name (no '/', '\\', '.' or '..')")
+        return value
+
     @model_validator(mode="after")
     def _metrics_need_a_store(self) -> TrackingConfig:
         if self.system_metrics and not self.enabled:
@@ -253,7 +261,7 @@ class TuneConfig(StrictModel):
     pruner: Literal["none", "median", "successive_halving"] = "median"
     milestones: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
     multi_objective: bool = False  # (loss, compute = num_steps x n_c); pruning is off then
-    study_name: str | None = None  # default: the campaign name
+    study_name: str | None = Field(None, min_length=1, pattern=NAME)  # default: the campaign name
     sampler_seed: int = 0
     # Trials whose chains' median prior_fit exceeds this limit are infeasible (x* the sampler likes but the prior
     # does not: adversarial inputs). "auto": the 95% quantile over unguided chains, measured once per study.
@@ -313,7 +321,7 @@ class EvaluationConfig(StrictModel):
 class CampaignConfig(StrictModel):
     """A design campaign: a problem, a method, many chains, resources, tracking and an output folder."""
 
-    name: str = Field("campaign", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("campaign", min_length=1, pattern=NAME)
     problem: ProblemConfig = Field(default_factory=ProblemConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     chains: ChainsConfig = Field(default_factory=ChainsConfig)

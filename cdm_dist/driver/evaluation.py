@@ -32,6 +32,7 @@ from cdm_dist.chains.losses import Loss
 from cdm_dist.chains.mlgd import DTYPES
 from cdm_dist.chains.rng import Stream, chain_normal
 from cdm_dist.driver.campaign import CampaignConfig, ClassifierConfig, load_config, micro_batches
+from cdm_dist.driver.preconditions import masked, redacted
 from cdm_dist.driver.store import CampaignStore, atomic_write
 from cdm_dist.errors import InputError
 
@@ -545,6 +546,6 @@ def log_to_mlflow(store: CampaignStore, config: CampaignConfig, report: dict[str
     except Exception as exc:
         raise InputError(
             f"tracking.uri: the evaluation is in {store.root / 'evaluation.json'} but logging it to MLflow "
-            f"{config.tracking.uri!r} failed ({type(exc).__name__}: {exc})"
+            f"{redacted(config.tracking.uri)!r} failed ({type(exc).__name__}: {masked(str(exc), config.tracking.uri)})"
         ) from None
     return {"campaign_run_id": parent, "runs": sorted(per_run)}

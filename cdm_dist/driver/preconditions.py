@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from cdm_dist.errors import InputError, first_line
 
@@ -64,8 +66,8 @@ def tracking_store(uri: str, field: str = "tracking.uri", must_exist: bool = Fal
         writable_folder(uri.removeprefix("file://"), field)
     else:
         raise InputError(
-            f"{field}: unsupported MLflow store {uri!r}; expected sqlite:///PATH, postgresql://..., mysql://..., "
-            "http(s)://SERVER or a folder"
+            f"{field}: unsupported MLflow store {redacted(uri)!r}; expected sqlite:///PATH, postgresql://..., "
+            "mysql://..., http(s)://SERVER or a folder"
         )
 
 
@@ -120,19 +122,31 @@ def _server_store(uri: str, field: str) -> None:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             body = response.read(4096)
     except urllib.error.HTTPError as exc:
-        raise InputError(f"{field}: {uri} answers, but not as an MLflow server (HTTP {exc.code})") from None
+        raise InputError(f"{field}: {redacted(uri)} answers, but not as an MLflow server (HTTP {exc.code})") from None
     except (OSError, ValueError) as exc:
-        raise InputError(f"{field}: no MLflow server answers at {uri} ({exc})") from None
+        raise InputError(f"{field}: no MLflow server answers at {redacted(uri)} ({masked(str(exc), uri)})") from None
     if not body.lstrip().startswith(b"{"):
-        raise InputError(f"{field}: {uri} answers, but not as an MLflow server")
+        raise InputError(f"{field}: {redacted(uri)} answers, but not as an MLflow server")
+
+
+def connect_args(uri: str) -> dict[str, Any]:
+    """The connect timeout (TIMEOUT_S) for a network database's driver, as SQLAlchemy connect_args (none else)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0]
+    return {"connect_timeout": int(TIMEOUT_S)} if scheme in ("postgresql", "mysql") else {}
+
+
+def with_connect_timeout(uri: str) -> str:
+    """A network database URL with the connect timeout in its query (for libraries that take a URL only)."""
+    if not connect_args(uri) or "connect_timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}connect_timeout={int(TIMEOUT_S)}"
 
 
 def database_tables(uri: str) -> set[str]:
     """Connect once (TIMEOUT_S for PostgreSQL and MySQL) and list the tables; the driver's error if it cannot."""
     import sqlalchemy
 
-    options = {"connect_timeout": int(TIMEOUT_S)} if uri.startswith(("postgresql", "mysql")) else {}
-    engine = sqlalchemy.create_engine(uri, connect_args=options)
+    engine = sqlalchemy.create_engine(uri, connect_args=connect_args(uri))
     try:
         with engine.connect() as connection:
             return set(sqlalchemy.inspect(connection).get_table_names())
@@ -144,18 +158,36 @@ def _database_store(uri: str, field: str) -> None:
     try:
         tables = database_tables(uri)
     except Exception as exc:
-        raise InputError(f"{field}: cannot reach the database {redacted(uri)} ({first_line(exc)})") from None
+        raise InputError(
+            f"{field}: cannot reach the database {redacted(uri)} ({masked(first_line(exc), uri)})"
+        ) from None
     if tables and not {"experiments", "runs", "alembic_version"} <= tables:
         raise InputError(f"{field}: the database {redacted(uri)} has tables, but is not an MLflow store")
 
 
+def _password(uri: str) -> str | None:
+    """The password in a URL's user part (scheme://user:password@host), else None."""
+    _, sep, rest = uri.partition("://")
+    credentials, at, _ = rest.partition("/")[0].rpartition("@")
+    colon, password = credentials.partition(":")[1:]
+    return password if sep and at and colon and password else None
+
+
 def redacted(uri: str) -> str:
-    """A database URL without its password."""
-    head, sep, tail = uri.partition("@")
-    if not sep or "://" not in head:
-        return uri
-    scheme, _, credentials = head.partition("://")
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{tail}"
+    """A URL without its password (user:***@host, and any password= in its query); unchanged when it has none."""
+    password = _password(uri)
+    if password is not None:
+        scheme, _, rest = uri.partition("://")
+        user = rest.partition(":")[0]
+        uri = f"{scheme}://{user}:***@{rest[len(user) + 1 + len(password) + 1 :]}"
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", uri)
+
+
+def masked(text: str, uri: str) -> str:
+    """Text (e.g. a driver's error message) with the URL's password masked wherever it appears."""
+    text = text.replace(uri, redacted(uri))
+    password = _password(uri)
+    return text.replace(password, "***") if password else text
 
 
 def chains_fit(count: int, num_steps: int, field: str = "chains.count") -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdm_dist.driver.preconditions import redacted
 from cdm_dist.driver.tracking import client_for
 from cdm_dist.errors import InputError
 
@@ -30,7 +31,7 @@ def find_candidates(uri: str, experiment: str | None, k: int, selected: bool = F
     client = client_for(uri)
     experiments = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
     if experiment and experiments[0] is None:
-        raise InputError(f"--experiment: no experiment {experiment!r} in {uri}")
+        raise InputError(f"--experiment: no experiment {experiment!r} in {redacted(uri)}")
     query = "tags.`cdm.kind` = 'chain' and tags.status = 'ok'"
     if selected:
         query += " and tags.`cdm.selected` = 'true'"

@@ -39,6 +39,8 @@ class CampaignStore:
         """A fresh folder output/<name>-<time>-<random> holding the resolved config."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         root = Path(config.output) / f"{config.name}-{stamp}-{secrets.token_hex(2)}"
+        if root.resolve().parent != Path(config.output).resolve():  # a name that is a path (set in code, not YAML)
+            raise InputError(f"name: {config.name!r} would put the campaign outside output ({config.output})")
         try:
             for sub in ("checkpoints", "results", "chains"):
                 (root / sub).mkdir(parents=True, exist_ok=False)

@@ -15,6 +15,7 @@ import torch
 from cdm_dist.driver.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, ChainFiles, Progress
 from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, TrackingConfig
 from cdm_dist.driver.execution import Chunk, MicroBatchResult, SystemMetricsSource
+from cdm_dist.driver.preconditions import masked, redacted, with_connect_timeout
 from cdm_dist.driver.store import CampaignStore
 from cdm_dist.errors import InputError
 
@@ -49,13 +50,14 @@ _READY: set[str] = set()  # SQLite stores this process has opened (their tables 
 
 
 def client_for(uri: str) -> Any:
-    """An MlflowClient on the store at uri (relative SQLite paths resolved). A SQLite store is first opened under a
-    file lock: processes that meet a new file at once would otherwise race to create (or migrate) its tables."""
+    """An MlflowClient on the store at uri (relative SQLite paths resolved, a database's connect timeout set). A
+    SQLite store is first opened under a file lock: processes that meet a new file at once would otherwise race to
+    create (or migrate) its tables."""
     import fcntl
 
     from mlflow.tracking import MlflowClient
 
-    uri = resolve_uri(uri)
+    uri = with_connect_timeout(resolve_uri(uri))
     if not uri.startswith("sqlite:///") or uri in _READY:
         return MlflowClient(tracking_uri=uri)
     with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
@@ -309,7 +311,8 @@ def experiment_id(client: Any, tracking: TrackingConfig) -> str:
         location = Path(tracking.artifact_location).resolve().as_uri()
         return client.create_experiment(name, artifact_location=location)
     except Exception as exc:  # a bad URI or an unreachable server
-        raise InputError(f"tracking.uri: cannot use MLflow store {tracking.uri!r} ({exc})") from None
+        uri = tracking.uri
+        raise InputError(f"tracking.uri: cannot use MLflow store {redacted(uri)!r} ({masked(str(exc), uri)})") from None
 
 
 def find_campaign(run_id: str, uri: str) -> Path:
@@ -318,7 +321,7 @@ def find_campaign(run_id: str, uri: str) -> Path:
     try:
         run = client.get_run(run_id)
     except Exception:
-        raise InputError(f"--resume: no run {run_id!r} in MLflow store {uri!r}") from None
+        raise InputError(f"--resume: no run {run_id!r} in MLflow store {redacted(uri)!r}") from None
     folder = run.data.tags.get("cdm.output_dir")
     if run.data.tags.get("cdm.kind") != "campaign" or not folder:
         raise InputError(f"--resume: run {run_id} is not a campaign's parent run")

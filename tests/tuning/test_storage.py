@@ -2,13 +2,18 @@
 a database that never answers is one line within the connect timeout, its password masked."""
 
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from cdm_dist.driver.campaign import dump_config, load_config
+from cdm_dist.driver import preconditions
+from cdm_dist.driver.campaign import TuneConfig, dump_config, load_config
+from cdm_dist.errors import InputError
+from tuning.storage import open_storage
 
 SPACE = "tune.space={chains.zeta.0.scale: {type: float, low: 0.3, high: 10, log: true}}"
 CDM = [sys.executable, "-m", "cdm_cli.main"]
@@ -52,3 +57,34 @@ def test_a_restart_breaks_a_journal_lock_a_killed_process_left(small_campaign, t
     assert done.returncode == 0, done.stderr[-2000:]
     assert "study stale: 1 complete" in done.stdout and time.monotonic() - tic < 60
     assert not lock.is_symlink()  # released after the restart's last write
+
+
+@pytest.fixture
+def silent_server():
+    """A port that takes TCP connections and never answers: a database server that hangs."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
+
+
+def test_a_database_that_never_answers_is_one_line_within_the_connect_timeout(silent_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(preconditions, "TIMEOUT_S", 2.0)  # libpq's shortest
+    url = f"postgresql+psycopg2://nobody:secret@127.0.0.1:{silent_server}/none"
+    errors = []
+
+    def open_it():
+        try:
+            open_storage(url, tmp_path / "study", TuneConfig(), lambda study, trial: None)
+        except InputError as exc:
+            errors.append(str(exc))
+
+    tic = time.monotonic()
+    opening = threading.Thread(target=open_it, daemon=True)  # without a timeout it would hang: fail, not hang
+    opening.start()
+    opening.join(60)
+    assert not opening.is_alive(), "open_storage hangs on a server that never answers"
+    (message,) = errors
+    assert message.startswith(f"--storage: cannot open postgresql+psycopg2://nobody:***@127.0.0.1:{silent_server}/")
+    assert "timeout" in message and "secret" not in message and time.monotonic() - tic < 30
+    assert not (tmp_path / "study").exists()

@@ -263,3 +263,42 @@ def test_a_store_a_crash_left_with_a_hot_journal_opens_with_its_data_intact(work
         assert db.execute("select count(*) from runs").fetchone()[0] == runs
         assert db.execute("select count(*) from tags where key like 'junk%'").fetchone()[0] == 0  # rolled back
     assert client_for(uri).get_run(run).data.metrics == {"final_loss": 0.25}  # the deleted metrics are back
+
+
+TUNE = {"space": {"chains.zeta.0.scale": {"type": "float", "low": 0.3, "high": 10}}, "prior_fit_limit": "off"}
+
+
+@pytest.mark.parametrize("command", ["tune --storage", "run tracking.uri", "topk --tracking-uri"])
+def test_database_passwords_are_masked_in_every_error(workspace, capsys, command):
+    port = _closed_port()
+    url = f"postgresql+psycopg2://nobody:secret@127.0.0.1:{port}/none"
+    config = workspace.write(tune=TUNE, tracking__enabled=command != "tune --storage")
+    if command == "tune --storage":
+        line = _one_line(capsys, 2, "tune", config, "--trials", "1", "--storage", url)
+    elif command == "run tracking.uri":
+        url = f"http://nobody:secret@127.0.0.1:{port}"  # an MLflow server behind basic authentication
+        line = _one_line(capsys, 2, "run", config, "--set", f"tracking.uri={url}")
+    else:
+        line = _one_line(capsys, 2, "topk", "--tracking-uri", url)
+    assert "nobody:***@127.0.0.1" in line and "secret" not in line
+    assert workspace.created() == []
+
+
+@pytest.mark.parametrize(
+    ("command", "setting", "field"),
+    [
+        ("tune", "tune.study_name=../../escaped", "tune.study_name"),
+        ("tune", "tune.study_name={root}/escaped", "tune.study_name"),
+        ("run", "name=../escaped", "name"),
+        ("run", "tracking.experiment=../escaped", "tracking.experiment"),
+        ("tune", "tracking.experiment={root}/escaped", "tracking.experiment"),
+    ],
+)
+def test_names_that_would_leave_output_are_refused_before_anything_is_written(
+    workspace, capsys, command, setting, field
+):
+    config = workspace.write(tune=TUNE, output=str(workspace.root / "a" / "b" / "out"))
+    extra = ["--trials", "1"] if command == "tune" else []
+    line = _one_line(capsys, 2, command, config, *extra, "--set", setting.format(root=workspace.root))
+    assert line.startswith(f"cdm: error: {config}: {field}: ")
+    assert workspace.created() == []

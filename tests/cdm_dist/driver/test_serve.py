@@ -111,3 +111,20 @@ def test_serve_bad_input_is_one_line_and_starts_nothing(args, message, monkeypat
     (line,) = done.stderr.strip().splitlines()
     assert message in line and "secret" not in line
     assert not _port_open(port)
+
+
+def test_serve_checks_its_ports_before_it_makes_the_optuna_database(postgres_server, free_port):
+    from cdm_dist.driver.preconditions import database_tables
+
+    tracking, storage = postgres_server("serve_ports_mlflow"), postgres_server("serve_ports_optuna")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command = [*CDM, "--tracking-db", tracking, "--optuna-storage", storage, "--port", str(free_port())]
+        done = subprocess.run([*command, "--dashboard-port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"cdm: error: --dashboard-port: 127.0.0.1:{port} is not free (Address already in use)"
+    ]
+    assert database_tables(storage) == set()  # Optuna's tables were not made
