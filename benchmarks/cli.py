@@ -55,6 +55,19 @@ def add_bench_parser(commands: Any) -> None:
     faults.add_argument("--kills", type=int, default=3, help="actor kills per leg (before and after the resume)")
     faults.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
 
+    engine = benches.add_parser("engine", help="the chain loop's chains/s over a grid, batched and one at a time, "
+                                "with a per-step profile")  # fmt: skip
+    engine.add_argument("--json", help="output JSON path (a .md table is written beside it)")
+    engine.add_argument("--problems", default="gmm2d,gmm10d", help="comma-separated learned mixtures")
+    engine.add_argument("--n-c", type=int_list, default=(8, 32, 64), help="conditional samples per guess")
+    engine.add_argument("--guesses", type=int_list, default=(1, 3), help="loss-guided-diffusion guesses")
+    engine.add_argument("--batches", type=int_list, default=(1, 8, 32, 128), help="chains per batch")
+    engine.add_argument("--repeats", type=int, default=3)
+    engine.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    engine.add_argument("--grad", choices=["identity", "full"], default="identity", help="dL/dx_t through Tweedie "
+                        "(full) or not (identity, the mixture benchmarks' setting)")  # fmt: skip
+    engine.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     _bench_arguments(batching, chains=256)
 
@@ -91,6 +104,16 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
     from cdm_dist.driver.methods import METHODS
 
     if args.bench == "models":
+        return
+    if args.bench == "engine":
+        known = ["gmm10d", "gmm2d", "gmm5d"]
+        unknown = sorted(set(args.problems.split(",")) - set(known))
+        if unknown:
+            raise InputError(f"--problems: unknown {unknown}; expected some of {known}")
+        for flag, values, least in (("--n-c", args.n_c, 2), ("--guesses", args.guesses, 1),
+                                    ("--batches", args.batches, 1), ("--repeats", (args.repeats,), 1)):  # fmt: skip
+            if min(values) < least:
+                raise InputError(f"{flag}: each must be >= {least}, got {list(values)}")
         return
     if args.bench == "ray":
         known = ["balanced", "digits", "gmm5d", "latent"]
@@ -189,6 +212,11 @@ def run_bench(args: argparse.Namespace) -> int:
         from benchmarks.models import bench_models
 
         bench_models(args.json, args.quick, args.device)
+    elif args.bench == "engine":
+        from benchmarks.engine import bench_engine
+
+        bench_engine(args.json, tuple(args.problems.split(",")), args.n_c, args.guesses, args.batches, args.repeats,
+                     args.dtype, args.grad, args.quick)  # fmt: skip
     elif args.bench == "ray":
         from benchmarks.executors import bench_ray
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from benchmarks.report import environment, markdown_table, write_report
 from cdm_dist.chains import losses, mlgd, rng
+from cdm_dist.chains.allocator import keep_large_allocations
 from cdm_dist.chains.config import MLGDConfig, ZetaConfig
 from cdm_dist.chains.mlgd import Chains, GuidedChains
 from cdm_dist.problems.builtins import learned_gmm_problem
@@ -35,11 +36,11 @@ class StepProfile:
     def wrap(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             self._stack.append(0.0)
-            start = time.process_time()
+            start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                elapsed = time.process_time() - start
+                elapsed = time.perf_counter() - start
                 children = self._stack.pop()
                 self.seconds[part] += elapsed - children
                 if self._stack:
@@ -79,34 +80,40 @@ def profiled(runner: GuidedChains) -> Iterator[StepProfile]:
                 delattr(owner, name)
 
 
-def _runner(problem: Any, n_c: int, n_guess: int, batch: int, offset: int, dtype: str) -> GuidedChains:
-    config = MLGDConfig(num_steps=100, n_c=n_c, n_guess=n_guess, eta=0.3, dtype=dtype, grad=GRAD)
+def _runner(problem: Any, n_c: int, n_guess: int, seeds: range, dtype: str, grad: str = GRAD) -> GuidedChains:
+    config = MLGDConfig(num_steps=100, n_c=n_c, n_guess=n_guess, eta=0.3, dtype=dtype, grad=grad)
     zeta = ZetaConfig(kind="linear", scale=10.0, final=0.1, trust_radius=1.0)
-    chains = Chains.make(range(offset, offset + batch), zeta)
-    return GuidedChains(problem.prior, problem.fast_sampler, problem.target, chains, config)
+    return GuidedChains(problem.prior, problem.fast_sampler, problem.target, Chains.make(seeds, zeta), config)
 
 
-def _steps_seconds(runner: GuidedChains) -> float:
-    """Wall time of the 100 reverse steps (the loop a campaign repeats), without the final evaluation."""
-    start = time.process_time()
-    for _ in runner.states():
+def _run_steps(runner: GuidedChains) -> tuple[float, torch.Tensor]:
+    """Wall time of the 100 reverse steps (the loop a campaign repeats, without the final evaluation), and x_0."""
+    start = time.perf_counter()
+    last = None
+    for last in runner.states():
         pass
-    return time.process_time() - start
+    return time.perf_counter() - start, last.x
 
 
-def bench_cell(problem: Any, n_c: int, n_guess: int, batch: int, repeats: int, dtype: str) -> dict[str, Any]:
-    """chains/s of `batch` chains per batch, and chains/s of the same count run one at a time (median of repeats)."""
-    _steps_seconds(_runner(problem, n_c, n_guess, batch, 0, dtype))  # warm-up
-    batched = [_steps_seconds(_runner(problem, n_c, n_guess, batch, r * batch, dtype)) for r in range(repeats)]
-    singles = min(batch, 4)  # one-at-a-time chains timed per repeat
-    single = [
-        statistics.mean(_steps_seconds(_runner(problem, n_c, n_guess, 1, 10_000 + r * singles + k, dtype))
-                        for k in range(singles))
-        for r in range(repeats)
-    ]  # fmt: skip
-    runner = _runner(problem, n_c, n_guess, batch, 0, dtype)
+def bench_cell(
+    problem: Any, n_c: int, n_guess: int, batch: int, repeats: int, dtype: str, grad: str = GRAD
+) -> dict[str, Any]:
+    """chains/s of `batch` chains per batch, and of chains run one at a time (medians of repeats), with the largest
+    difference between a chain's x_0 batched and alone, and the batched step's profile."""
+    cell = (problem, n_c, n_guess)
+    _run_steps(_runner(*cell, range(batch), dtype, grad))  # warm-up
+    singles = min(batch, 4)  # chains timed one at a time per repeat
+    batched, single, difference = [], [], 0.0
+    for r in range(repeats):
+        seeds = range(r * batch, (r + 1) * batch)
+        seconds, x = _run_steps(_runner(*cell, seeds, dtype, grad))
+        batched.append(seconds)
+        alone = [_run_steps(_runner(*cell, seeds[k : k + 1], dtype, grad)) for k in range(singles)]
+        single.append(statistics.mean(seconds for seconds, _ in alone))
+        difference = max(difference, *(float((x[k] - x_k[0]).abs().max()) for k, (_, x_k) in enumerate(alone)))
+    runner = _runner(*cell, range(batch), dtype, grad)
     with profiled(runner) as profile:
-        total = _steps_seconds(runner)
+        total, _ = _run_steps(runner)
     parts = {part: seconds / total for part, seconds in profile.seconds.items()}
     parts["python_other"] = max(0.0, 1.0 - sum(parts.values()))
     batched_rate = batch / statistics.median(batched)
@@ -119,6 +126,7 @@ def bench_cell(problem: Any, n_c: int, n_guess: int, batch: int, repeats: int, d
         "one_at_a_time_chains_per_s": single_rate,
         "batched_over_one_at_a_time": batched_rate / single_rate,
         "ms_per_step": 1e3 * statistics.median(batched) / 100,
+        "max_abs_x_difference_alone": difference,
         "profile_fraction": parts,
     }
 
@@ -131,29 +139,31 @@ def bench_engine(
     batches: tuple[int, ...] = (1, 8, 32, 128),
     repeats: int = 3,
     dtype: str = "float32",
+    grad: str = GRAD,
     quick: bool = False,
 ) -> dict[str, Any]:
-    """The grid of the engine issue: learned mixtures with the one-step sampler, 100 steps."""
+    """The engine grid: learned mixtures with the one-step sampler, 100 steps, every (n_c, guesses, batch) cell."""
     if quick:
         n_cs, n_guesses, batches, repeats = n_cs[:1], n_guesses[:1], batches[:2], 1
-    rows = []
+    keep_large_allocations()
     cells = [(p, n, g, b) for p in problems for n in n_cs for g in n_guesses for b in batches]
     loaded = {name: learned_gmm_problem(name, sampler_kind="one_step") for name in problems}
+    rows = []
     for name, n_c, n_guess, batch in tqdm(cells, desc="engine grid"):
-        row = {"problem": name} | bench_cell(loaded[name], n_c, n_guess, batch, repeats, dtype)
-        authors = AUTHORS_2D.get((n_c, n_guess, batch)) if name == "gmm2d" else None
-        row["authors_chains_per_s_reported"] = authors
+        row = {"problem": name} | bench_cell(loaded[name], n_c, n_guess, batch, repeats, dtype, grad)
+        row["authors_chains_per_s_reported"] = AUTHORS_2D.get((n_c, n_guess, batch)) if name == "gmm2d" else None
         rows.append(row)
     payload = {
         "rows": rows,
-        "settings": {"steps": 100, "dtype": dtype, "sampler": "one_step", "eta": 0.3, "repeats": repeats,
-                     "loss": MLGDConfig().loss.model_dump(), "target_batch": MLGDConfig().target_batch},
+        "settings": {"steps": 100, "dtype": dtype, "grad": grad, "sampler": "one_step", "eta": 0.3,
+                     "repeats": repeats, "loss": MLGDConfig().loss.model_dump(),
+                     "target_batch": MLGDConfig().target_batch, "target_size": 1000},
         "environment": environment(torch.device("cpu")),
         "quick": quick,
     }  # fmt: skip
     flat = [r | {f"%{k}": 100 * v for k, v in r["profile_fraction"].items()} for r in rows]
     columns = ["problem", "n_c", "n_guess", "batch", "chains_per_s", "one_at_a_time_chains_per_s",
-               "batched_over_one_at_a_time", "ms_per_step", "authors_chains_per_s_reported",
-               *(f"%{p}" for p in (*PARTS, "python_other"))]  # fmt: skip
+               "batched_over_one_at_a_time", "ms_per_step", "max_abs_x_difference_alone",
+               "authors_chains_per_s_reported", *(f"%{p}" for p in (*PARTS, "python_other"))]  # fmt: skip
     write_report(payload, json_path, markdown_table(flat, columns))
     return payload
