@@ -89,10 +89,8 @@ def _runner(problem: Any, n_c: int, n_guess: int, seeds: range, dtype: str, grad
 def _run_steps(runner: GuidedChains) -> tuple[float, torch.Tensor]:
     """Wall time of the 100 reverse steps (the loop a campaign repeats, without the final evaluation), and x_0."""
     start = time.perf_counter()
-    last = None
-    for last in runner.states():
-        pass
-    return time.perf_counter() - start, last.x
+    states = list(runner.states())
+    return time.perf_counter() - start, states[-1].x
 
 
 def bench_cell(
