@@ -35,6 +35,7 @@ def add_bench_parser(commands: Any) -> None:
     gmm.add_argument("--methods", default="mlgd_f,mlgd,best_of_n,dflow")
     gmm.add_argument("--models", choices=["exact", "learned"], default="exact", help="closed-form or trained models")
     gmm.add_argument("--checkpoints", help="folder with gmm2d/ gmm5d/ gmm10d/ (default: the shipped checkpoints)")
+    gmm.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="the chains' precision")
     gmm.add_argument("--full-chain-steps", type=int, default=None, help="steps of MLGD's inner chain (default 100)")
     gmm.add_argument("--sampler-kinds", default="flow", help="learned fast samplers, comma-separated: flow (8 Euler "
                      "steps) and one_step (its distillation; MLGD-F rows only)")  # fmt: skip
@@ -189,6 +190,7 @@ def run_bench(args: argparse.Namespace) -> int:
             checkpoints=args.checkpoints,
             full_chain_steps=args.full_chain_steps,
             sampler_kinds=tuple(args.sampler_kinds.split(",")),
+            dtype=args.dtype,
         )
     elif args.bench == "digits":
         from benchmarks.digits import bench_digits

@@ -22,13 +22,13 @@ SUCCESS_L2 = 0.01
 REFERENCE = Path(__file__).resolve().parent / "reference" / "gmm_2d_cond_1d.json"  # the published figures
 
 
-def settings(quick: bool, n_c: int | None = None) -> dict[str, Any]:
+def settings(quick: bool, n_c: int | None = None, dtype: str = "float64") -> dict[str, Any]:
     """The benchmark's method settings, for exact and learned models alike: the paper's 100 steps and n_c = 250 by
     default, with 12 smoothing guesses, DDIM eta = 0.3 and guidance steps capped at the noise scale, which keep
     chains out of the mixture's side basins (README, "Gaussian mixtures")."""
     n_c = n_c or (32 if quick else 250)
     steps = 10 if quick else 100
-    mlgd = MLGDConfig(num_steps=steps, n_c=n_c, target_batch=n_c, n_guess=12, eta=0.3, grad="identity")
+    mlgd = MLGDConfig(num_steps=steps, n_c=n_c, target_batch=n_c, n_guess=12, eta=0.3, grad="identity", dtype=dtype)
     zeta = ZetaConfig(kind="linear", scale=10.0, final=0.1, trust_radius=1.0)
     return {
         "mlgd": mlgd,
@@ -73,6 +73,7 @@ def bench_gmm(
     checkpoints: str | None = None,
     full_chain_steps: int | None = None,
     sampler_kinds: tuple[str, ...] = ("flow",),
+    dtype: str = "float64",
 ) -> dict[str, Any]:
     """Run every method on every problem and write the rows; problem parameters are saved next to the JSON.
 
@@ -87,7 +88,7 @@ def bench_gmm(
     runs = [(kind, m) for i, kind in enumerate(kinds) for m in methods if i == 0 or m == "mlgd_f"]
     with tqdm(total=len(dims) * len(runs), desc="bench gmm", unit="run") as bar:
         for dim, kind in ((d, k) for d in dims for k in kinds):
-            s = settings(quick, n_c)
+            s = settings(quick, n_c, dtype)
             if full_chain_steps is not None:
                 s["full_chain_steps"] = full_chain_steps
             if kind == "one_step":
