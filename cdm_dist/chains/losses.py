@@ -18,17 +18,10 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_
 import torch
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
+from cdm_dist.chains.numerics import floored_exp, floored_exp_
 from cdm_dist.errors import InputError
 
 PAIR_CHUNK = 1 << 22  # most kernel entries of the target block evaluated at once
-# torch's CPU exp leaves its vectorised path below about -87 and runs 10-35x slower there; kernel arguments are
-# floored at -87, where exp is 1.6e-38, far below what any loss resolves (and where float32 underflows anyway)
-EXP_FLOOR = -87.0
-
-
-def kernel_exp(argument: torch.Tensor) -> torch.Tensor:
-    """exp of a kernel's (non-positive) argument, floored at EXP_FLOOR."""
-    return torch.exp(argument.clamp_min(EXP_FLOOR))
 
 
 @dataclass(frozen=True)
@@ -120,7 +113,7 @@ def within_kernel_mean(
             hi = min(rows, lo + chunk)
             v = pairs if pairs.shape[0] == 1 else pairs[lo:hi]
             coef = (-1.0 / (c * scale[lo:hi])).view(-1, *[1] * (pairs.dim() - 1))
-            total[lo:hi] += torch.mul(v, coef).clamp_min_(EXP_FLOOR).exp_().flatten(1).sum(-1)
+            total[lo:hi] += floored_exp_(torch.mul(v, coef)).flatten(1).sum(-1)
     if pairs.dim() == 3:  # a block: both orders of each pair, and its zero diagonal, exp(0) = 1 once per multiplier
         total = (total - m * len(multipliers)) / 2
     if unbiased:
@@ -177,8 +170,8 @@ def kernel_mmd2(
     else:
         within_t = within_kernel_mean(target.terms["pairs"], m, scale, multipliers, unbiased)  # (B,)
     scale = scale[:, None, None]
-    k_xx = sum(kernel_exp(-d_xx / (c * scale)) for c in multipliers)
-    k_xy = sum(kernel_exp(-d_xy / (c * scale)) for c in multipliers)
+    k_xx = sum(floored_exp(-d_xx / (c * scale)) for c in multipliers)
+    k_xy = sum(floored_exp(-d_xy / (c * scale)) for c in multipliers)
     within_y = _off_diagonal_mean(k_xx) if unbiased else k_xx.mean((-1, -2))
     return within_y + within_t - 2 * k_xy.mean((-1, -2))
 
