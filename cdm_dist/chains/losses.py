@@ -77,11 +77,17 @@ def target_pairs(target: torch.Tensor, power: int) -> torch.Tensor:
     m, d = t.shape[-2:]
     if d <= 4:
         first, second = _upper_pairs(m, t.device)
-        if d == 1:
-            flat = t[..., 0]  # (P, m): index_select along the last dim is the fast gather
-            pairs = (flat.index_select(-1, first) - flat.index_select(-1, second)).square_()  # (P, K)
-        else:
-            pairs = (t.index_select(-2, first) - t.index_select(-2, second)).square_().sum(-1)  # (P, K)
+        pairs = t.new_empty(t.shape[0], first.shape[0])  # (P, K), filled in chunks of rows: small temporaries
+        chunk = max(1, PAIR_CHUNK // max(first.shape[0] * d, 1))
+        for lo in range(0, t.shape[0], chunk):
+            rows = t[lo : lo + chunk]
+            if d == 1:
+                flat = rows[..., 0]  # (rows, m): index_select along the last dim is the fast gather
+                torch.sub(flat.index_select(-1, first), flat.index_select(-1, second), out=pairs[lo : lo + chunk])
+            else:
+                diff = rows.index_select(-2, first) - rows.index_select(-2, second)  # (rows, K, d)
+                torch.sum(diff.square_(), -1, out=pairs[lo : lo + chunk])
+        pairs = pairs.square_() if d == 1 else pairs
     else:
         pairs = squared_distances(t, t)  # (P, m, m)
         pairs.diagonal(dim1=-2, dim2=-1).zero_()

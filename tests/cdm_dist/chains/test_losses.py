@@ -299,11 +299,14 @@ def test_prepared_target_block_equals_the_dense_loss_and_gradient(spec, dim, per
     assert not any(v.requires_grad for v in prepared.terms.values())
 
 
-def test_the_target_block_is_chunked_over_rows_without_changing_it(monkeypatch):
-    y, t = torch.randn(5, 6, 2, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
-    whole = MMDLoss().build()(y, t)
+@pytest.mark.parametrize("dim", [1, 2])
+def test_the_target_block_is_chunked_over_rows_without_changing_it(monkeypatch, dim):
+    y = torch.randn(5, 6, dim, dtype=torch.float64)
+    targets = (torch.randn(9, dim, dtype=torch.float64), torch.randn(5, 9, dim, dtype=torch.float64))  # shared, per row
+    whole = [MMDLoss().build()(y, t) for t in targets]
     monkeypatch.setattr("cdm_dist.chains.losses.PAIR_CHUNK", 1)  # one row at a time
-    torch.testing.assert_close(MMDLoss().build()(y, t), whole, rtol=1e-14, atol=0)
+    for t, expected in zip(targets, whole, strict=True):
+        torch.testing.assert_close(MMDLoss().build()(y, t), expected, rtol=1e-14, atol=0)
 
 
 def test_far_apart_samples_keep_the_loss_exact_under_the_exp_floor():
