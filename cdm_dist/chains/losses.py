@@ -73,7 +73,7 @@ def target_pairs(target: torch.Tensor, power: int) -> torch.Tensor:
     """The target's within-sample squared distances (power 2) or distances (power 1), target (m, d) or (B, m, d):
     in low dimensions its pairs i < j, (1 or B, m(m-1)/2), from the differences themselves (exact, and half the
     full block); else its full blocks (1 or B, m, m) with a zero diagonal."""
-    t = target if target.dim() == 3 else target[None]
+    t = _per_row(target)
     m, d = t.shape[-2:]
     if d <= 4:
         first, second = _upper_pairs(m, t.device)

@@ -101,15 +101,17 @@ class ChainStreams:
         table = self._steps.get(stream)
         if table is not None and step < table.shape[0]:
             return table[step]
+        return step_keys(self._stream(stream), step)
+
+    def _stream(self, stream: int) -> torch.Tensor:
+        """The stream's keys (B,), hashed on first use."""
         if stream not in self._streams:
             self._streams[stream] = stream_keys(self.seeds, stream)
-        return step_keys(self._streams[stream], step)
+        return self._streams[stream]
 
     def precompute(self, stream: int, steps: int) -> None:
         """The keys of steps 0..steps-1 of a stream, in one vectorised hash."""
-        if stream not in self._streams:
-            self._streams[stream] = stream_keys(self.seeds, stream)
-        self._steps[stream] = step_keys(self._streams[stream], torch.arange(steps, device=self.seeds.device))
+        self._steps[stream] = step_keys(self._stream(stream), torch.arange(steps, device=self.seeds.device))
 
     def uniform(self, stream: int, step: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """(B, *shape) uniforms in (0, 1)."""
