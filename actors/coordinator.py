@@ -33,7 +33,7 @@ from cdm_dist.driver.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.driver.execution import Job, Sink, chunk_end, step_of
 from cdm_dist.driver.preconditions import ray_address_answers
 from cdm_dist.driver.worker import check_shapes
-from cdm_dist.errors import InputError
+from cdm_dist.errors import InputError, input_error_of
 
 log = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 120.0
@@ -148,11 +148,15 @@ class RayExecutor:
         available = ray.cluster_resources()
         for resource, amount in self._bundle().items():
             need = amount * per_replica * self.resources.replicas
-            if need > available.get(resource, 0.0) + 1e-9:
+            have = available.get(resource, 0.0)
+            if need > have + 1e-9:
                 field = "num_gpus" if resource == "GPU" else "num_cpus"
+                fits = int((have + 1e-9) // (amount * per_replica))
+                fix = f"--set resources.replicas={fits}" if fits >= 1 else f"--set resources.{field}="
+                fix = fix if fits >= 1 else f"{fix}{have / per_replica:g}" if have > 0 else f"a cluster with {resource}"
                 raise InputError(
                     f"resources.{field}: {self.resources.replicas} replica(s) x {per_replica} actor(s) x {amount} "
-                    f"{resource} = {need:g}, but the Ray cluster has {available.get(resource, 0.0):g} {resource}"
+                    f"{resource} = {need:g}, but the Ray cluster has {have:g} {resource}; use {fix}"
                 )
         nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
         replica = {k: v * per_replica for k, v in self._bundle().items()}
@@ -394,6 +398,9 @@ class RayExecutor:
         """A stage failed. An actor that died (or restarted and lost the half-done step) is waited for, and the
         micro-batch goes on from its last checkpoint without using a retry; a micro-batch that failed on a live
         actor uses one, and after resources.max_retries its chains are marked failed."""
+        cause = input_error_of(error)
+        if cause is not None:  # bad input fails again on any retry: the campaign stops with it
+            raise InputError(str(cause)) from None
         if flight.stage == "ping":
             return self._wait_more(flight, sink, active, parked)
         flight.job.checkpoint = sink.restart_point(flight.job.batch)

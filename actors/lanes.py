@@ -25,6 +25,7 @@ from actors.stages import LostStepError, SlotOutput, SlotPlan
 from actors.transport import LaneFault, Outputs, make_transport
 from cdm_dist.driver.campaign import ResourcesConfig
 from cdm_dist.driver.execution import Checkpoint, Job, Sink, chunk_end, step_of
+from cdm_dist.errors import InputError, input_error_of
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,10 @@ class LanePool:
             elif kind == "result":
                 sink.on_result(batch, value)
                 call.remaining -= 1
+            elif kind == "input_error":
+                with self.condition:  # the call's queued micro-batches do not start
+                    self.pending = [f for f in self.pending if f.owner is not call]
+                raise InputError(value)
             else:
                 sink.on_failed(batch, value, self.event_shape)
                 call.remaining -= 1
@@ -183,6 +188,10 @@ class LanePool:
             owner.inbox.put(("rollback", batch, None))
             if isinstance(output, LostStepError):
                 return True
+            cause = input_error_of(output)
+            if cause is not None:  # bad input fails again on any retry: the campaign stops with it
+                owner.inbox.put(("input_error", batch, str(cause)))
+                return False
             flight.retries += 1
             if flight.retries > self.max_retries:
                 reason = f"{type(output).__name__} after {flight.retries - 1} retries: {str(output).splitlines()[-1]}"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.cli import add_bench_parser, run_bench
-from cdm_dist.errors import InputError, first_line
+from cdm_dist.errors import InputError, first_line, input_error_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,11 +154,15 @@ def _run(args: argparse.Namespace) -> int:
         store = None
     check_config(config)
     from cdm_dist.driver.launch import make_executor
+    from cdm_dist.driver.preflight import describe_reading, probe_step
     from cdm_dist.driver.report import format_topk
     from cdm_dist.driver.runner import run_campaign, write_json
 
     executor = make_executor(config, args.address)  # workers build their models; bad input stops here
     try:
+        probe = probe_step(config, executor)  # one checked guided step on two chains, before anything is written
+        if probe["prior_reading"] and not args.quiet:
+            print(describe_reading(probe["prior_reading"]), flush=True)
         store = store or CampaignStore.create(config)
         report = run_campaign(config, executor, store, progress=not args.quiet)
     finally:
@@ -459,8 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return _train(args, argv)
         return COMMANDS[args.command](args)
-    except InputError as exc:
-        print(f"cdm: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        cause = input_error_of(exc)  # bad input, also when a Ray worker met it
+        if cause is None:
+            raise
+        print(f"cdm: error: {cause}", file=sys.stderr)
         return 2
 
 

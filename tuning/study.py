@@ -44,6 +44,7 @@ from cdm_dist.driver.campaign import (
 )
 from cdm_dist.driver.execution import Chunk, Executor
 from cdm_dist.driver.launch import make_executor
+from cdm_dist.driver.preflight import probe_step
 from cdm_dist.driver.report import CampaignReport
 from cdm_dist.driver.runner import run_campaign
 from cdm_dist.driver.store import CampaignStore
@@ -407,6 +408,7 @@ class Tuner:
             needs_limit = self.config.tune.prior_fit_limit == "auto" and PRIOR_FIT_LIMIT not in self.study.user_attrs
             if todo > 0 or needs_limit:  # one pool of workers for every trial: the models load once
                 self.executor = make_executor(self.config, self.address)
+                probe_step(self.config, self.executor)  # one checked guided step before any trial
             try:
                 self.prior_fit_limit = self._prior_fit_limit()
                 self._study_run()

@@ -17,9 +17,9 @@ import torch
 from cdm_dist.chains.rng import Stream, chain_normal
 from cdm_dist.chains.schedules import guided_mask
 from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, campaign_chains, check_config, micro_batches
-from cdm_dist.driver.execution import Checkpoint
+from cdm_dist.driver.execution import Checkpoint, Executor
 from cdm_dist.driver.launch import make_executor
-from cdm_dist.errors import InputError
+from cdm_dist.errors import InputError, input_error_of
 
 CHAINS = 2
 
@@ -43,43 +43,63 @@ def check_campaign(config: CampaignConfig, address: str | None = None) -> dict[s
     executor = make_executor(one, address)
     try:
         started = time.perf_counter() - tic
-        batch, step = probe_batch(one)
-        prior, sampler = executor.probe_workers()
-        infos = executor.infos()
-        event = next(i["event_shape"] for i in infos if i.get("event_shape") is not None)
-        seeds = torch.tensor(batch.chains.seeds, dtype=torch.int64)
-        x_t = chain_normal(seeds, Stream.INIT, 0, tuple(event), torch.float64)  # x at the step: N(0, I)
-        checkpoint = Checkpoint(step, x_t, torch.zeros(CHAINS, dtype=torch.bool))
-        for _warm_up_then_timed in range(2):  # one guided step (cdm_dist.chains.mlgd.guided_step), stage by stage
-            denoised = prior.probe_denoise(batch, checkpoint)
-            _check_denoised(denoised)
-            grad = sampler.probe_matching_grad(batch, denoised["request"])
-            _check_grad(grad)
-            loss = torch.tensor(grad["loss"], dtype=torch.float64)
-            advanced = prior.probe_advance(batch, loss, grad["grad_x0"])
-            _check_advanced(advanced)
+        probe_step(one, executor)  # warm-up
+        step = probe_step(one, executor)
         infos = executor.infos()  # peak memory after the step
     finally:
         executor.close()
-    seconds = {"denoise": denoised["seconds"], "matching_grad": grad["seconds"], "advance": advanced["seconds"]}
-    modules = module_rows(config, {"prior": denoised["modules"], "sampler": grad["modules"]})
+    seconds = step.pop("seconds")
+    modules = module_rows(config, step.pop("modules"))
     return {
         "problem": config.problem.label(),
         "executor": one.resources.executor_name,
         "start_seconds": started,
+        "prior_reading": step.pop("prior_reading"),
         "workers": [_worker_row(info, seconds) for info in infos],
-        "step": {
-            "chains": CHAINS,
-            "step_index": step,
-            "x0_abs_max": denoised["x0_abs_max"],
-            "y_shape": grad["y_shape"],
-            "loss": grad["loss"],
-            "grad_x0_norm": grad["grad_x0"].flatten(1).norm(dim=1).tolist(),
-            "grad_x_norm": advanced["grad_x_norm"],
-            "seconds": seconds,
-        },
+        "step": {**step, "seconds": seconds},
         "estimate": estimate(config, seconds),
         "modules": modules,
+    }
+
+
+def probe_step(config: CampaignConfig, executor: Executor) -> dict[str, Any]:
+    """One guided step (cdm_dist.chains.mlgd.guided_step) of the campaign's first two chains, driven stage by stage on
+    the executor's workers and checked at every stage; InputError for anything that would waste the campaign. Every
+    `cdm run` and `cdm tune` takes it before it writes anything."""
+    batch, step = probe_batch(config)
+    prior, sampler = executor.probe_workers()
+    infos = executor.infos()
+    event = next(i["event_shape"] for i in infos if i.get("event_shape") is not None)
+    seeds = torch.tensor(batch.chains.seeds, dtype=torch.int64)
+    x_t = chain_normal(seeds, Stream.INIT, 0, tuple(event), torch.float64)  # x at the step: N(0, I)
+    checkpoint = Checkpoint(step, x_t, torch.zeros(len(seeds), dtype=torch.bool))
+    try:
+        denoised = prior.probe_denoise(batch, checkpoint)
+        _check_denoised(denoised)
+        grad = sampler.probe_matching_grad(batch, denoised["request"])
+        _check_grad(grad)
+        loss = torch.tensor(grad["loss"], dtype=torch.float64)
+        advanced = prior.probe_advance(batch, loss, grad["grad_x0"])
+        _check_advanced(advanced)
+    except Exception as exc:
+        cause = input_error_of(exc)
+        if cause is None:
+            raise
+        raise InputError(str(cause)) from None
+    finally:
+        prior.forget(batch)
+        sampler.forget(batch)
+    return {
+        "prior_reading": next((i["prior_reading"] for i in infos if i.get("prior_reading")), None),
+        "chains": len(seeds),
+        "step_index": step,
+        "x0_abs_max": denoised["x0_abs_max"],
+        "y_shape": grad["y_shape"],
+        "loss": grad["loss"],
+        "grad_x0_norm": grad["grad_x0"].flatten(1).norm(dim=1).tolist(),
+        "grad_x_norm": advanced["grad_x_norm"],
+        "seconds": {"denoise": denoised["seconds"], "matching_grad": grad["seconds"], "advance": advanced["seconds"]},
+        "modules": {"prior": denoised["modules"], "sampler": grad["modules"]},
     }
 
 
@@ -169,6 +189,7 @@ def format_check(report: dict[str, Any]) -> str:
     step = report["step"]
     lines = [
         f"problem {report['problem']} on {report['executor']}: workers ready in {report['start_seconds']:.2f} s",
+        *([describe_reading(report["prior_reading"])] if report["prior_reading"] else []),
         f"one guided step (step {step['step_index']}, {step['chains']} chains): y {step['y_shape']}, "
         f"loss {', '.join(f'{v:.4g}' for v in step['loss'])}, |dL/dx0| "
         f"{', '.join(f'{v:.3g}' for v in step['grad_x0_norm'])}, |dL/dx_t| "
@@ -201,3 +222,8 @@ def format_check(report: dict[str, Any]) -> str:
         f"({est['assumes']})"
     )
     return "\n".join(lines)
+
+
+def describe_reading(reading: dict[str, str]) -> str:
+    """How the prior's network output is read: its scheduler, the prediction type and where that came from."""
+    return f"prior: {reading['scheduler']}, {reading['prediction_type']} from {reading['from']}"

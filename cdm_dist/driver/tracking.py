@@ -4,6 +4,7 @@ lazily."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -49,6 +50,12 @@ def resolve_uri(uri: str) -> str:
 _READY: set[str] = set()  # SQLite stores this process has opened (their tables exist)
 
 
+def quiet_store_logs() -> None:
+    """No INFO lines from MLflow creating or migrating a store's tables (alembic): a run prints its own summary."""
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def client_for(uri: str) -> Any:
     """An MlflowClient on the store at uri (relative SQLite paths resolved, a database's connect timeout set). A
     SQLite store is first opened under a file lock: processes that meet a new file at once would otherwise race to
@@ -57,6 +64,7 @@ def client_for(uri: str) -> Any:
 
     from mlflow.tracking import MlflowClient
 
+    quiet_store_logs()
     uri = with_connect_timeout(resolve_uri(uri))
     if not uri.startswith("sqlite:///") or uri in _READY:
         return MlflowClient(tracking_uri=uri)

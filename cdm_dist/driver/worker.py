@@ -34,7 +34,7 @@ from cdm_dist.chains.mlgd import (
 from cdm_dist.chains.profiling import named_modules, profile_modules
 from cdm_dist.driver.campaign import CampaignConfig, MicroBatch
 from cdm_dist.driver.execution import Checkpoint, Chunk, Job, MicroBatchResult, Sink, chunk_end, step_of
-from cdm_dist.errors import InputError
+from cdm_dist.errors import InputError, first_line
 from cdm_dist.problems.registry import ProblemSource, resolve_problem
 
 ROLES = ("both", "prior", "sampler")
@@ -157,6 +157,7 @@ class ChainWorker:
             "event_shape": list(self.problem.prior.event_shape) if self.has_prior else None,
             "y_dim": self.problem.fast_sampler.y_dim if self.has_sampler else None,
             "x_shape": _shape(self.problem.fast_sampler.x_shape) if self.has_sampler else None,
+            "prior_reading": getattr(self.problem.prior, "reading", None) if self.has_prior else None,
             "built": dict(self.problem.built),
             "load_seconds": dict(self.problem.load_seconds),
             "parts": parts,
@@ -309,6 +310,7 @@ class ChainWorker:
         """Drop what this worker keeps for a finished micro-batch."""
         self._prior_sides.pop(batch.key, None)
         self._sampler_sides.pop(batch.key, None)
+        self._probes.pop(batch.key, None)
 
     @torch.no_grad()
     def _pictures(
@@ -363,20 +365,16 @@ class ChainWorker:
         side = self.sampler_side(batch)
         x0 = request.x0
         eta = torch.randn(x0.shape[0], side.config.n_c, *side.sampler.noise_shape, dtype=side.dtype)
+        x = x0.to(self.device, side.dtype).requires_grad_(True)
         try:
-            with torch.no_grad():
-                y = side.sampler.sample(x0.to(self.device, side.dtype), eta.to(self.device))
+            with torch.enable_grad():
+                y = side.sampler.sample(x, eta.to(self.device))
         except Exception as exc:
             raise InputError(
                 f"problem.sampler: cannot take x of shape {list(x0.shape[1:])} from the prior "
-                f"({type(exc).__name__}: {exc})"
+                f"({type(exc).__name__}: {first_line(exc)})"
             ) from None
-        expected = (x0.shape[0], side.config.n_c, side.sampler.y_dim)
-        if tuple(y.shape) != expected:
-            raise InputError(
-                f"problem.sampler: sample(x, eta) gave y of shape {list(y.shape)}; the contract is (B, n_c, y_dim) = "
-                f"{list(expected)}"
-            )
+        check_samples(y, (x0.shape[0], side.config.n_c, side.sampler.y_dim))
         torch_sync(self.device)
         tic = time.perf_counter()
         with profile_modules(named_modules(side.sampler), self.device) as modules:
@@ -403,6 +401,26 @@ class ChainWorker:
             "grad_x_norm": after.grad_norm.cpu().tolist(),
             "x_finite": bool(torch.isfinite(after.x).all()) and not bool(after.failed.any()),
         }
+
+
+def check_samples(y: object, expected: tuple[int, ...]) -> None:
+    """The fast sampler's contract at the probe: a floating tensor y of shape (B, n_c, y_dim) with a gradient path
+    back to x (MLGD-F backpropagates the matching loss through it)."""
+    if not isinstance(y, torch.Tensor):
+        raise InputError(f"problem.sampler: sample(x, eta) returned a {type(y).__name__}, not a torch.Tensor")
+    if tuple(y.shape) != expected:
+        raise InputError(
+            f"problem.sampler: sample(x, eta) gave y of shape {list(y.shape)}; the contract is (B, n_c, y_dim) = "
+            f"{list(expected)}"
+        )
+    if not y.is_floating_point():
+        raise InputError(f"problem.sampler: sample(x, eta) gave y of dtype {y.dtype}; it must be a floating dtype")
+    if not y.requires_grad:
+        raise InputError(
+            "problem.sampler: sample(x, eta) gave y with no gradient path to x (detached, through numpy, or under "
+            "torch.no_grad); MLGD-F backpropagates the matching loss through the sampler, so y must be computed from x "
+            "with torch operations"
+        )
 
 
 def _shape(shape: tuple[int, ...] | None) -> list[int] | None:

@@ -248,12 +248,22 @@ def load_diffusers_prior(spec: DiffusersPriorSpec, device: torch.device | str, f
     config = _json_config(folder / "config.json", field)
     model = load_model(folder, spec.model_class, dtype, device, f"{field}.diffusers")
     scheduler = load_scheduler(spec.scheduler_folder, f"{field}.scheduler")
-    prediction = spec.prediction_type or scheduler.config.get("prediction_type", "epsilon")
+    configured = scheduler.config.get("prediction_type", "epsilon")
+    prediction = spec.prediction_type or configured
     if prediction not in PREDICTION_TYPES:
         raise InputError(f"{field}.prediction_type: unknown {prediction!r}; expected one of {list(PREDICTION_TYPES)}")
     shape = tuple(spec.event_shape) if spec.event_shape else infer_event_shape(config, type(model).__name__, field)
     conditioning = load_conditioning(spec, model, field)
-    return DiffusersPrior(model, scheduler, prediction, shape, conditioning)
+    prior = DiffusersPrior(model, scheduler, prediction, shape, conditioning)
+    config_file = spec.scheduler_folder / "scheduler_config.json"
+    if spec.prediction_type is None:
+        source = f"the scheduler's config ({config_file})"
+    elif prediction == configured:
+        source = f"{field}.prediction_type, as the scheduler's config says"
+    else:
+        source = f"{field}.prediction_type, overriding the scheduler's config ({configured!r}, {config_file})"
+    prior.reading = {"scheduler": type(scheduler).__name__, "prediction_type": prediction, "from": source}
+    return prior
 
 
 # -- the prior ------------------------------------------------------------------------------------------------
@@ -295,6 +305,7 @@ class DiffusersPrior(DiffusionPrior):
         super().__init__(scheduler, shape)
         self.model = model.eval().requires_grad_(False)
         self.prediction_type = prediction_type
+        self.reading = {"scheduler": type(scheduler).__name__, "prediction_type": prediction_type, "from": "the caller"}
         self.conditioning = conditioning
         self._moved: dict[tuple[torch.device, torch.dtype], Conditioning] = {}
         self._alpha_bar = scheduler.alphas_cumprod.double()

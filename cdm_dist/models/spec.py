@@ -149,6 +149,7 @@ class DiffusersPriorSpec(StrictModel):
     model_class: str | None = None  # a diffusers class name or "package.module:Class"; default: config _class_name
     scheduler_subfolder: str | None = None  # default: "scheduler" if present, else the model's folder
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # default: the scheduler's
+    prediction_type_overrides_scheduler: bool = False  # confirm a prediction_type that differs from the scheduler's
     dtype: WeightDtype = "float32"  # model weights; the chain's maths stays in method.dtype
     conditioning: ConditioningSpec | None = None
     vae_subfolder: str | None = None  # latent prior: the AutoencoderKL's folder inside, e.g. "vae"
@@ -165,7 +166,14 @@ class DiffusersPriorSpec(StrictModel):
             if sub is not None and not (root / sub).is_dir():
                 raise ValueError(f"{name}: {root / sub} is not a folder")
         model_config = read_json(self.model_folder / "config.json", "not a diffusers folder for the model")
-        self.scheduler_folder  # noqa: B018 (raises when there is none)
+        scheduler = read_json(self.scheduler_folder / "scheduler_config.json", "not a diffusers scheduler folder")
+        declared, configured = self.prediction_type, scheduler.get("prediction_type", "epsilon")
+        if declared is not None and declared != configured and not self.prediction_type_overrides_scheduler:
+            raise ValueError(
+                f"prediction_type: {declared!r}, but the scheduler's config says {configured!r} "
+                f"({self.scheduler_folder / 'scheduler_config.json'}); to read the model as {declared!r} anyway (a "
+                "checkpoint shipped with a wrong scheduler config), also set prediction_type_overrides_scheduler: true"
+            )
         if self.vae_subfolder is not None:
             vae = read_json(root / self.vae_subfolder / "config.json", "not a diffusers folder for the VAE")
             latent, channels = vae.get("latent_channels"), model_config.get("in_channels")
