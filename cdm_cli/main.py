@@ -8,9 +8,12 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmarks.cli import add_bench_parser, run_bench
 from cdm_dist.errors import InputError, first_line, input_error_of
+
+UI_BASE = "http://127.0.0.1:5000"  # where `cdm ui` serves with its defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
     check_config(config)
     from cdm_dist.driver.launch import make_executor
     from cdm_dist.driver.preflight import describe_reading, probe_step
-    from cdm_dist.driver.report import format_topk
+    from cdm_dist.driver.report import format_topk, loss_meaning
     from cdm_dist.driver.runner import run_campaign, write_json
 
     executor = make_executor(config, args.address)  # workers build their models; bad input stops here
@@ -172,7 +175,11 @@ def _run(args: argparse.Namespace) -> int:
         f"campaign {report.campaign_run_id or store.root.name}: {summary['chains_ok']}/{summary['chains_total']} "
         f"chains ok, {summary['chain_steps_per_s']:.1f} chain-steps/s on {report.executor}; folder {store.root}"
     )
-    print(format_topk(report.topk))
+    if report.topk:
+        print(f"top {len(report.topk)} by {loss_meaning(config.method.loss, config.method.heldout_samples)}")
+        print(format_topk(report.topk))
+    if config.tracking.enabled:
+        print(_next_steps(config, report, store.root))
     if args.json:
         write_json(args.json, summary)
     if report.failed_batches:  # errors, not diverged chains (those are results): the run failed
@@ -180,6 +187,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cdm: error: {len(report.failed_batches)} micro-batch(es) failed, e.g.: {first}", file=sys.stderr)
         return 1
     return 0
+
+
+def _next_steps(config: Any, report: Any, folder: Path) -> str:
+    """The end of `cdm run`: the store and folder, the UI link to this campaign's chains, the top-k command."""
+    from cdm_dist.driver import preconditions
+    from cdm_dist.driver.campaign import TrackingConfig
+    from cdm_dist.driver.report import format_next_steps
+
+    tracking = config.tracking
+    url = None
+    if report.campaign_run_id is not None and report.experiment_id is not None:
+        from cdm_dist.driver.ui_links import chains_view_url
+
+        url = chains_view_url(UI_BASE, report.experiment_id, report.campaign_run_id)
+    store = preconditions.redacted(tracking.uri)
+    return format_next_steps(store, tracking.uri == TrackingConfig().uri, tracking.experiment, str(folder), url)
 
 
 def _tune(args: argparse.Namespace) -> int:

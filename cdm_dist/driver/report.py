@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+SMALL_X = 8  # x* with at most this many numbers is printed in the top-k table; larger ones by their file
+
 
 @dataclass
 class ChainRow:
@@ -21,6 +23,7 @@ class ChainRow:
     metrics: dict[str, float]
     x_path: str
     run_id: str | None
+    x: list[float] | None = None  # x*'s values when it is small (at most SMALL_X numbers), else None: see x_path
 
 
 @dataclass
@@ -37,6 +40,7 @@ class CampaignReport:
     chain_steps: int
     # micro-batches that kept failing (errors, not diverged chains) -> why; the run then fails (exit 1, MLflow FAILED)
     failed_batches: dict[int, str] = field(default_factory=dict)
+    experiment_id: str | None = None  # the MLflow experiment of campaign_run_id
 
     def summary(self) -> dict[str, float]:
         """Counts and losses over the chains (the campaign run's summary metrics)."""
@@ -61,6 +65,7 @@ class CampaignReport:
             "chains_failed": summary["chains_failed"],
             "topk": [
                 {"chain": r.chain, "seed": r.seed, "final_loss": r.final_loss, "x_path": r.x_path, "run_id": r.run_id}
+                | ({"x": r.x} if r.x is not None else {})
                 | ({"metrics": r.metrics} if r.metrics else {})
                 for r in self.topk
             ],
@@ -79,12 +84,34 @@ def top_k(rows: list[ChainRow], k: int) -> list[ChainRow]:
 
 
 def format_topk(rows: list[ChainRow]) -> str:
-    """The top-k table printed by `cdm run`."""
+    """The top-k table printed by `cdm run`: x*'s values when small, else its file."""
     metric_names = sorted({k for r in rows for k in r.metrics})
-    header = ["rank", "chain", "seed", "final_loss", *metric_names, "zeta", "x_path"]
+    header = ["rank", "chain", "seed", "final_loss", *metric_names, "zeta", "x*"]
     lines = [header]
     for rank, r in enumerate(rows, start=1):
         metrics = [f"{r.metrics[m]:.4g}" for m in metric_names]
-        lines.append([str(rank), str(r.chain), str(r.seed), f"{r.final_loss:.5g}", *metrics, r.zeta, r.x_path])
+        x = "[" + ", ".join(f"{v:.4g}" for v in r.x) + "]" if r.x is not None else r.x_path
+        lines.append([str(rank), str(r.chain), str(r.seed), f"{r.final_loss:.5g}", *metrics, r.zeta, x])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+def loss_meaning(loss: Any, samples: int) -> str:
+    """What a chain's final_loss is, in words (the method's matching loss on fresh draws)."""
+    text = f"final_loss: the {loss.name} loss between {samples} fresh samples of f(x*, η) and held-out target "
+    text += "samples; lower is better"
+    if getattr(loss, "u_statistic", False):
+        text += " (an unbiased estimate of MMD², so values just below 0 mean a match within noise)"
+    return text
+
+
+def format_next_steps(store: str, default_store: bool, experiment: str, folder: str, ui_url: str | None) -> str:
+    """Where a finished campaign is and what to do next: the store, the folder, the UI and the top-k command."""
+    uri = "" if default_store else f" --tracking-uri {store}"
+    lines = [
+        f"  store   {store} (experiment {experiment}); folder {folder}",
+        f"  browse  cdm ui{uri}" + (f"   then open {ui_url}" if ui_url else ""),
+        f"  select  cdm topk --experiment {experiment}{uri}   (or tag chain runs cdm.selected=true in the UI, then "
+        f"cdm topk --selected --export DIR{uri})",
+    ]
+    return "next:\n" + "\n".join(lines)

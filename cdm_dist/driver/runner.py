@@ -21,7 +21,7 @@ from cdm_dist.driver.callbacks import CampaignCallback, CampaignInfo, ChainInfo,
 from cdm_dist.driver.callbacks import Progress as ProgressState
 from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, campaign_chains, micro_batches, zeta_label
 from cdm_dist.driver.execution import Checkpoint, Chunk, Executor, Job, MicroBatchResult, SystemMetricsSource, step_of
-from cdm_dist.driver.report import CampaignReport, ChainRow, top_k
+from cdm_dist.driver.report import SMALL_X, CampaignReport, ChainRow, top_k
 from cdm_dist.driver.store import CampaignStore
 
 
@@ -141,6 +141,7 @@ class CampaignDriver:
                         metrics={k: v[row].item() for k, v in result.metrics.items()},
                         x_path=str(self.store.chain_x_path(chain)),
                         run_id=None,
+                        x=result.x[row].flatten().tolist() if result.x[row].numel() <= SMALL_X else None,
                     )
                 )
         return rows

@@ -256,7 +256,7 @@ class MLflowTracker(CampaignCallback):
         tags = {"cdm.failed_micro_batches": failed} if failed else None
         self._batch(self.parent_id, self._missing(self.parent_id, summary), tags=tags)
         self.client.set_terminated(self.parent_id, "FAILED" if report.failed_batches else "FINISHED")
-        report.campaign_run_id = self.parent_id
+        report.campaign_run_id, report.experiment_id = self.parent_id, self.experiment_id
         for row in report.rows:
             row.run_id = self.child_ids.get(row.chain)
 
