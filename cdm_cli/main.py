@@ -219,8 +219,15 @@ def _tune(args: argparse.Namespace) -> int:
     summary = result.to_json()
     print(
         f"study {result.study}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed; "
-        f"best {result.best_value} with {result.best_params}; storage {result.storage}"
+        f"storage {result.storage}"
     )
+    if result.best_config is not None:
+        value = result.best_value if isinstance(result.best_value, list) else f"{result.best_value:.5g}"
+        print(f"  objective: {result.objective}")
+        print(f"  best: trial {result.best_trial}, {value}, with {result.best_params}")
+        print(f"  run it: cdm run {result.best_config}")
+    else:
+        print("  no best trial yet (no complete trial within the limits)")
     if result.prior_fit_limit is not None:
         print(f"  {result.infeasible} complete trials broke the prior_fit limit {result.prior_fit_limit:.4g}")
     for point in result.pareto:

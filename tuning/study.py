@@ -39,6 +39,7 @@ from cdm_dist.driver.campaign import (
     MicroBatch,
     ParamSpec,
     check_config,
+    dump_config,
     micro_batches,
     with_values,
 )
@@ -165,6 +166,9 @@ class TuneResult:
     chain_steps_saved: int = 0
     prior_fit_limit: float | None = None
     infeasible: int = 0  # complete trials over the prior_fit limit
+    objective: str = ""  # what best_value is, in words
+    best_trial: int | None = None
+    best_config: str | None = None  # the best trial's campaign config (YAML), ready for `cdm run`
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -180,6 +184,9 @@ class TuneResult:
             "chain_steps_saved_by_pruning": self.chain_steps_saved,
             "prior_fit_limit": self.prior_fit_limit,
             "trials_infeasible": self.infeasible,
+            "objective": self.objective,
+            "best_trial": self.best_trial,
+            "best_config": self.best_config,
         }
 
 
@@ -495,6 +502,7 @@ class Tuner:
         pareto: list[dict[str, Any]] = []
         best_value: Any = None
         best_params: dict[str, Any] = {}
+        best: optuna.trial.FrozenTrial | None = None
         front = self.study.best_trials if complete and self.config.tune.multi_objective else []  # feasible only
         if front:
             pareto = [{"number": t.number, "values": t.values, "params": t.params} for t in front]
@@ -520,7 +528,20 @@ class Tuner:
             chain_steps_saved=sum(t.user_attrs.get(PLANNED, 0) - t.user_attrs.get(RUN, 0) for t in pruned),
             prior_fit_limit=self.prior_fit_limit,
             infeasible=sum(t.constraints.get(CONSTRAINT, 0.0) > 0 for t in complete),
+            objective=objective_words(self.config),
+            best_trial=None if best is None else best.number,
+            best_config=None if best is None else str(self.write_best(best.params)),
         )
+
+    def write_best(self, params: dict[str, Any]) -> Path:
+        """The campaign config with the best trial's parameters, as `best.yaml` in the study's folder: `cdm run`
+        runs it as a plain campaign (the tune section left out)."""
+        best = with_values(self.config, params).model_copy(update={"name": f"{self.name}-best"})
+        best = best.model_copy(update={"tune": type(best.tune)()})
+        path = self.folder / "best.yaml"
+        header = f"# cdm tune: study {self.name}'s best trial; run it with: cdm run {path}\n"
+        path.write_text(header + dump_config(best))
+        return path
 
     def _finish_tracking(self, result: TuneResult, done: bool) -> None:
         """The study's summary and plots on its MLflow run; FINISHED once N trials are counted and none runs."""
@@ -568,6 +589,17 @@ class Tuner:
             plt.close(figure)
             paths.append(path)
         return paths
+
+
+def objective_words(config: CampaignConfig) -> str:
+    """What a trial's value is: which statistic of its chains' held-out losses (and its compute, multi-objective)."""
+    tune = config.tune
+    statistic = {"median": "the median", "best": "the lowest", "topk_mean": f"the mean of the {tune.objective_topk} "
+                 "lowest"}[tune.objective]  # fmt: skip
+    words = f"{statistic} held-out final_loss over a trial's {config.chains.count} chains (lower is better)"
+    if tune.multi_objective:
+        words += ", and its compute num_steps x n_c"
+    return words
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:

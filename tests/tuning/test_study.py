@@ -477,3 +477,19 @@ def test_the_config_as_written_runs_again_until_it_is_evaluated(study_config):
     assert result.complete + result.pruned == 2 and [t.number for t in trials if died(t)] == [0, 1]
     (evaluated,) = [t for t in trials if counted(t) and t.params == written]
     assert evaluated.number == queued.number and evaluated.user_attrs[CONFIG_AS_WRITTEN]
+
+
+def test_the_best_trial_is_written_as_a_config_that_cdm_run_reproduces(study_config):
+    from cdm_dist.driver.runner import run_campaign
+    from cdm_dist.driver.store import CampaignStore
+    from cdm_dist.driver.worker import LocalExecutor
+
+    config = study_config(chains__count=2)
+    result = Tuner(config.model_copy(update={"tune": config.tune.model_copy(update={"prior_fit_limit": "off"})})).run(
+        trials=2, parallel=1
+    )
+    assert result.objective.startswith("the median held-out final_loss over a trial's 2 chains")
+    best = load_config(result.best_config)
+    assert best.tune.space == {} and best.name.endswith("-best")
+    report = run_campaign(best, LocalExecutor(best), CampaignStore.create(best), progress=False)
+    assert aggregate([r.final_loss for r in report.rows], "median", 5) == result.best_value  # the same chains again
