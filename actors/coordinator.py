@@ -25,6 +25,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.auth import check_cluster_accepts
 from actors.lanes import LanePool, tensor_bytes
 from actors.liveness import PING_BACKOFF_S, RESTART_WAIT_S, actor_state, last_line
 from actors.transport import resolve_transport
@@ -48,6 +49,8 @@ def connect(address: str | None = None, runtime_env: RuntimeEnvConfig | None = N
     address = address or os.environ.get("RAY_ADDRESS")
     if address not in (None, "auto", "local"):
         ray_address_answers(address, field)  # before ray.init, which waits a long time on a silent port
+        if not address.startswith("ray://"):
+            check_cluster_accepts(address, field)  # a token from the environment or Ray's file, or one line
     if ray.is_initialized():
         if runtime_env is not None and runtime_env.local_paths():
             raise InputError(
