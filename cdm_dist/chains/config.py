@@ -25,13 +25,16 @@ class StrictModel(BaseModel):
 class ZetaConfig(StrictModel):
     """A chain's guidance step sizes zeta_t over the reverse steps."""
 
+    # ζ_t over progress p = i / (steps - 1) from 0 (step 0, t = T) to 1: constant s; linear s((1 - p) + f p); cosine
+    # s(f + (1 - f)(1 + cos πp) / 2); power s(f + (1 - f)(1 - p)^power); inv_sqrt_alpha s / sqrt(1 - β_t); rt s r_t;
+    # cdms from beta (s, f ignored)
     kind: Literal["constant", "linear", "cosine", "power", "inv_sqrt_alpha", "rt", "cdms"] = "constant"
-    scale: NonNegative = 1.0  # zeta at the first guided step
-    final: NonNegative = 1.0  # ratio zeta_end / zeta_start (linear, cosine, power)
-    power: Positive = 1.0  # exponent of the power schedule
-    beta: NonNegative | None = None  # CDMS inverse temperature (kind 'cdms')
-    normalize: bool = False  # use grad / ||grad||: zeta is then a step length
-    trust_radius: Positive | None = None  # clip ||zeta grad|| to trust_radius * sqrt(1 - ᾱ_t)
+    scale: NonNegative = 1.0  # s: ζ_t at step 0, t = T (constant, linear, cosine, power), else a factor; cdms: unused
+    final: NonNegative = 1.0  # f = ζ_end / ζ_start, a ratio, not an end value (linear, cosine, power; others: unused)
+    power: Positive = 1.0  # exponent of the power kind
+    beta: NonNegative | None = None  # CDMS inverse temperature β of P(x) exp(-β L) (kind 'cdms', which needs it)
+    normalize: bool = False  # step along grad / ||grad||: ζ_t is then a step length in x
+    trust_radius: Positive | None = None  # clip the step ||ζ_t grad|| to trust_radius sqrt(1 - ᾱ_t); null: no clip
 
     @model_validator(mode="after")
     def _beta_for_cdms(self) -> ZetaConfig:
@@ -45,26 +48,27 @@ class ZetaConfig(StrictModel):
 class MLGDConfig(StrictModel):
     """MLGD / MLGD-F hyper-parameters shared by every chain of a batch (MLGD-F Alg. 1 + 2)."""
 
-    num_steps: Annotated[int, Field(ge=1)] = 100  # reverse diffusion steps over x
-    eta: Fraction = 0.0  # 0 = DDIM, 1 = DDPM
-    n_c: Annotated[int, Field(ge=1)] = 250  # conditional samples per guess
-    n_guess: Annotated[int, Field(ge=1)] = 3  # loss-guided-diffusion guesses x̂0 + r_t noise
-    guess_radius: Literal["step_beta", "posterior"] = "step_beta"  # r_t = beta_t/sqrt(1+beta_t^2) (MLGD-F code)
-    # or r_t = guess_scale sqrt(1 - ᾱ_t), LGD's posterior-std radius for data of std guess_scale
-    guess_scale: Positive = 1.0
-    target_batch: Annotated[int, Field(ge=2)] = 250  # target samples seen per guess and step
+    num_steps: Annotated[int, Field(ge=1)] = 100  # reverse diffusion steps over x (at most the prior's timesteps)
+    eta: Fraction = 0.0  # DDIM's eta (reverse-step noise σ_t, Song et al. 2021): 0 = deterministic DDIM, 1 = DDPM
+    n_c: Annotated[int, Field(ge=1)] = 250  # n_c: conditional samples y ~ f(x̂0, η) per chain, guess and step
+    n_guess: Annotated[int, Field(ge=1)] = 3  # LGD guesses x̂0 + r_t ξ per step; the loss is -log mean exp(-L) of them
+    # the guesses' radius r_t: step_beta r_t = β_t / sqrt(1 + β_t²) (MLGD-F code), or posterior
+    # r_t = guess_scale sqrt(1 - ᾱ_t), LGD's posterior-std radius for data of std guess_scale
+    guess_radius: Literal["step_beta", "posterior"] = "step_beta"
+    guess_scale: Positive = 1.0  # the data's std in guess_radius 'posterior' (step_beta: unused)
+    target_batch: Annotated[int, Field(ge=2)] = 250  # target samples per chain, guess and step (all when fewer)
     loss: LossConfig = MMDLoss()  # the matching loss D(P(Y|X=x), G): one of cdm_dist.chains.losses.LOSSES by name
-    grad: Literal["full", "identity"] = "full"  # through Tweedie and the prior, or d x̂0/d x_t = I
+    grad: Literal["full", "identity"] = "full"  # dL/dx_t through Tweedie and the prior, or d x̂0/d x_t = I
     guidance: bool = True  # False: the prior alone, no gradient requests (SDEdit variations, plain prior samples)
-    guidance_start: Fraction = 0.0  # fraction of the steps before guidance starts
-    guidance_stop: Fraction = 1.0  # fraction of the steps after which guidance stops
-    common_random_numbers: bool = False  # the same eta and guesses' noise at every step
+    guidance_start: Fraction = 0.0  # step i is guided when guidance_start <= i / num_steps < guidance_stop
+    guidance_stop: Fraction = 1.0  # fraction of the steps after which guidance stops (see guidance_start)
+    common_random_numbers: bool = False  # the same η, guesses' ξ and target batch at every step (step 0's)
     init: Literal["noise", "zero"] = "noise"  # x_T ~ N(0, I), or 0 as the MLGD-F code
-    refine_steps: Annotated[int, Field(ge=0)] = 0  # CDMO: Adam steps on L(x0) after the chain
-    refine_lr: Positive = 0.02
-    eval_samples: Annotated[int, Field(ge=2)] | None = None  # held-out samples; default 4 n_c
-    eval_seed: int = 20260517  # seed of the held-out target draw shared by all chains
-    dtype: Literal["float64", "float32"] = "float64"
+    refine_steps: Annotated[int, Field(ge=0)] = 0  # CDMO (β → ∞): Adam steps on L(x0) after the chain, fresh η each
+    refine_lr: Positive = 0.02  # Adam's learning rate of the refine_steps
+    eval_samples: Annotated[int, Field(ge=2)] | None = None  # samples of y and target of final_loss; null: 4 n_c
+    eval_seed: int = 20260517  # seed of the held-out target draw shared by all chains (and of prior_fit)
+    dtype: Literal["float64", "float32"] = "float64"  # of the chain's maths (x, ζ_t, losses); weights keep theirs
 
     @model_validator(mode="after")
     def _consistent(self) -> MLGDConfig:

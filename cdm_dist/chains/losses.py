@@ -323,7 +323,7 @@ class KernelOptions(LossSpec):
     """The kernel scale options of the MMD losses."""
 
     bandwidth: Literal["median", "mean"] | PositiveFloat = "median"  # a statistic of the distances, or h
-    multipliers: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)  # multi-bandwidth mixture
+    multipliers: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)  # c_j of the kernel mixture
 
     power: ClassVar[int] = 2  # the kernel of v = distance**power
 
@@ -380,7 +380,7 @@ class SlicedWassersteinLoss(LossSpec):
     """Sliced W2² over fixed random directions."""
 
     name: Literal["sliced_wasserstein"] = "sliced_wasserstein"
-    n_projections: Annotated[int, Field(ge=1)] = 64  # directions
+    n_projections: Annotated[int, Field(ge=1)] = 64  # random directions projected on
 
     @property
     def min_samples(self) -> int:

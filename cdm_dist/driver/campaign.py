@@ -24,7 +24,7 @@ class MethodConfig(MLGDConfig):
     """The method and its knobs (every MLGDConfig field): MLGD-F (the fast sampler), MLGD (the full chain), or
     'sdedit', the unguided baseline of an editing campaign (SDEdit variations of the source, Meng et al. 2022)."""
 
-    name: Literal["mlgd_f", "mlgd", "sdedit"] = "mlgd_f"
+    name: Literal["mlgd_f", "mlgd", "sdedit"] = "mlgd_f"  # guided through the fast sampler, the full one, or not
 
     def mlgd(self) -> MLGDConfig:
         """The knobs without the method name (sdedit: guidance off)."""
@@ -40,8 +40,9 @@ class SourceConfig(StrictModel):
     """
 
     file: File  # .npy / .safetensors tensor in the prior's event shape, or a PNG/JPEG image for image priors
-    start_step: Annotated[int, Field(ge=0)] | None = None
-    strength: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    start_step: Annotated[int, Field(ge=0)] | None = None  # K, the reverse step all chains start at (0: t = T)
+    strength: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None  # fraction re-noised (img2img)
+    # one strength per chain, cycled (chain k: strengths[k mod len]); give one of start_step, strength, strengths
     strengths: list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
@@ -62,9 +63,9 @@ class SourceConfig(StrictModel):
 class ChainsConfig(StrictModel):
     """The campaign's chains: chain k has seed base_seed + k and zeta schedule k modulo the list (or grid)."""
 
-    count: PositiveInt = 8
-    base_seed: Annotated[int, Field(ge=0)] = 0
-    zeta: list[ZetaConfig] = Field(
+    count: PositiveInt = 8  # chains in the campaign
+    base_seed: Annotated[int, Field(ge=0)] = 0  # chain k's seed (of all its noise) is base_seed + k
+    zeta: list[ZetaConfig] = Field(  # ζ_t schedules, the guidance step sizes; chain k takes item k mod len
         default_factory=lambda: [ZetaConfig(kind="linear", scale=3.0, final=0.1)], min_length=1
     )
     zeta_grid: dict[str, list[Any]] | None = None  # cartesian product of ZetaConfig fields; replaces `zeta`
@@ -140,7 +141,7 @@ class RuntimeEnvConfig(StrictModel):
     working_dir: str | None = None  # a local folder (uploaded) or a remote .zip URI; the actors' cwd and sys.path
     py_modules: list[str] | None = None  # local package folders / .whl files or remote URIs, importable by actors
     pip: list[str] | None = None  # requirements installed into the actors' environment
-    env_vars: dict[str, str] | None = None
+    env_vars: dict[str, str] | None = None  # environment variables of the actors' processes
     excludes: list[str] | None = None  # gitignore-style patterns left out of working_dir / py_modules uploads
 
     @model_validator(mode="before")
@@ -183,11 +184,11 @@ class RuntimeEnvConfig(StrictModel):
 class ResourcesConfig(StrictModel):
     """Where chains run: in-process or on Ray actors, split (prior | sampler) or colocated (both)."""
 
-    executor: Literal["local", "ray"] = "ray"
-    placement: Literal["colocated", "split"] = "colocated"
+    executor: Literal["local", "ray"] = "ray"  # local: in the driver's process; ray: on Ray actors
+    placement: Literal["colocated", "split"] = "colocated"  # actors hold both models, or a prior + a sampler actor
     replicas: PositiveInt = 1  # colocated replicas, or prior/sampler pairs when split
-    num_gpus: NonNegative = 0.0  # per actor (logical GPUs are fine for pinning tests)
-    num_cpus: Positive = 1.0  # per actor
+    num_gpus: NonNegative = 0.0  # GPUs per actor, fractions share one (logical GPUs are fine for pinning tests)
+    num_cpus: Positive = 1.0  # CPUs per actor (Ray's logical CPUs)
     threads: PositiveInt = 1  # torch threads per actor (and in-process)
     micro_batch: PositiveInt = 8  # chains per micro-batch
     in_flight: PositiveInt = 2  # micro-batches in flight per actor (pipeline depth)
@@ -208,14 +209,14 @@ class ResourcesConfig(StrictModel):
 class TrackingConfig(StrictModel):
     """MLflow: the run store and experiment."""
 
-    enabled: bool = True
-    uri: str = "sqlite:///out/mlflow.db"
-    experiment: str = Field("cdm", min_length=1)
+    enabled: bool = True  # false: the campaign folder only, no MLflow runs
+    uri: str = "sqlite:///out/mlflow.db"  # MLflow tracking URI: a SQLite file, a server's URL, a database
+    experiment: str = Field("cdm", min_length=1)  # MLflow experiment name (a plain name, no '/')
     artifact_location: str = "out/mlartifacts"  # for experiments this campaign creates in a local store
     log_every: PositiveInt = 1  # loss metric every k steps
-    flush_seconds: NonNegative = 5.0  # per-chain losses reach MLflow while the campaign runs, batched this often
+    flush_seconds: NonNegative = 5.0  # seconds between batched writes of the chains' live losses to MLflow
     system_metrics: bool = False  # CPU, memory, disk, network, GPU of every Ray node on the campaign run (MLflow's)
-    system_metrics_seconds: Positive = 10.0  # their sampling interval
+    system_metrics_seconds: Positive = 10.0  # their sampling interval in seconds
 
     @field_validator("experiment")
     @classmethod
@@ -234,11 +235,11 @@ class TrackingConfig(StrictModel):
 class ParamSpec(StrictModel):
     """One tunable knob: a float or int range (optionally log-uniform) or a list of choices."""
 
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: list[Any] | None = None
+    type: Literal["float", "int", "categorical"]  # a float or int range, or one of choices
+    low: float | None = None  # the range's lower end (float, int)
+    high: float | None = None  # the range's upper end (float, int)
+    log: bool = False  # log-uniform over the range (needs low > 0)
+    choices: list[Any] | None = None  # the values of a categorical
 
     @model_validator(mode="after")
     def _complete(self) -> ParamSpec:
@@ -255,22 +256,23 @@ class ParamSpec(StrictModel):
 class TuneConfig(StrictModel):
     """An Optuna study over campaigns: the search space (config paths -> specs), objective and pruning."""
 
-    space: dict[str, ParamSpec] = Field(default_factory=dict)  # e.g. "chains.zeta.0.scale": {type: float, ...}
-    objective: Literal["median", "best", "topk_mean"] = "median"  # over the trial's chains' held-out losses
-    objective_topk: PositiveInt = 5
-    pruner: Literal["none", "median", "successive_halving"] = "median"
+    space: dict[str, ParamSpec] = Field(default_factory=dict)  # path -> range: "chains.zeta.0.scale": {type: float, …}
+    objective: Literal["median", "best", "topk_mean"] = "median"  # a trial's value, of its chains' final_loss
+    objective_topk: PositiveInt = 5  # k of topk_mean
+    pruner: Literal["none", "median", "successive_halving"] = "median"  # Optuna's pruner, asked at the milestones
+    # fractions of num_steps at which a trial reports its chains' median guidance loss to the pruner
     milestones: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
-    multi_objective: bool = False  # (loss, compute = num_steps x n_c); pruning is off then
+    multi_objective: bool = False  # minimise (loss, compute = num_steps x n_c) together; pruning is off then
     study_name: str | None = Field(None, min_length=1, pattern=NAME)  # default: the campaign name
-    sampler_seed: int = 0
+    sampler_seed: int = 0  # seed of Optuna's TPE sampler
     # Trials whose chains' median prior_fit exceeds this limit are infeasible (x* the sampler likes but the prior
     # does not: adversarial inputs). "auto": the 95% quantile over unguided chains, measured once per study.
     prior_fit_limit: Literal["auto", "off"] | Positive = "auto"
     # Database storages (--storage URL): each process heartbeats its running trials; a trial whose heartbeat is
     # older than the grace period belongs to a dead process, is failed (not counted) and retried once. None:
     # 30 s and 3 heartbeats. The journal file (one process per file) has no heartbeats: setting these is an error.
-    heartbeat_seconds: PositiveInt | None = None
-    grace_seconds: PositiveInt | None = None
+    heartbeat_seconds: PositiveInt | None = None  # seconds between a running trial's heartbeats
+    grace_seconds: PositiveInt | None = None  # seconds after its last heartbeat before a trial counts as dead
 
     @field_validator("prior_fit_limit", mode="before")
     @classmethod
@@ -312,23 +314,23 @@ class EvaluationConfig(StrictModel):
 
     samples: PositiveInt = 2000  # conditional samples per design
     chunk: PositiveInt = 250  # samples per sampler call
-    topk: PositiveInt | None = None  # default: the campaign's topk
-    seed: int = 20261202  # of the evaluation's eta
+    topk: PositiveInt | None = None  # the best chains' x* evaluated; null: the campaign's topk
+    seed: int = 20261202  # seed of the evaluation's sampler noise η
     classifier: ClassifierConfig | None = None
-    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95  # level of the attribute shares' Wilson intervals
 
 
 class CampaignConfig(StrictModel):
     """A design campaign: a problem, a method, many chains, resources, tracking and an output folder."""
 
-    name: str = Field("campaign", min_length=1, pattern=NAME)
+    name: str = Field("campaign", min_length=1, pattern=NAME)  # the campaign folder is output/NAME-<time>-<id>
     problem: ProblemConfig = Field(default_factory=ProblemConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     chains: ChainsConfig = Field(default_factory=ChainsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    output: str = "out/campaigns"
-    topk: PositiveInt = 5
+    output: str = "out/campaigns"  # the folder campaign folders are made in
+    topk: PositiveInt = 5  # chains with the lowest final_loss reported at the end
     pictures: bool = True  # per chain: its samples against the target and x* as an image (output folder, MLflow)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

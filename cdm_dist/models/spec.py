@@ -110,8 +110,8 @@ def import_path(factory: str | Callable[..., Any]) -> str:
 class FactorySpec(StrictModel):
     """A function, or its "package.module:function", called with `args` where the part is built."""
 
-    factory: Annotated[str | Callable[..., Any], PlainSerializer(import_path)]
-    args: dict[str, Any] = Field(default_factory=dict)
+    factory: Annotated[str | Callable[..., Any], PlainSerializer(import_path)]  # "package.module:function"
+    args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments it is called with
 
     @field_validator("factory")
     @classmethod
@@ -124,10 +124,10 @@ class ConditioningSpec(StrictModel):
     optional classifier-free guidance against a fixed negative (Ho & Salimans 2022)."""
 
     file: File | None = None  # .safetensors: encoder_hidden_states (L, D) [+ text_embeds, time_ids for SDXL]
-    class_label: int | None = None
+    class_label: int | None = None  # the class of a class-conditional UNet
     guidance_scale: NonNegative = 1.0  # ε̂ = ε̂_neg + s (ε̂_cond - ε̂_neg); 1 = no guidance
     negative_file: File | None = None  # the same tensors for the negative branch
-    negative_class_label: int | None = None
+    negative_class_label: int | None = None  # the class of the negative branch
 
     @model_validator(mode="after")
     def _complete(self) -> ConditioningSpec:
@@ -215,16 +215,16 @@ class VaeDecoderSpec(StrictModel):
     """A diffusers AutoencoderKL from a local folder, whose decoder turns x (a latent) into what the samplers see."""
 
     vae: Folder  # the VAE's folder (config.json + diffusion_pytorch_model.safetensors)
-    dtype: WeightDtype = "float32"
-    checkpointing: bool = True
+    dtype: WeightDtype = "float32"  # of the weights
+    checkpointing: bool = True  # activation checkpointing in the decoder when gradients flow
 
 
 class FlowSamplerSpec(StrictModel):
     """One of the project's conditional rectified-flow sampler folders (`cdm train sampler`), `steps` Euler steps."""
 
-    flow: Folder
-    steps: PositiveInt = 8
-    dtype: WeightDtype = "float32"
+    flow: Folder  # a folder `cdm train sampler` wrote
+    steps: PositiveInt = 8  # Euler steps of the flow
+    dtype: WeightDtype = "float32"  # of the weights
 
 
 def _by_key(*keys: str) -> Callable[[Any], str | None]:
@@ -246,7 +246,7 @@ class ClipEmbedSpec(StrictModel):
     """A local CLIP vision model (transformers' CLIPVisionModelWithProjection + preprocessor_config.json): y is the
     image embedding of the generated image, preprocessed in torch so it stays differentiable."""
 
-    clip: Folder
+    clip: Folder  # the CLIP vision model's folder
     resize: bool = False  # resize the generated image to the model's input size (else a size mismatch is an error)
 
 
@@ -265,16 +265,16 @@ class GeneratorSamplerSpec(StrictModel):
     ControlNet conditioned on the decoded x̂0, y = the CLIP embedding of the generated image), from local diffusers
     folders: `generator` holds unet/, scheduler/ and vae/ (and controlnet/ unless `controlnet` names a folder)."""
 
-    generator: Folder
+    generator: Folder  # a diffusers folder with unet/, scheduler/, vae/ (and controlnet/)
     controlnet: Folder | None = None  # default: <generator>/controlnet
     prompt: File  # .safetensors: encoder_hidden_states (L, D) [+ text_embeds, time_ids for SDXL]
     negative_prompt: File | None = None  # the same tensors for the unconditional branch of classifier-free guidance
     guidance_scale: NonNegative = 1.0  # 1 = no guidance (SDXL-Turbo is distilled to run without it)
-    steps: Annotated[int, Field(ge=1, le=4)] = 1
+    steps: Annotated[int, Field(ge=1, le=4)] = 1  # the generator's denoising steps
     controlnet_scale: NonNegative = 1.0  # conditioning_scale of the ControlNet residuals
-    embed: EmbedSpec
+    embed: EmbedSpec  # y from the generated image: a CLIP model's image embedding, or a factory's function
     dtype: WeightDtype = "float32"  # every module's weights unless `dtypes` says otherwise
-    dtypes: ModuleDtypes = Field(default_factory=dict)
+    dtypes: ModuleDtypes = Field(default_factory=dict)  # weight dtype per module (unet, controlnet, vae, embed)
     # activation checkpointing per module when gradients flow (embed: a CLIP model; a factory's function is as it is)
     checkpointing: bool | ModuleFlags = True
     # conditional samples per chunk, each chunk one activation checkpoint when gradients flow (its backward recomputes
@@ -309,7 +309,7 @@ class GeneratorSamplerSpec(StrictModel):
 class TargetFileSpec(StrictModel):
     """Target samples S_G from a .npy, .csv or .safetensors file."""
 
-    file: File
+    file: File  # the target's samples, one per row (m, d_y)
 
 
 @dataclass
@@ -364,12 +364,12 @@ PARTS = ("prior", "sampler", "full_sampler", "target", "metrics", "decoder")
 
 
 class ProblemConfig(StrictModel):
-    """Which CDM problem: a registered name, a factory, or parts (see the module docstring)."""
+    """Which CDM problem: a registered name, a factory, or parts (prior, sampler, target; see the module docstring)."""
 
-    name: str | None = None
-    factory: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
-    prior: PriorSpec | None = None
+    name: str | None = None  # a registered problem: gmm2d (default), gmm5d, gmm10d, digits, or a package's own
+    factory: str | None = None  # "package.module:function" returning a CDMProblem
+    args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the named problem or the factory
+    prior: PriorSpec | None = None  # the diffusion prior P(X) (parts spec)
     sampler: SamplerSpec | None = None  # the fast sampler (MLGD-F)
     full_sampler: SamplerSpec | None = None  # the full-chain sampler (MLGD)
     target: TargetSpec | None = None  # with a name or factory: replaces its target (and drops its exact metrics)
