@@ -32,7 +32,7 @@ from actors.transport import resolve_transport
 from actors.workers import NodeMonitor, RemoteWorker
 from cdm_dist.driver.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.driver.execution import Job, Sink, chunk_end, step_of
-from cdm_dist.driver.preconditions import ray_address_answers
+from cdm_dist.driver.preconditions import capacity_error, ray_address_answers
 from cdm_dist.driver.worker import check_shapes
 from cdm_dist.errors import InputError, input_error_of
 
@@ -148,19 +148,9 @@ class RayExecutor:
     def _check_capacity(self) -> None:
         """The cluster holds every replica: in total, and each replica's actors on one node (STRICT_PACK)."""
         per_replica = 2 if self.split else 1
-        available = ray.cluster_resources()
-        for resource, amount in self._bundle().items():
-            need = amount * per_replica * self.resources.replicas
-            have = available.get(resource, 0.0)
-            if need > have + 1e-9:
-                field = "num_gpus" if resource == "GPU" else "num_cpus"
-                fits = int((have + 1e-9) // (amount * per_replica))
-                fix = f"--set resources.replicas={fits}" if fits >= 1 else f"--set resources.{field}="
-                fix = fix if fits >= 1 else f"{fix}{have / per_replica:g}" if have > 0 else f"a cluster with {resource}"
-                raise InputError(
-                    f"resources.{field}: {self.resources.replicas} replica(s) x {per_replica} actor(s) x {amount} "
-                    f"{resource} = {need:g}, but the Ray cluster has {have:g} {resource}; use {fix}"
-                )
+        too_much = capacity_error(self.resources, ray.cluster_resources(), "the Ray cluster")
+        if too_much:
+            raise InputError(too_much)
         nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
         replica = {k: v * per_replica for k, v in self._bundle().items()}
         for index in range(self.resources.replicas):  # first fit

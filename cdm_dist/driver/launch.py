@@ -3,10 +3,13 @@ through the `cdm_dist.executors` entry-point group, so the driver never imports 
 
 from __future__ import annotations
 
+import os
+import sys
 from importlib.metadata import entry_points
 
 from cdm_dist.driver.campaign import CampaignConfig
 from cdm_dist.driver.execution import Executor
+from cdm_dist.driver.preconditions import capacity_error, local_capacity
 from cdm_dist.driver.worker import LocalExecutor
 from cdm_dist.errors import InputError
 
@@ -19,6 +22,8 @@ def make_executor(config: CampaignConfig, address: str | None = None) -> Executo
     name = config.resources.executor
     if name == "local":
         return LocalExecutor(config)
+    if name == "ray":
+        local_ray_fits(config, address)
     registered = {point.name: point for point in entry_points(group=ENTRY_POINTS)}
     if name not in registered:
         raise InputError(
@@ -26,3 +31,15 @@ def make_executor(config: CampaignConfig, address: str | None = None) -> Executo
             f"{sorted(registered) or 'nothing'}; pip install the project)"
         )
     return registered[name].load()(config, address)
+
+
+def local_ray_fits(config: CampaignConfig, address: str | None) -> None:
+    """Before a local Ray starts (no address, none running here): the replicas fit this machine's CPUs and GPUs."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return
+    too_much = capacity_error(config.resources, local_capacity(), "this machine")
+    if too_much:
+        raise InputError(too_much)

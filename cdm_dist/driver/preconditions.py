@@ -222,3 +222,35 @@ def ray_address_answers(address: str, field: str = "--address") -> None:
             pass
     except OSError as exc:
         raise InputError(f"{field}: no Ray cluster answers at {target} ({exc.strerror or exc})") from None
+
+
+def capacity_error(resources: Any, available: dict[str, float], where: str) -> str | None:
+    """Why the replicas' actors (2 per replica when split) do not fit in `available` CPUs and GPUs, with the fix;
+    None when they fit."""
+    per_replica = 2 if resources.placement == "split" else 1
+    bundle = {"CPU": resources.num_cpus} | ({"GPU": resources.num_gpus} if resources.num_gpus > 0 else {})
+    for resource, amount in bundle.items():
+        need, have = amount * per_replica * resources.replicas, available.get(resource, 0.0)
+        if need <= have + 1e-9:
+            continue
+        field = "num_gpus" if resource == "GPU" else "num_cpus"
+        fits = int((have + 1e-9) // (amount * per_replica))
+        if fits >= 1:
+            fix = f"--set resources.replicas={fits}"
+        elif have > 0:
+            fix = f"--set resources.{field}={have / per_replica:g}"
+        else:
+            fix = f"a machine or cluster with {resource}s"
+        return (
+            f"resources.{field}: {resources.replicas} replica(s) x {per_replica} actor(s) x {amount:g} {resource} = "
+            f"{need:g}, but {where} has {have:g} {resource}; use {fix}"
+        )
+    return None
+
+
+def local_capacity() -> dict[str, float]:
+    """The CPUs and GPUs a local Ray that cdm starts would have (this process's CPUs; CUDA devices torch sees)."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}

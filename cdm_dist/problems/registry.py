@@ -108,6 +108,9 @@ def problem_recipe(spec: ProblemConfig, device: torch.device | str | None = None
 
 def validate_spec(spec: ProblemConfig, importable: bool = True) -> None:
     """What the driver checks once, building no model (importable=False: user code only the actors import)."""
+    target = getattr(spec, "target", None)
+    if isinstance(target, TargetFileSpec):
+        Target.from_file(target.file)  # a bad file is refused before any worker starts
     if not importable:
         return
     if spec.kind == "name" and spec.name in BUILTIN_PROBLEMS:

@@ -143,3 +143,36 @@ def test_a_prediction_type_against_the_schedulers_config_needs_confirming(tmp_pa
     assert reading["scheduler"] == "DDIMScheduler" and reading["prediction_type"] == "v_prediction"
     assert "overriding the scheduler's config ('epsilon'" in reading["from"]
     assert "prior: DDIMScheduler, v_prediction from problem.prior.prediction_type" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("resources.replicas=50", "resources.num_cpus: 50 replica(s) x 1 actor(s) x 1 CPU = 50, but this machine has"),
+        ("resources.num_gpus=1", "GPU = 1, but this machine has 0 GPU; use a machine or cluster with GPUs"),
+        ("problem={prior: {factory: 'cdm_dist.problems.builtins:gmm_prior', args: {name: gmm2d}}, sampler: {factory: "
+         "'cdm_dist.problems.builtins:gmm_fast_sampler', args: {name: gmm2d}}, target: {file: TARGET}}",
+         "target samples contain NaN or Inf (1 rows)"),
+    ],
+)  # fmt: skip
+def test_declarative_mistakes_are_refused_before_ray_starts(tmp_path, setting, message):
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    if "GPU" in message and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    target = np.ones((10, 1))
+    target[3] = np.nan
+    np.save(tmp_path / "nan.npy", target)
+    command = [sys.executable, "-m", "cdm_cli.main", "run", "--quiet", "--set", "resources.executor=ray",
+               "--set", setting.replace("TARGET", str(tmp_path / "nan.npy")), "--set", f"output={tmp_path / 'out'}",
+               "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [f"cdm: error: {done.stderr.split('cdm: error: ')[1].strip()}"]
+    assert message in done.stderr and "Ray" not in done.stderr.replace("Ray cluster", "")  # no Ray line: none started
+    assert not (tmp_path / "out").exists() and _runs(tmp_path) == 0
