@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import sqlite3
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,6 +39,12 @@ def writable_folder(path: str | Path, field: str) -> Path:
         raise InputError(f"{field}: cannot make {path}: {base} is a file")
     if not os.access(base, os.W_OK | os.X_OK):
         raise InputError(f"{field}: cannot write in {base}")
+    try:  # permissions do not tell for root, read-only mounts or /proc: a file made and removed at once does
+        descriptor, probe = tempfile.mkstemp(prefix=".cdm-write-check-", dir=base)
+    except OSError as exc:
+        raise InputError(f"{field}: cannot write in {base} ({exc.strerror or exc})") from None
+    os.close(descriptor)
+    os.unlink(probe)
     return path
 
 

@@ -4,8 +4,10 @@ lazily."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,14 +18,17 @@ import torch
 from cdm_dist.driver.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, ChainFiles, Progress
 from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, TrackingConfig
 from cdm_dist.driver.execution import Chunk, MicroBatchResult, SystemMetricsSource
-from cdm_dist.driver.preconditions import masked, redacted, with_connect_timeout
+from cdm_dist.driver.preconditions import masked, redacted, tracking_store, with_connect_timeout
 from cdm_dist.driver.store import CampaignStore
+from cdm_dist.driver.ui_links import CANDIDATE_KEY, CANDIDATE_STEP, save_views
 from cdm_dist.errors import InputError
 
 if TYPE_CHECKING:
     from cdm_dist.driver.report import CampaignReport
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # per log_batch request (MLflow REST limits)
+CANDIDATES_TABLE = "candidates.json"  # the campaign run's table of its chains, by final_loss
+FIRST_METRICS = ("prior_fit", "improvement")  # the candidates table's first metric columns, where present
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -36,6 +41,10 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def resolve_uri(uri: str) -> str:
@@ -120,6 +129,7 @@ class MLflowTracker(CampaignCallback):
             self._save_ids()
             self._batch(self.parent_id, params=flatten(self.config.model_dump(mode="json")))
             self.client.log_artifact(self.parent_id, str(self.store.config_path))
+        save_views(self.client, self.experiment_id, self.parent_id)  # what chains_view_url opens
         self.child_ids = {int(k): v for k, v in state.get("child_run_ids", {}).items()}
         if self.resumed and len(self.child_ids) < len(info.chains):  # died while making them: adopt, not repeat
             self.child_ids |= {int(r.data.tags["cdm.chain"]): r.info.run_id for r in self._children()}
@@ -217,7 +227,26 @@ class MLflowTracker(CampaignCallback):
             self._batch(run_id, self._missing(run_id, metrics), params, {"status": "failed" if failed else "ok"})
             for path in files[row]:
                 self.client.log_artifact(run_id, str(path))
+            self._log_candidate(run_id, files[row])
             self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def _log_candidate(self, run_id: str, paths: Sequence[Path]) -> None:
+        """The chain's candidate picture as an MLflow image (key CANDIDATE_KEY, step CANDIDATE_STEP), for the
+        image-grid chart of the gallery view: x* itself where it is an image (chainNNNNN_image.png), else its
+        samples against the target (chainNNNNN.png). Once per run, also when a resumed campaign repairs it."""
+        from PIL import Image
+
+        pngs = [p for p in paths if p.suffix == ".png"]
+        picture = next((p for p in pngs if p.stem.endswith("_image")), None) or next(iter(pngs), None)
+        if picture is None:  # a failed chain, or pictures: false
+            return
+        if self.resumed and any(
+            Path(a.path).name.startswith(f"{CANDIDATE_KEY}+") for a in self.client.list_artifacts(run_id, "images")
+        ):
+            return
+        with Image.open(picture) as image:
+            image.load()
+            self.client.log_image(run_id, image, key=CANDIDATE_KEY, step=CANDIDATE_STEP, synchronous=True)
 
     def _is_done(self, run_id: str) -> bool:
         """Whether an earlier driver finished writing this run (only asked on resume; read once)."""
@@ -255,10 +284,36 @@ class MLflowTracker(CampaignCallback):
         failed = ",".join(map(str, sorted(report.failed_batches)))
         tags = {"cdm.failed_micro_batches": failed} if failed else None
         self._batch(self.parent_id, self._missing(self.parent_id, summary), tags=tags)
-        self.client.set_terminated(self.parent_id, "FAILED" if report.failed_batches else "FINISHED")
         report.campaign_run_id, report.experiment_id = self.parent_id, self.experiment_id
         for row in report.rows:
             row.run_id = self.child_ids.get(row.chain)
+        self._log_candidates(report)
+        self.client.set_terminated(self.parent_id, "FAILED" if report.failed_batches else "FINISHED")
+
+    def _log_candidates(self, report: CampaignReport) -> None:
+        """The campaign run's candidates table (an MLflow table artifact, CANDIDATES_TABLE, written whole each time):
+        one row per chain, lowest final_loss first (failed chains last), with what a user selects on: chain, run
+        id, final_loss, prior_fit, improvement (editing campaigns), the problem's other metrics, seed, zeta."""
+        import pandas as pd
+
+        names = sorted({k for r in report.rows for k in r.metrics}, key=lambda k: (k not in FIRST_METRICS, k))
+        rows = sorted(report.rows, key=lambda r: (r.failed, r.final_loss if math.isfinite(r.final_loss) else math.inf))
+        table: dict[str, list[Any]] = {"rank": [], "chain": [], "run_id": [], "final_loss": []}
+        table |= {name: [] for name in names} | {"seed": [], "zeta": [], "status": []}
+        for rank, row in enumerate(rows, start=1):
+            values = [rank, row.chain, row.run_id, None if row.failed else _finite(row.final_loss)]
+            values += [_finite(row.metrics.get(name)) for name in names]
+            values += [row.seed, row.zeta, "failed" if row.failed else "ok"]
+            for column, value in zip(table, values, strict=True):
+                table[column].append(value)
+        with tempfile.TemporaryDirectory() as folder:  # written whole: log_table would append to an earlier copy
+            path = Path(folder) / CANDIDATES_TABLE
+            pd.DataFrame(table).to_json(path, orient="split", index=False)
+            self.client.log_artifact(self.parent_id, str(path))
+        tag = {"path": CANDIDATES_TABLE, "type": "table"}  # what log_table adds: the UI lists the run's tables
+        logged = json.loads(self.client.get_run(self.parent_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
+        if tag not in logged:
+            self._batch(self.parent_id, tags={"mlflow.loggedArtifacts": json.dumps([*logged, tag])})
 
     def tag_parent(self, tags: dict[str, str]) -> None:
         """Set tags on the campaign's (parent) run."""
@@ -325,6 +380,7 @@ def experiment_id(client: Any, tracking: TrackingConfig) -> str:
 
 def find_campaign(run_id: str, uri: str) -> Path:
     """The output folder of the campaign whose parent run is run_id."""
+    tracking_store(uri, "--tracking-uri", must_exist=True)  # a store that is not there is not made
     client = client_for(uri)
     try:
         run = client.get_run(run_id)

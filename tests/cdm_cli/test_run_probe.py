@@ -176,3 +176,12 @@ def test_declarative_mistakes_are_refused_before_ray_starts(tmp_path, setting, m
     assert done.stderr.strip().splitlines() == [f"cdm: error: {done.stderr.split('cdm: error: ')[1].strip()}"]
     assert message in done.stderr and "Ray" not in done.stderr.replace("Ray cluster", "")  # no Ray line: none started
     assert not (tmp_path / "out").exists() and _runs(tmp_path) == 0
+
+
+def test_refusals_leave_nothing_behind(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--resume", "0123456789abcdef0123456789abcdef"]) == 2  # the default store is not there
+    assert "--tracking-uri: no MLflow database at" in capsys.readouterr().err
+    assert main(["bench", "engine", "--quick", "--json", "/proc/cdm-nowhere/engine.json"]) == 2  # even as root
+    assert "--json: cannot write in /proc" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
