@@ -19,7 +19,7 @@ from cdm_dist.chains.schedules import guided_mask
 from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, campaign_chains, check_config, micro_batches
 from cdm_dist.driver.execution import Checkpoint, Executor
 from cdm_dist.driver.launch import make_executor
-from cdm_dist.errors import InputError, input_error_of
+from cdm_dist.errors import InputError, first_line, input_error_of
 
 CHAINS = 2
 
@@ -74,18 +74,13 @@ def probe_step(config: CampaignConfig, executor: Executor) -> dict[str, Any]:
     x_t = chain_normal(seeds, Stream.INIT, 0, tuple(event), torch.float64)  # x at the step: N(0, I)
     checkpoint = Checkpoint(step, x_t, torch.zeros(len(seeds), dtype=torch.bool))
     try:
-        denoised = prior.probe_denoise(batch, checkpoint)
+        denoised = _stage("problem.prior: Tweedie's x̂0", prior.probe_denoise, batch, checkpoint)
         _check_denoised(denoised)
-        grad = sampler.probe_matching_grad(batch, denoised["request"])
+        grad = _stage("problem.sampler: the matching loss", sampler.probe_matching_grad, batch, denoised["request"])
         _check_grad(grad)
         loss = torch.tensor(grad["loss"], dtype=torch.float64)
-        advanced = prior.probe_advance(batch, loss, grad["grad_x0"])
+        advanced = _stage("problem.prior: the guided step", prior.probe_advance, batch, loss, grad["grad_x0"])
         _check_advanced(advanced)
-    except Exception as exc:
-        cause = input_error_of(exc)
-        if cause is None:
-            raise
-        raise InputError(str(cause)) from None
     finally:
         prior.forget(batch)
         sampler.forget(batch)
@@ -101,6 +96,18 @@ def probe_step(config: CampaignConfig, executor: Executor) -> dict[str, Any]:
         "seconds": {"denoise": denoised["seconds"], "matching_grad": grad["seconds"], "advance": advanced["seconds"]},
         "modules": {"prior": denoised["modules"], "sampler": grad["modules"]},
     }
+
+
+def _stage(what: str, call: Any, *args: Any) -> dict[str, Any]:
+    """One probe stage on a worker (in-process or a Ray actor): any error it raises is one InputError line."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        cause = input_error_of(exc)
+        if cause is not None:
+            raise InputError(str(cause)) from None
+        cause = getattr(exc, "cause", None) or exc  # a Ray task's error carries the worker's
+        raise InputError(f"{what} failed at the probe step ({type(cause).__name__}: {first_line(cause)})") from None
 
 
 def module_rows(config: CampaignConfig, profiles: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:

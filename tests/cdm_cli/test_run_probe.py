@@ -48,6 +48,19 @@ def strict():
     return Strict()
 
 
+def angry_prior():
+    from cdm_dist.problems.builtins import gmm_prior
+
+    prior = gmm_prior("gmm2d")
+
+    class Angry(type(prior)):
+        def predict_noise(self, x_t, timestep):
+            raise RuntimeError("out of memory on the user's GPU")
+
+    prior.__class__ = Angry
+    return prior
+
+
 def flat():
     return Flat()
 
@@ -185,3 +198,15 @@ def test_refusals_leave_nothing_behind(tmp_path, capsys, monkeypatch):
     assert main(["bench", "engine", "--quick", "--json", "/proc/cdm-nowhere/engine.json"]) == 2  # even as root
     assert "--json: cannot write in /proc" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_any_error_a_worker_raises_in_the_probe_is_one_line(ray_cluster, tmp_path, capsys):
+    problem, env = _user_problem(tmp_path, "flat")
+    problem["prior"] = {"factory": "user_models:angry_prior"}
+    problem["sampler"] = {"factory": "cdm_dist.problems.builtins:gmm_fast_sampler", "args": {"name": "gmm2d"}}
+    status, err = _run(tmp_path, capsys, problem, runtime_env=env)
+    assert status == 2 and err == [
+        "cdm: error: problem.prior: Tweedie's x̂0 failed at the probe step (RuntimeError: out of memory on the user's "
+        "GPU)"
+    ]
+    assert not (tmp_path / "out").exists() and _runs(tmp_path) == 0
