@@ -50,11 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", help="Ray cluster to join")
     tune.add_argument("--json", help="write the study summary here")
 
-    topk = commands.add_parser("topk", help="the best chains by held-out loss across campaigns and trials")
+    topk = commands.add_parser("topk", help="the best chains by held-out loss across campaigns and trials, each "
+                               "chain once, with prior_fit and the problem's metrics")  # fmt: skip
     topk.add_argument("--experiment", help="only this MLflow experiment (default: all)")
-    topk.add_argument("-k", type=int, default=10)
-    topk.add_argument("--selected", action="store_true", help="the runs tagged cdm.selected = true in the UI")
-    topk.add_argument("--export", metavar="DIR", help="download x* files and write a contact sheet here")
+    topk.add_argument("-k", type=int, default=10, help="how many chains (default: 10)")
+    topk.add_argument("--selected", action="store_true", help="instead, every chain run tagged cdm.selected = true "
+                      "(any case) in the MLflow UI; those over their limit are flagged, not left out")  # fmt: skip
+    topk.add_argument("--all", dest="every", action="store_true", help="a row per run: otherwise the same chain "
+                      "(same problem, method, seed and zeta schedule) in several campaigns or trials is one row, "
+                      "naming the other campaigns under 'also'")  # fmt: skip
+    topk.add_argument("--keep-over-limit", action="store_true", help="also rank chains whose prior_fit exceeds "
+                      "their campaign's selection.prior_fit_limit (x* the prior finds unlikely, as cdm tune's "
+                      "tune.prior_fit_limit judges trials); by default they are left out. Either way the 'limit' "
+                      "column flags them 'over'")  # fmt: skip
+    topk.add_argument("--export", metavar="DIR", help="per chain: x* (.npy), its picture and a YAML that reruns "
+                      "exactly that chain (cdm run FILE); a contact sheet of the pictures")  # fmt: skip
     topk.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///out/mlflow.db)")
     topk.add_argument("--json", help="write the rows here")
 
@@ -238,20 +248,25 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _topk(args: argparse.Namespace) -> int:
-    """`cdm topk`: a table of the best chains; --export downloads x* and writes a contact sheet."""
+    """`cdm topk`: a table of the best chains, each once; --export writes x*, pictures, rerun YAMLs, a contact
+    sheet."""
     from cdm_dist.driver import preconditions
     from cdm_dist.driver.campaign import TrackingConfig
     from cdm_dist.driver.runner import write_json
-    from cdm_dist.driver.selection import export, find_candidates, format_candidates, rows_json
+    from cdm_dist.driver.selection import export, format_candidates, rows_json, select
 
     if args.k < 1:
         raise InputError(f"-k: must be >= 1, got {args.k}")
     uri = args.tracking_uri or TrackingConfig().uri
     preconditions.tracking_store(uri, "--tracking-uri", must_exist=True)
-    candidates = find_candidates(uri, args.experiment, args.k, args.selected)
+    selection = select(uri, args.experiment, args.k, args.selected, args.every, args.keep_over_limit)
+    candidates = selection.candidates
     if args.export:
         print(f"contact sheet: {export(candidates, uri, args.export)}")
     print(format_candidates(candidates))
+    if selection.left_out:
+        print(f"left out: {selection.left_out} chain run(s) ranked among these whose prior_fit exceeds their "
+              "campaign's selection.prior_fit_limit (--keep-over-limit lists them)")  # fmt: skip
     if args.json:
         write_json(args.json, rows_json(candidates))
     return 0

@@ -320,6 +320,12 @@ class EvaluationConfig(StrictModel):
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95  # level of the attribute shares' Wilson intervals
 
 
+class SelectionConfig(StrictModel):
+    """Which chains a top-k lists (`cdm topk`): x* the prior finds unlikely are flagged and left out by default."""
+
+    prior_fit_limit: Positive | None = None  # chains whose prior_fit exceeds it are flagged (None: no limit)
+
+
 class CampaignConfig(StrictModel):
     """A design campaign: a problem, a method, many chains, resources, tracking and an output folder."""
 
@@ -334,6 +340,7 @@ class CampaignConfig(StrictModel):
     pictures: bool = True  # per chain: its samples against the target and x* as an image (output folder, MLflow)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)  # which chains top-k lists keep or flag
 
     @model_validator(mode="after")
     def _source_within_schedule(self) -> CampaignConfig:
