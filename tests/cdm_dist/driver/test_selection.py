@@ -243,3 +243,34 @@ def test_an_unknown_experiment_is_one_line_and_writes_nothing(store, tmp_path, c
     line = _one_line(capsys, "topk", "--tracking-uri", store.uri, "--experiment", "nope", *args)
     assert "--experiment" in line and "'nope'" in line
     assert _files(store.root, tmp_path) == before
+
+
+def test_editing_chains_are_the_same_chain_only_at_the_same_start_and_their_yaml_reruns_them(small_campaign, tmp_path):
+    """Strengths cycle over the chain index, so the same seed starts at another step in another campaign."""
+    np.save(tmp_path / "source.npy", np.array([0.8]))
+    source = {"file": str(tmp_path / "source.npy")}  # strengths per campaign
+    fixed = {"tracking__enabled": True, "resources__executor": "local", "chains__zeta": "[{kind: linear}]"}
+    made = Store(tmp_path)
+    made.client = client_for(made.uri)
+    for name, seed, count, strengths in (("s", 0, 4, [0.5, 0.75]), ("t", 1, 2, [0.75, 0.5]), ("u", 0, 1, [0.75])):
+        chains = {"base_seed": seed, "count": count, "source": {**source, "strengths": strengths}}
+        chains = {f"chains__{k}": v for k, v in chains.items()}
+        made.run(small_campaign(name=name, **fixed, **chains))
+    runs = made.chains()
+    by_x = defaultdict(set)
+    for run in runs:
+        by_x[made.x(run).tobytes()].add(run.info.run_id)
+    assert len(runs) == 7 and len(by_x) == 5  # t's chains are s's chains 1 and 2; u's seed 0 starts elsewhere
+
+    rows = _topk(made, tmp_path, "-k", "10", "--export", str(tmp_path / "x"))
+    groups = [frozenset([r["run_id"]] + [a["run_id"] for a in r["also"]]) for r in rows]
+    assert len(groups) == len(by_x) and set(groups) == {frozenset(g) for g in by_x.values()}
+    for row in rows:
+        run = made.client.get_run(row["run_id"])
+        config = load_config(row["config_path"], ["tracking.enabled=false", f"output={tmp_path / 'rerun'}"])
+        written = load_config(Path(made.campaign(run).data.tags["cdm.output_dir"]) / "config.yaml").chains.source
+        strength = written.strengths[row["chain"] % len(written.strengths)]
+        assert config.chains.source.start_step == 12 - int(12 * strength)
+        rerun = CampaignStore.create(config)
+        run_campaign(config, LocalExecutor(config), rerun, progress=False)
+        np.testing.assert_allclose(np.load(rerun.chain_x_path(0)), made.x(run), rtol=1e-12, atol=1e-12)
