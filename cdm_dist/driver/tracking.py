@@ -288,6 +288,7 @@ class MLflowTracker(CampaignCallback):
         for row in report.rows:
             row.run_id = self.child_ids.get(row.chain)
         self._log_candidates(report)
+        save_views(self.client, self.experiment_id, self.parent_id, [r.final_loss for r in report.rows if not r.failed])
         self.client.set_terminated(self.parent_id, "FAILED" if report.failed_batches else "FINISHED")
 
     def _log_candidates(self, report: CampaignReport) -> None:
