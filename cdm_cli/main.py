@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from benchmarks.cli import add_bench_parser, run_bench
 from cdm_dist.errors import InputError, first_line, input_error_of
 
 UI_BASE = "http://127.0.0.1:5000"  # where `cdm ui` serves with its defaults
+EXTRA_SET = "CDM_SET"  # ';'-separated KEY=VALUE applied after a command's own --set (tests shrink campaigns with it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,9 +324,17 @@ def _ui(args: argparse.Namespace) -> int:
     server outlives it."""
     from cdm_dist.driver import preconditions
     from cdm_dist.driver.campaign import TrackingConfig
+    from cdm_dist.driver.selection import reader
     from cdm_dist.driver.tracking import resolve_uri
+    from cdm_dist.driver.ui_links import chains_view_url, gallery_view_url, newest_campaign, refresh_views
 
-    uri = resolve_uri(args.tracking_uri or TrackingConfig().uri)
+    given = args.tracking_uri or TrackingConfig().uri
+    preconditions.tracking_store(given, "--tracking-uri", must_exist=True)  # a missing store is not made
+    uri = resolve_uri(given)
+    client = reader(uri)
+    campaign = newest_campaign(client)
+    if campaign is None:
+        raise InputError(f"--tracking-uri: no campaign in {preconditions.redacted(uri)} yet (cdm run CONFIG makes one)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port)]
     commands = {f"MLflow UI on http://{args.host}:{args.port} over {preconditions.redacted(uri)}": command}
@@ -334,6 +344,14 @@ def _ui(args: argparse.Namespace) -> int:
         where = f"http://{args.host}:{args.dashboard_port} over {preconditions.redacted(storage)}"
         commands[f"optuna-dashboard on {where}"] = command
     ports = {args.port: "--port"} | ({args.dashboard_port: "--dashboard-port"} if dashboard else {})
+    _ports_free(ports, args.host)
+    refresh_views(client, campaign)  # views of a campaign older than them, or still running
+    base, experiment, run_id = f"http://{args.host}:{args.port}", campaign.info.experiment_id, campaign.info.run_id
+    store = "" if args.tracking_uri is None else f" --tracking-uri {preconditions.redacted(given)}"
+    print(f"newest campaign: {campaign.info.run_name} (run {run_id})")
+    print(f"  its chains, by final_loss: {chains_view_url(base, experiment, run_id)}")
+    print(f"  its gallery (top 10):      {gallery_view_url(base, experiment, run_id)}")
+    print(f"  to select: tag chain runs cdm.selected=true in the UI, then: cdm topk --selected --export DIR{store}")
     return _run_servers(commands, ports, args.host)
 
 
@@ -503,6 +521,8 @@ def _check_paths(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `cdm` command; its exit status (2 for bad input, one line on stderr)."""
     args = build_parser().parse_args(argv)
+    if hasattr(args, "overrides"):  # e.g. the test that runs the README's commands as written, at a tiny size
+        args.overrides += [item for item in os.environ.get(EXTRA_SET, "").split(";") if item.strip()]
     try:
         _check_paths(args)
         if args.command == "train":
