@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     check_config(config)
     from cdm_dist.driver.launch import make_executor
     from cdm_dist.driver.preflight import describe_reading, probe_step
-    from cdm_dist.driver.report import format_topk, loss_meaning
+    from cdm_dist.driver.report import format_topk, loss_meaning, over_limit
     from cdm_dist.driver.runner import run_campaign, write_json
 
     executor = make_executor(config, args.address)  # workers build their models; bad input stops here
@@ -190,6 +190,10 @@ def _run(args: argparse.Namespace) -> int:
     if report.topk:
         print(f"top {len(report.topk)} by {loss_meaning(config.method.loss, config.method.heldout_samples)}")
         print(format_topk(report.topk))
+    limit = config.selection.prior_fit_limit
+    over = sum(over_limit(row, limit) for row in report.rows if not row.failed)
+    if over:
+        print(f"left out: {over} chain(s) whose prior_fit exceeds selection.prior_fit_limit {limit:g}")
     if config.tracking.enabled:
         print(_next_steps(config, report, store.root))
     if args.json:

@@ -78,9 +78,17 @@ class CampaignReport:
         }
 
 
-def top_k(rows: list[ChainRow], k: int) -> list[ChainRow]:
-    """The k chains with the lowest held-out loss; failed chains never qualify."""
-    return sorted((r for r in rows if not r.failed and math.isfinite(r.final_loss)), key=lambda r: r.final_loss)[:k]
+def top_k(rows: list[ChainRow], k: int, prior_fit_limit: float | None = None) -> list[ChainRow]:
+    """The k chains with the lowest held-out loss; failed chains never qualify, nor chains whose prior_fit exceeds
+    the limit (x* the prior finds unlikely: selection.prior_fit_limit)."""
+    ok = [r for r in rows if not r.failed and math.isfinite(r.final_loss) and not over_limit(r, prior_fit_limit)]
+    return sorted(ok, key=lambda r: r.final_loss)[:k]
+
+
+def over_limit(row: ChainRow, prior_fit_limit: float | None) -> bool:
+    """A chain whose prior_fit exceeds the limit (as `cdm topk` and `cdm tune` judge it)."""
+    fit = row.metrics.get("prior_fit", math.nan)
+    return prior_fit_limit is not None and math.isfinite(fit) and fit > prior_fit_limit
 
 
 def format_topk(rows: list[ChainRow]) -> str:

@@ -215,7 +215,7 @@ def run_campaign(
         output_dir=str(store.root),
         executor=executor.name,
         rows=rows,
-        topk=top_k(rows, config.topk),
+        topk=top_k(rows, config.topk, config.selection.prior_fit_limit),
         wall_seconds=wall,
         chain_steps=driver.steps_run,
         failed_batches=dict(driver.failed_batches),

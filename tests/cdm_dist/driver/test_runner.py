@@ -84,6 +84,16 @@ def test_top_k_orders_by_loss_and_skips_non_finite():
     assert [r.chain for r in top_k(rows, 3)] == [2, 4, 0]
 
 
+def test_top_k_leaves_out_chains_over_the_prior_fit_limit():
+    from cdm_dist.driver.report import ChainRow
+
+    fits = [0.5, 0.9, 0.7, math.nan, 0.6]  # a chain without prior_fit is never judged over it
+    rows = [ChainRow(i, i, "z", 0.1 * i, False, {"prior_fit": f}, "", None) for i, f in enumerate(fits)]
+    assert [r.chain for r in top_k(rows, 5, prior_fit_limit=0.65)] == [0, 3, 4]
+    assert [r.chain for r in top_k(rows, 5, prior_fit_limit=0.7)] == [0, 2, 3, 4]  # the limit itself is within
+    assert [r.chain for r in top_k(rows, 5)] == [0, 1, 2, 3, 4]
+
+
 class DriverDied(Exception):
     pass
 
