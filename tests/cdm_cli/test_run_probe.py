@@ -105,13 +105,13 @@ def _runs(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("factory", "message"),
+    ("factory", "placement", "message"),
     [
-        ("flat", "problem.sampler: sample(x, eta) gave y of shape [2, 8]; the contract is (B, n_c, y_dim) = [2, 8, 1]"),
-        ("through_numpy", "problem.sampler: sample(x, eta) gave y with no gradient path to x"),
+        ("flat", "colocated",
+         "problem.sampler: sample(x, eta) gave y of shape [2, 8]; the contract is (B, n_c, y_dim) = [2, 8, 1]"),
+        ("through_numpy", "split", "problem.sampler: sample(x, eta) gave y with no gradient path to x"),
     ],
-)
-@pytest.mark.parametrize("placement", ["colocated", "split"])
+)  # fmt: skip
 def test_a_broken_sampler_stops_the_run_before_it_writes(ray_cluster, tmp_path, capsys, factory, message, placement):
     problem, env = _user_problem(tmp_path, factory)
     status, err = _run(tmp_path, capsys, problem, placement=placement, runtime_env=env)
