@@ -229,9 +229,17 @@ def _tune(args: argparse.Namespace) -> int:
     if args.trials < 1 or args.parallel < 1:
         raise InputError(f"--trials and --parallel: must be >= 1, got {args.trials} and {args.parallel}")
     config = load_config(args.config, args.overrides, args.executor)
-    from tuning.study import Tuner
+    from cdm_dist.driver.launch import make_executor
+    from cdm_dist.driver.preflight import probe_step
+    from tuning.study import Tuner, study_config
 
-    result = Tuner(config, args.storage, args.address).run(args.trials, args.parallel)
+    config = study_config(config)
+    executor = make_executor(config, args.address)  # one pool of workers for every trial
+    try:
+        probe_step(config, executor)  # one checked guided step before the study's storage or any run is made
+        result = Tuner(config, args.storage, args.address, executor).run(args.trials, args.parallel)
+    finally:
+        executor.close()
     summary = result.to_json()
     print(
         f"study {result.study}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed; "

@@ -193,24 +193,19 @@ class TuneResult:
 class Tuner:
     """Runs the study: asks trials, runs their campaigns K at a time, tells the results."""
 
-    def __init__(self, config: CampaignConfig, storage_url: str | None = None, address: str | None = None) -> None:
-        if not config.tune.space:
-            raise InputError("tune.space: empty; declare at least one knob to tune")
-        for path, spec in config.tune.space.items():  # every path exists and every range value validates
-            with_values(config, {path: spec.choices[0] if spec.type == "categorical" else spec.low})
-        shared = [p for p in config.tune.space if p.split(".")[0] in ("problem", "resources", "tracking", "output")]
-        if shared:
-            raise InputError(f"tune.space: {shared}: trials share one problem and one actor pool; tune method/chains")
-        if config.method.eval_samples is None:  # one held-out sample size for every trial, whatever its n_c
-            method = config.method.model_copy(update={"eval_samples": config.method.heldout_samples})
-            config = config.model_copy(update={"method": method})
+    def __init__(
+        self,
+        config: CampaignConfig,
+        storage_url: str | None = None,
+        address: str | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        config = study_config(config)
         self.config, self.address = config, address
-        check_config(config)
         self.prior_fit_limit: float | None = None  # set when the study runs
+        self.given = executor  # workers made (and probed) by the caller, who closes them
         self.executor: Executor | None = None  # the workers every trial shares (made in run): models load once
         self.name = config.tune.study_name or config.name
-        if not re.fullmatch(NAME, self.name):  # its folder, and its trials' campaign folders, stay in output
-            raise InputError(f"tune.study_name: {self.name!r} would leave output; use letters, digits, '_', '.', '-'")
         self.folder = Path(config.output).resolve() / f"study-{self.name}"
         self.storage, self.storage_label = open_storage(storage_url, self.folder, config.tune, self._on_dead_trial)
         self.shared = uses_heartbeats(self.storage)  # a database: other processes may run trials of this study
@@ -414,8 +409,9 @@ class Tuner:
             todo = max(0, trials - len(self._finished()))
             needs_limit = self.config.tune.prior_fit_limit == "auto" and PRIOR_FIT_LIMIT not in self.study.user_attrs
             if todo > 0 or needs_limit:  # one pool of workers for every trial: the models load once
-                self.executor = make_executor(self.config, self.address)
-                probe_step(self.config, self.executor)  # one checked guided step before any trial
+                self.executor = self.given or make_executor(self.config, self.address)
+                if self.given is None:
+                    probe_step(self.config, self.executor)  # one checked guided step before any trial
             try:
                 self.prior_fit_limit = self._prior_fit_limit()
                 self._study_run()
@@ -425,9 +421,9 @@ class Tuner:
                 with tqdm(total=trials, initial=trials - todo, desc=f"study {self.name}", unit="trial") as bar:
                     self._loop(trials, parallel, bar)
             finally:
-                if self.executor is not None:
+                if self.executor is not None and self.given is None:
                     self.executor.close()
-                    self.executor = None
+                self.executor = None
             result = self.result()
             self._finish_tracking(result, done=result.complete + result.pruned + result.failed >= trials)
         return result
@@ -589,6 +585,26 @@ class Tuner:
             plt.close(figure)
             paths.append(path)
         return paths
+
+
+def study_config(config: CampaignConfig) -> CampaignConfig:
+    """A study's config checked before anything starts (the space, what trials may change, the study's name), with
+    one held-out sample size for every trial, whatever its n_c."""
+    if not config.tune.space:
+        raise InputError("tune.space: empty; declare at least one knob to tune")
+    for path, spec in config.tune.space.items():  # every path exists and every range value validates
+        with_values(config, {path: spec.choices[0] if spec.type == "categorical" else spec.low})
+    shared = [p for p in config.tune.space if p.split(".")[0] in ("problem", "resources", "tracking", "output")]
+    if shared:
+        raise InputError(f"tune.space: {shared}: trials share one problem and one actor pool; tune method/chains")
+    if config.method.eval_samples is None:
+        method = config.method.model_copy(update={"eval_samples": config.method.heldout_samples})
+        config = config.model_copy(update={"method": method})
+    check_config(config)
+    name = config.tune.study_name or config.name
+    if not re.fullmatch(NAME, name):  # its folder, and its trials' campaign folders, stay in output
+        raise InputError(f"tune.study_name: {name!r} would leave output; use letters, digits, '_', '.', '-'")
+    return config
 
 
 def objective_words(config: CampaignConfig) -> str:

@@ -210,3 +210,21 @@ def test_any_error_a_worker_raises_in_the_probe_is_one_line(ray_cluster, tmp_pat
         "GPU)"
     ]
     assert not (tmp_path / "out").exists() and _runs(tmp_path) == 0
+
+
+def test_a_study_probes_before_it_makes_its_storage(tmp_path, capsys, monkeypatch):
+    problem, _ = _user_problem(tmp_path, "through_numpy")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = {
+        "name": "probe-study", "problem": problem,
+        "method": {"num_steps": 6, "n_c": 8, "target_batch": 8, "n_guess": 1},
+        "chains": {"count": 2}, "resources": {"executor": "local"},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "output": str(tmp_path / "out"),
+        "tune": {"space": {"method.n_guess": {"type": "int", "low": 1, "high": 2}}},
+    }  # fmt: skip
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(config))
+    assert main(["tune", str(path), "--trials", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gave y with no gradient path to x" in err[0], err
+    assert not (tmp_path / "out").exists() and _runs(tmp_path) == 0
