@@ -9,6 +9,7 @@ import logging
 import math
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,22 +232,29 @@ class MLflowTracker(CampaignCallback):
             self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
     def _log_candidate(self, run_id: str, paths: Sequence[Path]) -> None:
-        """The chain's candidate picture as an MLflow image (key CANDIDATE_KEY, step CANDIDATE_STEP), for the
-        image-grid chart of the gallery view: x* itself where it is an image (chainNNNNN_image.png), else its
-        samples against the target (chainNNNNN.png). Once per run, also when a resumed campaign repairs it."""
+        """The chain's candidate picture as an MLflow image with key CANDIDATE_KEY and step CANDIDATE_STEP (the
+        gallery view's image grid): x* itself where it is an image (chainNNNNN_image.png), else its samples against
+        the target (chainNNNNN.png). These are the files and tag MlflowClient.log_image writes (images/KEY+step+S+
+        timestamp+MS+UUID.png, its +compressed.webp copy, tag mlflow.loggedImages), named by the run's id and start
+        time where log_image takes the clock and a random uuid: a resumed campaign that writes them again overwrites
+        them, so a chain has one image after a crash at any point."""
+        from mlflow.tracking.multimedia import compress_image_size
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
         from PIL import Image
 
         pngs = [p for p in paths if p.suffix == ".png"]
         picture = next((p for p in pngs if p.stem.endswith("_image")), None) or next(iter(pngs), None)
         if picture is None:  # a failed chain, or pictures: false
             return
-        if self.resumed and any(
-            Path(a.path).name.startswith(f"{CANDIDATE_KEY}+") for a in self.client.list_artifacts(run_id, "images")
-        ):
-            return
-        with Image.open(picture) as image:
-            image.load()
-            self.client.log_image(run_id, image, key=CANDIDATE_KEY, step=CANDIDATE_STEP, synchronous=True)
+        started = self.client.get_run(run_id).info.start_time
+        name = f"{CANDIDATE_KEY}+step+{CANDIDATE_STEP}+timestamp+{started}+{uuid.uuid5(uuid.NAMESPACE_OID, run_id)}"
+        with tempfile.TemporaryDirectory() as folder, Image.open(picture) as image:
+            full, small = Path(folder) / f"{name}.png", Path(folder) / f"{name}+compressed.webp"
+            image.save(full)
+            compress_image_size(image).save(small)
+            for path in (full, small):
+                self.client.log_artifact(run_id, str(path), "images")
+        self._batch(run_id, tags={MLFLOW_LOGGED_IMAGES: "True"})  # what log_image sets: the UI looks for images
 
     def _is_done(self, run_id: str) -> bool:
         """Whether an earlier driver finished writing this run (only asked on resume; read once)."""

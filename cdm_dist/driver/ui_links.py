@@ -159,6 +159,20 @@ def newest_campaign(client: Any) -> Any | None:
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return None
-    runs = client.search_runs(experiments, "tags.`cdm.kind` = 'campaign'", order_by=["attributes.start_time DESC"],
-                              max_results=1)  # fmt: skip
+    query, newest = "tags.`cdm.kind` = 'campaign'", ["attributes.start_time DESC"]
+    runs = client.search_runs(experiments, query, order_by=newest, max_results=1)
     return runs[0] if runs else None
+
+
+def refresh_views(client: Any, campaign: Any) -> None:
+    """Write (again) a campaign run's views, its gallery from its best chains in the store: for a campaign made
+    before cdm wrote views, or one still running (`cdm ui`)."""
+    experiment_id, run_id = campaign.info.experiment_id, campaign.info.run_id
+    best = client.search_runs(
+        [experiment_id], f"{_campaign(run_id)} and tags.status = 'ok'", order_by=["metrics.final_loss ASC"],
+        max_results=GALLERY,
+    )  # fmt: skip
+    finished = campaign.info.status != "RUNNING"
+    save_views(
+        client, experiment_id, run_id, [r.data.metrics.get("final_loss", math.inf) for r in best] if finished else ()
+    )

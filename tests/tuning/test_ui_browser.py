@@ -1,47 +1,208 @@
-"""As a user would: a tracked campaign, `cdm ui`, the runs page opened in headless Chromium (Debian's chromium),
-the campaign's chains listed sorted by final_loss, a screenshot saved."""
+"""As a user would, in headless Chromium (Debian's chromium) driven over the DevTools protocol: a tracked campaign,
+`cdm ui` and the URLs it prints, the chain table and the gallery they open, three runs tagged, `cdm topk
+--selected`. Screenshots are saved under the test's tmp_path (chains.png, gallery.png, selected.png).
 
+Each page is loaded in a fresh browser profile, so MLflow's Assistant panel is open beside it (its UI opens the panel
+on a browser's first visit to a local server): the narrowest the runs page gets at a given window size."""
+
+import asyncio
+import base64
+import json
 import re
 import shutil
 import subprocess
 import sys
-import urllib.parse
+import tempfile
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from cdm_cli.main import main
+from cdm_dist.driver.processes import free_port, stop_process_group
 from cdm_dist.driver.runner import run_campaign
 from cdm_dist.driver.store import CampaignStore
-from cdm_dist.driver.tracking import client_for
+from cdm_dist.driver.tracking import CANDIDATES_TABLE, client_for
 from cdm_dist.driver.worker import LocalExecutor
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="needs a Chromium binary (apt-get install chromium)")
+needs_browser = pytest.mark.skipif(BROWSER is None, reason="needs a Chromium binary (apt-get install chromium)")
+KEY_COLUMNS = ("metrics.`final_loss`", "metrics.`prior_fit`", "tags.`cdm.seed`", "tags.`status`")
+
+CHAIN_TABLE = """(() => {
+  const shown = (el) => {  // its label's start is on screen, not under another element (the Assistant panel)
+    if (!el) return false;
+    const r = el.getBoundingClientRect();
+    const hit = document.elementFromPoint(r.left + Math.min(r.width / 2, 40), r.top + r.height / 2);
+    return r.width > 0 && hit !== null && el.contains(hit);
+  };
+  const rows = [...document.querySelectorAll('.ag-pinned-left-cols-container .ag-row')]
+    .sort((a, b) => a.getAttribute('row-index') - b.getAttribute('row-index'));
+  const runs = rows.map(r => (r.querySelector('a[href*="/runs/"]') || {href: ''}).href.split('/runs/')[1]);
+  const selected = {};
+  for (const cell of document.querySelectorAll('.ag-cell[col-id="tags.`cdm.selected`"]')) {
+    const row = cell.closest('.ag-row');
+    selected[row.getAttribute('row-index')] = cell.textContent.trim();
+  }
+  const columns = {};
+  for (const id of COLUMNS) columns[id] = shown(document.querySelector(`.ag-header-cell[col-id="${id}"]`));
+  return {runs, columns, selected};
+})()"""
+
+GALLERY = """(() => [...document.querySelectorAll('img.rc-image-img')].map(img => {
+  const r = img.getBoundingClientRect();
+  const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+  return {run: new URL(img.src).searchParams.get('run_uuid'), loaded: img.complete && img.naturalWidth > 0,
+          shown: r.width > 100 && hit !== null && img.contains(hit)};
+}))()"""
 
 
-def _browser(url, *args):
-    command = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000"]
-    command += ["--window-size=2400,1000", *args, url]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+async def _page(url, width, height, script, ready, shot):
+    """Load url in a fresh headless Chromium of that window size; evaluate script (JavaScript) until ready(value)
+    holds (or 120 s pass); screenshot to shot; return the last value."""
+    import aiohttp  # Ray's dependency
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as profile:
+        command = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}"]
+        command += [f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"]
+        browser = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pages = []
+        try:
+            for _ in range(300):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as response:
+                        pages = [p for p in json.load(response) if p["type"] == "page"]
+                    if pages:
+                        break
+                except OSError:
+                    pass
+                await asyncio.sleep(0.2)
+            assert pages, f"{BROWSER} did not start"
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as socket,
+            ):
+                calls = iter(range(1, 1_000_000))
+
+                async def call(method, **params):
+                    number = next(calls)
+                    await socket.send_json({"id": number, "method": method, "params": params})
+                    async for message in socket:
+                        answer = json.loads(message.data)
+                        if answer.get("id") == number:
+                            assert "error" not in answer, answer
+                            return answer["result"]
+
+                async def evaluate():
+                    answer = await call("Runtime.evaluate", expression=script, returnByValue=True)
+                    return answer["result"].get("value")
+
+                await call("Page.navigate", url=url)
+                deadline, value = time.monotonic() + 120, None
+                while time.monotonic() < deadline:
+                    value = await evaluate()
+                    if value is not None and ready(value):
+                        await asyncio.sleep(1)  # images and layout settle
+                        value = await evaluate()
+                        break
+                    await asyncio.sleep(1)
+                picture = await call("Page.captureScreenshot", format="png")
+                shot.write_bytes(base64.b64decode(picture["data"]))
+                return value
+        finally:
+            browser.terminate()
+            browser.wait(30)
 
 
-def test_the_mlflow_ui_lists_the_chains_by_final_loss(small_campaign, tmp_path, http_service):
-    config = small_campaign(tracking__enabled=True, tracking__experiment="ui-test")
+def page(url, width, height, script, ready, shot):
+    return asyncio.run(_page(url, width, height, script, ready, shot))
+
+
+@pytest.fixture
+def cdm_ui(tmp_path):
+    """Start `cdm ui` over a store; returns (port, what it printed) once the UI answers. Stopped at teardown."""
+    started = []
+
+    def start(uri):
+        port = free_port()
+        log = tmp_path / f"cdm_ui_{port}.txt"
+        with log.open("w") as out:
+            command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", uri, "--port", str(port)]
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(process)
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                return port, log.read_text()
+            except OSError:
+                assert process.poll() is None, log.read_text()
+                time.sleep(0.5)
+        pytest.fail(f"cdm ui did not answer on port {port}: {log.read_text()}")
+
+    yield start
+    for process in started:
+        stop_process_group(process)
+
+
+@needs_browser
+def test_picking_candidates_in_the_mlflow_ui_round_trip(small_campaign, tmp_path, cdm_ui):
+    """The URLs `cdm ui` prints for the newest campaign:
+    - the chain table lists its chains by final_loss, with final_loss, prior_fit, seed and status in view at 1400 px;
+    - the gallery shows the top 5 pictures (here f(x*) samples against the target) in view, best first;
+    then three runs are tagged cdm.selected=true through MlflowClient on the UI's own server (the REST call the UI's
+    tag editor makes: POST runs/set-tag), the table shows them, and `cdm topk --selected` returns exactly those."""
+    config = small_campaign(tracking__enabled=True, tracking__experiment="ui-test", chains__count=8)
     report = run_campaign(config, LocalExecutor(config), CampaignStore.create(config), progress=False)
-    experiment = client_for(config.tracking.uri).get_experiment_by_name("ui-test").experiment_id
+    by_loss = [r.run_id for r in sorted(report.rows, key=lambda r: r.final_loss)]
+    assert not any(r.failed for r in report.rows)
 
-    command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", config.tracking.uri, "--port", "{port}"]
-    port = http_service(command)
-    query = urllib.parse.urlencode(
-        {"searchFilter": "tags.`cdm.kind` = 'chain'", "orderByKey": "metrics.`final_loss`", "orderByAsc": "true"},
-        quote_via=urllib.parse.quote,
-    )
-    url = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?{query}"
-    dom = _browser(url, "--dump-dom").stdout
-    shot = tmp_path / "mlflow_ui.png"
-    _browser(url, f"--screenshot={shot}")
-    listed = list(dict.fromkeys(re.findall(r"chain-\d{5}", dom)))
-    by_loss = [f"chain-{r.chain:05d}" for r in sorted(report.rows, key=lambda r: r.final_loss)]
-    assert listed == by_loss  # every chain, in order of held-out loss
-    assert "final_loss" in dom
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    client = client_for(config.tracking.uri)  # the campaign run's candidates table: every chain, by final_loss
+    path = client.download_artifacts(report.campaign_run_id, CANDIDATES_TABLE, str(tmp_path))
+    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    assert table["columns"][:4] == ["rank", "chain", "run_id", "final_loss"]
+    assert {"prior_fit", "seed", "zeta", "status"} <= set(table["columns"])
+    assert [row[2] for row in table["data"]] == by_loss
+
+    port, printed = cdm_ui(config.tracking.uri)
+    chains_url = re.search(r"chains, by final_loss: (\S+)", printed).group(1)
+    gallery_url = re.search(r"gallery \(top 10\): +(\S+)", printed).group(1)
+    assert report.campaign_run_id in printed and "cdm.selected=true" in printed and "cdm topk --selected" in printed
+
+    script = CHAIN_TABLE.replace("COLUMNS", json.dumps(KEY_COLUMNS))
+    seen = page(chains_url, 1400, 1000, script, lambda v: len(v["runs"]) == 8, tmp_path / "chains.png")
+    assert seen["runs"] == by_loss  # every chain, lowest final_loss first
+    assert seen["columns"] == dict.fromkeys(KEY_COLUMNS, True)  # in view without scrolling or choosing columns
+
+    seen = page(gallery_url, 1920, 1200, GALLERY, lambda v: sum(i["loaded"] for i in v) >= 5, tmp_path / "gallery.png")
+    assert [i["run"] for i in seen[:5]] == by_loss[:5]  # the top 5, best first
+    assert all(i["loaded"] and i["shown"] for i in seen[:5])
+
+    chosen = [by_loss[0], by_loss[2], by_loss[5]]
+    ui_server = client_for(f"http://127.0.0.1:{port}")
+    for run_id in chosen:
+        ui_server.set_tag(run_id, "cdm.selected", "true")
+    script = CHAIN_TABLE.replace("COLUMNS", json.dumps(["tags.`cdm.selected`"]))
+    seen = page(chains_url, 1400, 1000, script, lambda v: len(v["selected"]) == 8, tmp_path / "selected.png")
+    assert [seen["runs"][int(row)] for row, value in seen["selected"].items() if value == "true"] == chosen
+
+    out = tmp_path / "topk.json"
+    argv = ["topk", "--selected", "--tracking-uri", config.tracking.uri, "--json", str(out)]
+    assert main([*argv, "--export", str(tmp_path / "export")]) == 0
+    assert sorted(row["run_id"] for row in json.loads(out.read_text())["rows"]) == sorted(chosen)
+    for name in ("chains.png", "gallery.png", "selected.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cdm_ui_without_a_campaign_is_one_line_and_writes_nothing(tmp_path, capsys):
+    missing = tmp_path / "none" / "mlflow.db"
+    assert main(["ui", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert not missing.parent.exists()
+    empty = tmp_path / "empty.db"
+    client_for(f"sqlite:///{empty}").create_experiment("nothing-yet")
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert main(["ui", "--tracking-uri", f"sqlite:///{empty}"]) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "no campaign in" in lines[1] and "cdm run" in lines[1]
