@@ -212,13 +212,14 @@ def _next_steps(config: Any, report: Any, folder: Path) -> str:
     from cdm_dist.driver.report import format_next_steps
 
     tracking = config.tracking
-    url = None
+    urls = None
     if report.campaign_run_id is not None and report.experiment_id is not None:
-        from cdm_dist.driver.ui_links import chains_view_url
+        from cdm_dist.driver.ui_links import chains_view_url, gallery_view_url
 
-        url = chains_view_url(UI_BASE, report.experiment_id, report.campaign_run_id)
+        view = (UI_BASE, report.experiment_id, report.campaign_run_id)
+        urls = chains_view_url(*view), gallery_view_url(*view)
     store = preconditions.redacted(tracking.uri)
-    return format_next_steps(store, tracking.uri == TrackingConfig().uri, tracking.experiment, str(folder), url)
+    return format_next_steps(store, tracking.uri == TrackingConfig().uri, tracking.experiment, str(folder), urls)
 
 
 def _tune(args: argparse.Namespace) -> int:

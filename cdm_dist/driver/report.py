@@ -113,13 +113,17 @@ def loss_meaning(loss: Any, samples: int) -> str:
     return text
 
 
-def format_next_steps(store: str, default_store: bool, experiment: str, folder: str, ui_url: str | None) -> str:
-    """Where a finished campaign is and what to do next: the store, the folder, the UI and the top-k command."""
+def format_next_steps(
+    store: str, default_store: bool, experiment: str, folder: str, urls: tuple[str, str] | None
+) -> str:
+    """Where a finished campaign is and what to do next: the store, the folder, the UI's chain table and gallery
+    (urls), and the top-k command."""
     uri = "" if default_store else f" --tracking-uri {store}"
-    lines = [
-        f"  store   {store} (experiment {experiment}); folder {folder}",
-        f"  browse  cdm ui{uri}" + (f"   then open {ui_url}" if ui_url else ""),
-        f"  select  cdm topk --experiment {experiment}{uri}   (or tag chain runs cdm.selected=true in the UI, then "
-        f"cdm topk --selected --export DIR{uri})",
-    ]
+    lines = [f"  store    {store} (experiment {experiment}); folder {folder}", f"  browse   cdm ui{uri}, then open"]
+    if urls:
+        lines += [f"    chains   {urls[0]}", f"    gallery  {urls[1]}"]
+    lines.append(
+        f"  select   cdm topk --experiment {experiment}{uri}   (or tag chain runs cdm.selected=true in the UI, then "
+        f"cdm topk --selected --export DIR{uri})"
+    )
     return "next:\n" + "\n".join(lines)

@@ -1,9 +1,11 @@
 """The end of `cdm run` says what to do next: the top-k with x*'s values and what the loss means, the store and the
 folder, the UI link to this campaign's chains, and the top-k command."""
 
+import base64
 import json
 import re
 import urllib.parse
+import zlib
 
 import numpy as np
 
@@ -32,16 +34,22 @@ def test_the_end_of_a_run_shows_x_star_and_where_to_look_next(tmp_path, capsys):
         assert row["x"] == saved
         assert f"[{', '.join(f'{v:.4g}' for v in saved)}]" in out
 
-    assert f"store   {uri} (experiment next-steps); folder {summary['output_dir']}" in out
+    assert f"store    {uri} (experiment next-steps); folder {summary['output_dir']}" in out
     assert f"cdm topk --experiment next-steps --tracking-uri {uri}" in out
-    url = re.search(r"then open (\S+)", out).group(1)
-    fragment = urllib.parse.urlparse(url).fragment
-    route, query = fragment.split("?")
-    params = urllib.parse.parse_qs(query)
+    chains_url = re.search(r"^ +chains +(http\S+)", out, re.M).group(1)
+    gallery_url = re.search(r"^ +gallery +(http\S+)", out, re.M).group(1)
     from mlflow.tracking import MlflowClient
 
-    experiment = MlflowClient(uri).get_experiment_by_name("next-steps").experiment_id
-    assert route == f"/experiments/{experiment}/runs"
-    assert summary["campaign_run_id"] in params["searchFilter"][0]
-    runs = MlflowClient(uri).search_runs([experiment], params["searchFilter"][0])  # the filter is valid MLflow search
-    assert len(runs) == 3 and params["orderByKey"] == ["metrics.`final_loss`"]
+    from cdm_dist.driver.ui_links import SHARED_VIEW_TAG
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("next-steps")
+    for url, order in ((chains_url, "true"), (gallery_url, "false")):
+        route, query = urllib.parse.urlparse(url).fragment.split("?")
+        assert route == f"/experiments/{experiment.experiment_id}/runs"
+        key = urllib.parse.parse_qs(query)["viewStateShareKey"][0]  # a view state cdm wrote on the experiment
+        packed = experiment.tags[SHARED_VIEW_TAG + key].removeprefix("deflate;")
+        state = json.loads(zlib.decompress(base64.b64decode(packed)))
+        assert summary["campaign_run_id"] in state["searchFilter"] and str(state["orderByAsc"]).lower() == order
+        runs = client.search_runs([experiment.experiment_id], state["searchFilter"])  # a valid MLflow search
+        assert sorted(r.info.run_id for r in runs) == sorted(r["run_id"] for r in summary["topk"])  # the 3 chains

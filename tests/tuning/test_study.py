@@ -176,11 +176,17 @@ def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path)
     assert [c.run_id for c in find_candidates(uri, None, 10, selected=True)] == [chosen]
 
 
-def test_cdm_ui_serves_the_run_store_on_localhost(tmp_path, http_service):
+def test_cdm_ui_serves_the_run_store_on_localhost(study_config, tmp_path, http_service):
     import sys
     import urllib.request
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    from cdm_dist.driver.runner import run_campaign
+    from cdm_dist.driver.store import CampaignStore
+    from cdm_dist.driver.worker import LocalExecutor
+
+    config = study_config(chains__count=2)  # a store with a campaign (`cdm ui` refuses one without)
+    run_campaign(config, LocalExecutor(config), CampaignStore.create(config), progress=False)
+    uri = config.tracking.uri
     port = http_service([sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", uri, "--port", "{port}"])
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read() == b"OK"
 

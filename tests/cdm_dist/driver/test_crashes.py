@@ -99,7 +99,8 @@ def test_a_killed_driver_resumes_to_exactly_one_complete_run_per_chain(tmp_path,
         history = store_rows[chain][1]
         assert steps and sorted(steps) == [s for s in range(8) if not torch.isnan(history[s])]
         artifacts = Counter(a.path for a in client.list_artifacts(run.info.run_id))
-        assert artifacts == Counter([f"chain{chain:05d}.npy", f"chain{chain:05d}.png"])
+        assert artifacts == Counter([f"chain{chain:05d}.npy", f"chain{chain:05d}.png", "images"])
+        assert len(client.list_artifacts(run.info.run_id, "images")) == 2  # one candidate image, after any crash
     for name in ("chains_done", "best_final_loss", "chains_ok"):
         steps = [m.step for m in client.get_metric_history(campaigns[0].info.run_id, name)]
         assert len(steps) == len(set(steps))

@@ -53,7 +53,8 @@ def test_a_campaign_tracks_a_parent_run_and_one_child_run_per_chain(tracked):
             continue
         assert run.data.metrics["final_loss"] == pytest.approx(row.final_loss)
         assert run.data.metrics["l2_gmm"] == pytest.approx(row.metrics["l2_gmm"])
-        assert artifacts == [f"chain{row.chain:05d}.npy", f"chain{row.chain:05d}.png"]
+        assert artifacts == [f"chain{row.chain:05d}.npy", f"chain{row.chain:05d}.png", "images"]
+        assert len(client.list_artifacts(row.run_id, "images")) == 2  # the gallery's candidate image (+ its thumbnail)
         # the loss of every guided step (steps 3..11 of 12: guidance starts at a quarter) is logged
         history = client.get_metric_history(row.run_id, "loss")
         assert sorted(m.step for m in history) == list(range(3, 12))
@@ -200,7 +201,7 @@ def test_a_latent_campaign_saves_the_latent_and_its_decoded_image(small_campaign
         assert image.size == (128, 128) and image.mode == "RGB"  # the decoded 16x16 image, shown 8x
         artifacts = sorted(a.path for a in client.list_artifacts(row.run_id))
         chain = f"chain{row.chain:05d}"
-        assert artifacts == [f"{chain}.npy", f"{chain}.png", f"{chain}_image.png"]
+        assert artifacts == [f"{chain}.npy", f"{chain}.png", f"{chain}_image.png", "images"]
 
 
 def test_pictures_false_writes_the_same_chains_without_pictures(small_campaign):
