@@ -62,7 +62,7 @@ def test_serve_tracks_a_campaign_and_shows_a_study_then_stops_only_its_servers(
         for row in report.rows:
             assert client.get_run(row.run_id).data.metrics["final_loss"] == pytest.approx(row.final_loss)
             names = sorted(a.path for a in client.list_artifacts(row.run_id))
-            assert names == [f"chain{row.chain:05d}.npy", f"chain{row.chain:05d}.png"]
+            assert names == [f"chain{row.chain:05d}.npy", f"chain{row.chain:05d}.png", "images"]
         assert list((tmp_path / "art").rglob(f"chain{report.rows[0].chain:05d}.npy"))  # on the server's disk
 
         import optuna

@@ -58,7 +58,11 @@ def test_the_spec_prediction_type_overrides_the_scheduler_config(tmp_path):
     folder = tmp_path / "g"
     GaussianNoiseModel(dim=2, mean=MEAN, std=STD, prediction_type="sample").save_pretrained(folder)
     DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon").save_pretrained(folder)
-    prior = load_diffusers_prior(DiffusersPriorSpec(diffusers=str(folder), prediction_type="sample"), "cpu", "p")
+    with pytest.raises(ValueError, match="prediction_type: 'sample', but the scheduler's config says 'epsilon'"):
+        DiffusersPriorSpec(diffusers=str(folder), prediction_type="sample")  # a mismatch must be confirmed
+    spec = DiffusersPriorSpec(diffusers=str(folder), prediction_type="sample", prediction_type_overrides_scheduler=True)
+    prior = load_diffusers_prior(spec, "cpu", "p")
+    assert prior.reading["prediction_type"] == "sample" and "overriding the scheduler's config" in prior.reading["from"]
     x_t = torch.randn(3, 2, dtype=torch.float64)
     torch.testing.assert_close(prior.denoise(x_t, 500)[1], _closed_form(x_t, float(prior._alpha_bar[500]))[1])
 
