@@ -25,8 +25,8 @@ import yaml
 
 from cdm_dist.chains.config import parse
 from cdm_dist.driver.campaign import CampaignConfig, MethodConfig, SourceConfig, campaign_chains, dump_config
-from cdm_dist.driver.preconditions import redacted, with_connect_timeout
-from cdm_dist.driver.tracking import client_for, quiet_store_logs, resolve_uri
+from cdm_dist.driver.preconditions import redacted
+from cdm_dist.driver.tracking import reader
 from cdm_dist.errors import InputError
 
 EVALUATION_COLUMNS = ("eval/mmd", "eval/improvement")  # logged on chain runs by `cdm evaluate`
@@ -129,18 +129,6 @@ def select(
             raise InputError(f"--selected: no chain run {where} is tagged cdm.selected = true; {HOW_TO_SELECT}")
         return Selection(grouped(found, every))
     return ranked(client, experiments, k, every, keep_over_limit, campaigns)
-
-
-def reader(uri: str) -> Any:
-    """An MlflowClient that only reads: on an existing SQLite store, without client_for's lock file beside it (the
-    lock guards making a store's tables, which an existing store does not need)."""
-    path = Path(resolve_uri(uri).removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-    if path is None or not path.is_file() or path.stat().st_size == 0:
-        return client_for(uri)
-    from mlflow.tracking import MlflowClient
-
-    quiet_store_logs()
-    return MlflowClient(tracking_uri=with_connect_timeout(f"sqlite:///{path}"))
 
 
 def experiment_ids(client: Any, uri: str, experiment: str | None) -> list[str]:

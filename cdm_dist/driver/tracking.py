@@ -85,6 +85,18 @@ def client_for(uri: str) -> Any:
     return client
 
 
+def reader(uri: str) -> Any:
+    """An MlflowClient that only reads: on an existing SQLite store, without client_for's lock file beside it (the
+    lock guards making a store's tables, which an existing store does not need)."""
+    path = Path(resolve_uri(uri).removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return client_for(uri)
+    from mlflow.tracking import MlflowClient
+
+    quiet_store_logs()
+    return MlflowClient(tracking_uri=with_connect_timeout(f"sqlite:///{path}"))
+
+
 class MLflowTracker(CampaignCallback):
     """The campaign callback that tracks it in MLflow: a parent run, one child run per chain.
 
@@ -390,7 +402,7 @@ def experiment_id(client: Any, tracking: TrackingConfig) -> str:
 def find_campaign(run_id: str, uri: str) -> Path:
     """The output folder of the campaign whose parent run is run_id."""
     tracking_store(uri, "--tracking-uri", must_exist=True)  # a store that is not there is not made
-    client = client_for(uri)
+    client = reader(uri)  # nor a lock file beside one that is
     try:
         run = client.get_run(run_id)
     except Exception:

@@ -199,6 +199,14 @@ def test_refusals_leave_nothing_behind(tmp_path, capsys, monkeypatch):
     assert "--json: cannot write in /proc" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
+    from cdm_dist.driver.tracking import client_for
+
+    client_for(f"sqlite:///{tmp_path}/out/mlflow.db")  # a store that exists
+    (tmp_path / "out" / "mlflow.db.lock").unlink()
+    assert main(["run", "--resume", "0123456789abcdef0123456789abcdef"]) == 2
+    assert "--resume: no run '0123456789abcdef0123456789abcdef'" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mlflow.db"]  # not even a lock file beside it
+
 
 def test_any_error_a_worker_raises_in_the_probe_is_one_line(ray_cluster, tmp_path, capsys):
     problem, env = _user_problem(tmp_path, "flat")
