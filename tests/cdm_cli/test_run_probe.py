@@ -201,8 +201,10 @@ def test_refusals_leave_nothing_behind(tmp_path, capsys, monkeypatch):
 
     from cdm_dist.driver.tracking import client_for
 
+    (tmp_path / "out").mkdir()
     client_for(f"sqlite:///{tmp_path}/out/mlflow.db")  # a store that exists
-    (tmp_path / "out" / "mlflow.db.lock").unlink()
+    for lock in (tmp_path / "out").glob("*.lock"):
+        lock.unlink()
     assert main(["run", "--resume", "0123456789abcdef0123456789abcdef"]) == 2
     assert "--resume: no run '0123456789abcdef0123456789abcdef'" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mlflow.db"]  # not even a lock file beside it
