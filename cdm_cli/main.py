@@ -232,9 +232,11 @@ def _tune(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, args.executor)
     from cdm_dist.driver.launch import make_executor
     from cdm_dist.driver.preflight import probe_step
+    from tuning.storage import check_storage
     from tuning.study import Tuner, study_config
 
     config = study_config(config)
+    check_storage(args.storage, config.tune)
     executor = make_executor(config, args.address)  # one pool of workers for every trial
     try:
         probe_step(config, executor)  # one checked guided step before the study's storage or any run is made

@@ -54,6 +54,29 @@ def heartbeat_settings(tune: TuneConfig, database: bool) -> tuple[int | None, in
     return interval, grace
 
 
+def check_storage(url: str | None, tune: TuneConfig) -> None:
+    """The storage settings, checked before anything starts or is written: a URL that is one, heartbeats only on a
+    database, and a database server that answers (a SQLite file is not opened here: opening would make it)."""
+    if url is None:
+        heartbeat_settings(tune, database=False)
+        return
+    if "://" not in url:
+        raise InputError(f"--storage: {url!r} is not a database URL (e.g. postgresql+psycopg2://user@host/db)")
+    heartbeat_settings(tune, database=True)
+    if url.startswith("sqlite"):
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=preconditions.connect_args(url))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:
+        reason = preconditions.masked(first_line(exc), url)
+        raise InputError(f"--storage: cannot open {preconditions.redacted(url)} ({reason})") from None
+
+
 def open_storage(
     url: str | None, folder: Path, tune: TuneConfig, on_stale: Callable[[optuna.Study, Any], None]
 ) -> tuple[optuna.storages.BaseStorage, str]:

@@ -33,14 +33,19 @@ def token_cluster(tmp_path_factory):
     ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     command = [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                "--node-ip-address=127.0.0.1", f"--temp-dir={tmp_path_factory.mktemp('ray-tmp')}"]  # fmt: skip
-    head = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    log = home / "ray-start.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
         except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                if head.poll() is None:
+                    os.killpg(head.pid, signal.SIGKILL)
+                pytest.fail(f"ray start --head did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
     time.sleep(3)  # the raylet registers after the GCS answers
     yield f"127.0.0.1:{port}", home, env
