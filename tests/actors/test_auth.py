@@ -51,9 +51,10 @@ def token_cluster(tmp_path_factory):
     yield f"127.0.0.1:{port}", home, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
 
 
 def _run(tmp_path, address, env):
