@@ -32,7 +32,7 @@ from actors.transport import resolve_transport
 from actors.workers import NodeMonitor, RemoteWorker
 from cdm_dist.driver.campaign import CampaignConfig, RuntimeEnvConfig
 from cdm_dist.driver.execution import Job, Sink, chunk_end, step_of
-from cdm_dist.driver.preconditions import capacity_error, ray_address_answers
+from cdm_dist.driver.preconditions import actor_bundle, capacity_error, ray_address_answers
 from cdm_dist.driver.worker import check_shapes
 from cdm_dist.errors import InputError, input_error_of
 
@@ -140,10 +140,7 @@ class RayExecutor:
 
     # -- actors -----------------------------------------------------------------------------------------
     def _bundle(self) -> dict[str, float]:
-        bundle = {"CPU": self.resources.num_cpus}
-        if self.resources.num_gpus > 0:
-            bundle["GPU"] = self.resources.num_gpus
-        return bundle
+        return actor_bundle(self.resources)
 
     def _check_capacity(self) -> None:
         """The cluster holds every replica: in total, and each replica's actors on one node (STRICT_PACK)."""

@@ -231,12 +231,16 @@ def ray_address_answers(address: str, field: str = "--address") -> None:
         raise InputError(f"{field}: no Ray cluster answers at {target} ({exc.strerror or exc})") from None
 
 
+def actor_bundle(resources: Any) -> dict[str, float]:
+    """What one actor reserves: resources.num_cpus CPUs, and num_gpus GPUs when it has any."""
+    return {"CPU": resources.num_cpus} | ({"GPU": resources.num_gpus} if resources.num_gpus > 0 else {})
+
+
 def capacity_error(resources: Any, available: dict[str, float], where: str) -> str | None:
     """Why the replicas' actors (2 per replica when split) do not fit in `available` CPUs and GPUs, with the fix;
     None when they fit."""
     per_replica = 2 if resources.placement == "split" else 1
-    bundle = {"CPU": resources.num_cpus} | ({"GPU": resources.num_gpus} if resources.num_gpus > 0 else {})
-    for resource, amount in bundle.items():
+    for resource, amount in actor_bundle(resources).items():
         need, have = amount * per_replica * resources.replicas, available.get(resource, 0.0)
         if need <= have + 1e-9:
             continue

@@ -96,18 +96,6 @@ class Selection:
 # -- finding --------------------------------------------------------------------------------------------------
 
 
-def find_candidates(
-    uri: str,
-    experiment: str | None,
-    k: int,
-    selected: bool = False,
-    every: bool = False,
-    keep_over_limit: bool = False,
-) -> list[Candidate]:
-    """The k best chains (select), without the count of those left out."""
-    return select(uri, experiment, k, selected, every, keep_over_limit).candidates
-
-
 def select(
     uri: str,
     experiment: str | None,

@@ -147,7 +147,7 @@ def test_a_study_tracks_trials_under_its_run_and_finishes_n_trials_after_a_crash
 
 def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path):
     from cdm_cli.main import main
-    from cdm_dist.driver.selection import find_candidates
+    from cdm_dist.driver.selection import select
 
     config = study_config(chains__count=4)
     Tuner(config).run(trials=2, parallel=1)
@@ -173,7 +173,7 @@ def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path)
 
     chosen = rows[-1]["run_id"]
     client.set_tag(chosen, "cdm.selected", "true")  # what a user does in the MLflow UI
-    assert [c.run_id for c in find_candidates(uri, None, 10, selected=True)] == [chosen]
+    assert [c.run_id for c in select(uri, None, 10, selected=True).candidates] == [chosen]
 
 
 def test_cdm_ui_serves_the_run_store_on_localhost(study_config, tmp_path, http_service):
