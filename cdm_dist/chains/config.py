@@ -62,6 +62,9 @@ class MLGDConfig(StrictModel):
     guidance: bool = True  # False: the prior alone, no gradient requests (SDEdit variations, plain prior samples)
     guidance_start: Fraction = 0.0  # step i is guided when guidance_start <= i / num_steps < guidance_stop
     guidance_stop: Fraction = 1.0  # fraction of the steps after which guidance stops (see guidance_start)
+    # a guidance window in the prior's timesteps: steps at t < guidance_min_t are unguided, so the last steps only
+    # clean x up (the MLGD-F code's uniform digits target: t < 250 of 1000); 0: every step, as start/stop allow
+    guidance_min_t: Annotated[int, Field(ge=0)] = 0
     common_random_numbers: bool = False  # the same η, guesses' ξ and target batch at every step (step 0's)
     init: Literal["noise", "zero"] = "noise"  # x_T ~ N(0, I), or 0 as the MLGD-F code
     refine_steps: Annotated[int, Field(ge=0)] = 0  # CDMO (β → ∞): Adam steps on L(x0) after the chain, fresh η each

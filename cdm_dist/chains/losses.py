@@ -240,9 +240,10 @@ def sliced_target_terms(target: torch.Tensor, n_projections: int, seed: int = 0)
 
 
 def sliced_wasserstein(
-    y: torch.Tensor, target: torch.Tensor | PreparedTarget, n_projections: int = 64, seed: int = 0
+    y: torch.Tensor, target: torch.Tensor | PreparedTarget, n_projections: int = 64, seed: int = 0, p: int = 2
 ) -> torch.Tensor:
-    """Sliced W2² over fixed random directions (Rabin et al. 2011); unequal sizes matched by target quantiles."""
+    """Sliced W_p^p over fixed random directions (Rabin et al. 2011): p = 2 the sliced W2², p = 1 the sliced W1 of the
+    MLGD-F code (mean |difference| of sorted projections); unequal sizes matched by target quantiles, (B,)."""
     if not isinstance(target, PreparedTarget):
         target = PreparedTarget(target, sliced_target_terms(target, n_projections, seed))
     y_proj = torch.sort(y @ target.terms["directions"], dim=-2).values  # (B, n, L)
@@ -251,7 +252,8 @@ def sliced_wasserstein(
     if t_proj.shape[1] != n:
         levels = (torch.arange(n, dtype=torch.float64, device=y.device) + 0.5) / n
         t_proj = _quantiles(t_proj, levels)
-    return ((y_proj - t_proj) ** 2).mean((-1, -2))
+    gap = y_proj - t_proj  # (B, n, L)
+    return (gap.abs() if p == 1 else gap**2).mean((-1, -2))
 
 
 def log_mean_exp_loss(losses: torch.Tensor) -> torch.Tensor:
@@ -377,10 +379,11 @@ class EnergyLoss(LossSpec):
 
 
 class SlicedWassersteinLoss(LossSpec):
-    """Sliced W2² over fixed random directions."""
+    """Sliced W_p^p over fixed random directions (p = 1: the MLGD-F code's loss, with 50 directions)."""
 
     name: Literal["sliced_wasserstein"] = "sliced_wasserstein"
     n_projections: Annotated[int, Field(ge=1)] = 64  # random directions projected on
+    p: Literal[1, 2] = 2  # 2: sliced W2² (mean squared gap of sorted projections); 1: sliced W1, the MLGD-F code's
 
     @property
     def min_samples(self) -> int:
@@ -390,7 +393,8 @@ class SlicedWassersteinLoss(LossSpec):
         return sliced_target_terms(target, self.n_projections)
 
     def base(self) -> Callable[[torch.Tensor, PreparedTarget], torch.Tensor]:
-        return sliced_wasserstein
+        p = self.p
+        return lambda y, t: sliced_wasserstein(y, t, p=p)
 
 
 class MMDLaplaceLoss(KernelOptions):

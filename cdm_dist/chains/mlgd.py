@@ -17,7 +17,7 @@ from cdm_dist.chains.losses import Loss, PreparedTarget, log_mean_exp_loss
 from cdm_dist.chains.priors import DiffusionPrior, prior_fit
 from cdm_dist.chains.rng import ChainStreams, Stream, chain_normal
 from cdm_dist.chains.samplers import ConditionalSampler
-from cdm_dist.chains.schedules import apply_step_rule, guided_mask, zeta_table
+from cdm_dist.chains.schedules import apply_step_rule, guided_mask, timestep_window, zeta_table
 from cdm_dist.chains.targets import Target
 from cdm_dist.errors import InputError
 
@@ -212,6 +212,23 @@ def drive_step(step: GuidedStep, answer: Callable[[GradRequest], GradAnswer]) ->
     return begun if isinstance(begun, ChainState) else finish_step(step, answer(begun))
 
 
+def guided_steps(config: MLGDConfig, schedule: DiffusionSchedule) -> list[bool]:
+    """Which reverse steps are guided: the step fraction window [guidance_start, guidance_stop) and t >= guidance_min_t;
+    a timestep window that leaves no step guided is an input error naming it."""
+    steps = len(schedule)
+    if not config.guidance:
+        return [False] * steps
+    by_fraction = guided_mask(steps, config.guidance_start, config.guidance_stop)  # (T,)
+    guided = by_fraction & timestep_window(schedule.timesteps, config.guidance_min_t)  # (T,)
+    if by_fraction.any() and not guided.any():
+        top = max(t for t, on in zip(schedule.timesteps, by_fraction.tolist(), strict=True) if on)
+        raise InputError(
+            f"method.guidance_min_t: {config.guidance_min_t} leaves no step guided (the guided steps' timesteps are "
+            f"at most {top})"
+        )
+    return guided.tolist()
+
+
 class PriorSide:
     """The prior's half of the chain loop (MLGD-F Alg. 1): x_T, Tweedie's x̂0, and the guided reverse step."""
 
@@ -246,9 +263,7 @@ class PriorSide:
         self.zeta = torch.stack([cache[z] for z in chains.zetas]).to(**to)  # (B, T)
         self.normalize = torch.tensor([z.normalize for z in chains.zetas], device=self.device)
         self.trust = torch.tensor([z.trust_radius or float("inf") for z in chains.zetas], **to)
-        self.guided = guided_mask(len(sched), config.guidance_start, config.guidance_stop).tolist()
-        if not config.guidance:
-            self.guided = [False] * len(sched)
+        self.guided = guided_steps(config, sched)
         if config.guess_radius == "step_beta":
             self.radius = sched.smoothing_radius().tolist()
         else:

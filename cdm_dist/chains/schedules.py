@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -38,6 +39,11 @@ def guided_mask(steps: int, start: float, stop: float) -> torch.Tensor:
     """Which of the steps get guidance: start <= i / steps < stop, (T,) bool."""
     frac = torch.arange(steps, dtype=torch.float64) / steps
     return (frac >= start) & (frac < stop)
+
+
+def timestep_window(timesteps: Sequence[int], min_t: int) -> torch.Tensor:
+    """Which reverse steps sit at timesteps t >= min_t (guidance off below, as the MLGD-F code's t < 250), (T,) bool."""
+    return torch.tensor([t >= min_t for t in timesteps], dtype=torch.bool)
 
 
 def apply_step_rule(

@@ -329,3 +329,45 @@ def test_energy_and_sliced_terms_prepared_once_equal_the_plain_loss(spec):
         torch.testing.assert_close(spec.build()(y, spec.prepare(t)), plain(y, t), rtol=1e-12, atol=1e-14)
     rows = torch.stack([spec.build()(y[b : b + 1], t_rows[b])[0] for b in range(3)])
     torch.testing.assert_close(spec.build()(y, t_rows), rows, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_sliced_wasserstein_in_1d_is_the_sorted_wp(p):
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(2, 40, 1, generator=gen, dtype=torch.float64)
+    t = torch.randn(40, 1, generator=gen, dtype=torch.float64) * 0.5 - 1
+    got = sliced_wasserstein(y, t, n_projections=3, p=p)  # every 1-D direction is ±1: the same sorted gaps
+    expected = ((torch.sort(y[..., 0], 1).values - torch.sort(t[:, 0]).values).abs() ** p).mean(1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_sliced_wasserstein_of_a_shifted_copy_is_the_mean_projected_shift(p):
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    shift = torch.tensor([0.7, -0.3], dtype=torch.float64)
+    spec = SlicedWassersteinLoss(n_projections=50, p=p)
+    directions = spec.target_terms(t)["directions"]  # (2, 50): sorting commutes with a shift along each direction
+    expected = ((shift @ directions).abs() ** p).mean()
+    assert spec.build()((t + shift)[None], t).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_sliced_wasserstein_in_2d_equals_a_float64_loop_over_directions():
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(3, 12, 2, generator=gen, dtype=torch.float64)
+    t = torch.randn(12, 2, generator=gen, dtype=torch.float64) + 0.5
+    spec = SlicedWassersteinLoss(n_projections=7, p=1)
+    directions = spec.target_terms(t)["directions"].tolist()  # [[x_l], [y_l]]
+    got = spec.build()(y, t)
+    for b in range(3):
+        total = 0.0
+        for ux, uy in zip(*directions, strict=True):
+            a = sorted(float(v[0]) * ux + float(v[1]) * uy for v in y[b])
+            c = sorted(float(v[0]) * ux + float(v[1]) * uy for v in t)
+            total += sum(abs(i - j) for i, j in zip(a, c, strict=True)) / 12
+        assert got[b].item() == pytest.approx(total / 7, rel=1e-12)
+
+
+def test_sliced_wasserstein_p_must_be_1_or_2():
+    with pytest.raises(InputError, match=r"^config: loss\.p: Input should be 1 or 2"):
+        parse(MLGDConfig, {"loss": {"name": "sliced_wasserstein", "p": 3}})

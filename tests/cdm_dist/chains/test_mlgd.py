@@ -247,3 +247,21 @@ def test_editing_chains_need_a_source(gmm2d):
     with pytest.raises(InputError, match="beyond"):
         GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([1], ZETAS[0], starts=[8]), SMALL,
                      source=_source(gmm2d))  # fmt: skip
+
+
+def test_a_timestep_window_is_the_step_fraction_window_it_coincides_with(gmm2d):
+    chains = Chains.make([4, 9], ZETAS[:2])
+    timesteps = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, SMALL).prior_side.schedule.timesteps
+    by_t = SMALL.model_copy(update={"guidance_min_t": timesteps[5]})  # steps 0..5 are at t >= timesteps[5]
+    by_fraction = SMALL.model_copy(update={"guidance_stop": 6 / SMALL.num_steps})
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, by_t)
+    assert runner.prior_side.guided == [True] * 6 + [False] * 2
+    states = list(runner.states())
+    assert all(bool(s.zeta.eq(0).all()) and bool(s.loss.isnan().all()) for s in states[6:])
+    torch.testing.assert_close(_run(gmm2d, chains, by_t).x, _run(gmm2d, chains, by_fraction).x, rtol=0, atol=0)
+
+
+def test_a_timestep_window_that_leaves_no_step_guided_names_the_field(gmm2d):
+    config = SMALL.model_copy(update={"guidance_min_t": 10**6})
+    with pytest.raises(InputError, match=r"^method\.guidance_min_t: 1000000 leaves no step guided"):
+        GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([1], ZETAS[0]), config)
