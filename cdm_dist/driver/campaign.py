@@ -215,6 +215,7 @@ class TrackingConfig(StrictModel):
     artifact_location: str = "out/mlartifacts"  # for experiments this campaign creates in a local store
     log_every: PositiveInt = 1  # loss metric every k steps
     flush_seconds: NonNegative = 5.0  # seconds between batched writes of the chains' live losses to MLflow
+    child_runs_max: Annotated[int, Field(ge=0)] = 500  # a run per chain up to this many chains, else the top-k's
     system_metrics: bool = False  # CPU, memory, disk, network, GPU of every Ray node on the campaign run (MLflow's)
     system_metrics_seconds: Positive = 10.0  # their sampling interval in seconds
 

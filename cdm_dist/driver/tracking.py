@@ -1,6 +1,7 @@
-"""MLflow tracking of a campaign, as a campaign callback: one parent run, one child run per chain; the driver is the
-only writer and writes in batches (one log_batch per chain when its micro-batch finishes). mlflow is imported
-lazily."""
+"""MLflow tracking of a campaign, as a campaign callback: one parent run with every chain's outcome in its chains
+table (chain_table.CHAINS_TABLE), and a child run per chain up to tracking.child_runs_max chains, else for the top-k
+chains only; the driver is the only writer and writes in batches (one log_batch per chain when its micro-batch
+finishes). mlflow is imported lazily."""
 
 from __future__ import annotations
 
@@ -12,20 +13,25 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from cdm_dist.driver.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, ChainFiles, Progress
-from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, TrackingConfig
+from cdm_dist.driver.callbacks import CampaignCallback, CampaignInfo, CampaignStopped, ChainFiles, ChainInfo, Progress
+from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, TrackingConfig, campaign_chains, micro_batches
+from cdm_dist.driver.chain_table import (
+    CHAIN_RUNS_TAG,
+    CHAINS_TABLE,
+    chain_runs_mode,
+    write_chain_table,
+    zeta_params_json,
+)
 from cdm_dist.driver.execution import Chunk, MicroBatchResult, SystemMetricsSource
 from cdm_dist.driver.preconditions import masked, redacted, tracking_store, with_connect_timeout
+from cdm_dist.driver.report import CampaignReport, top_k
 from cdm_dist.driver.store import CampaignStore
 from cdm_dist.driver.ui_links import CANDIDATE_KEY, CANDIDATE_STEP, save_views
 from cdm_dist.errors import InputError
-
-if TYPE_CHECKING:
-    from cdm_dist.driver.report import CampaignReport
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # per log_batch request (MLflow REST limits)
 CANDIDATES_TABLE = "candidates.json"  # the campaign run's table of its chains, by final_loss
@@ -98,7 +104,8 @@ def reader(uri: str) -> Any:
 
 
 class MLflowTracker(CampaignCallback):
-    """The campaign callback that tracks it in MLflow: a parent run, one child run per chain.
+    """The campaign callback that tracks it in MLflow: a parent run with the chains table, and a child run per chain
+    (up to tracking.child_runs_max chains; above, child runs for the top-k chains only, made at the end).
 
     Writing is idempotent, so the store and MLflow agree after a crash at any point: run ids are saved as they are
     made, a resumed campaign adopts the runs it already has, a finished chain's run is never written again, and a
@@ -113,6 +120,8 @@ class MLflowTracker(CampaignCallback):
         self.experiment_id = experiment_id(self.client, config.tracking)
         self.parent_id: str | None = None
         self.child_ids: dict[int, str] = {}
+        self.chain_runs = chain_runs_mode(config.chains.count, config.tracking.child_runs_max)  # 'all' or 'top'
+        self.chains: tuple[ChainInfo, ...] = ()
         self.resumed = False  # runs made by an earlier driver may hold part of what we write
         self._done: set[str] | None = None  # child runs already terminal (read once on resume)
         self._have: dict[tuple[str, str], set[int]] = {}  # (run, key) -> steps written (by any driver)
@@ -126,8 +135,9 @@ class MLflowTracker(CampaignCallback):
 
     # -- the callback -------------------------------------------------------------------------------------
     def on_start(self, info: CampaignInfo, progress: Progress) -> None:
-        """Create (or, for a resumed campaign, reopen) the parent and one child per chain; their ids go in the
-        campaign folder as they are made."""
+        """Create (or, for a resumed campaign, reopen) the parent and, up to tracking.child_runs_max chains, one child
+        per chain; their ids go in the campaign folder as they are made."""
+        self.chains = info.chains
         state = self.store.load_tracking()
         if state.get("parent_run_id"):
             self.parent_id, self.resumed = state["parent_run_id"], True
@@ -136,7 +146,9 @@ class MLflowTracker(CampaignCallback):
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=info.output_dir.name,
-                tags={"cdm.kind": "campaign", "cdm.output_dir": str(info.output_dir.resolve())} | self.parent_tags,
+                tags={"cdm.kind": "campaign", "cdm.output_dir": str(info.output_dir.resolve())}
+                | {CHAIN_RUNS_TAG: self.chain_runs}
+                | self.parent_tags,
             )
             self.parent_id = run.info.run_id
             self._save_ids()
@@ -144,9 +156,14 @@ class MLflowTracker(CampaignCallback):
             self.client.log_artifact(self.parent_id, str(self.store.config_path))
         save_views(self.client, self.experiment_id, self.parent_id)  # what chains_view_url opens
         self.child_ids = {int(k): v for k, v in state.get("child_run_ids", {}).items()}
-        if self.resumed and len(self.child_ids) < len(info.chains):  # died while making them: adopt, not repeat
-            self.child_ids |= {int(r.data.tags["cdm.chain"]): r.info.run_id for r in self._children()}
-        for chain in info.chains:
+        if self.resumed and (self.chain_runs == "top" or len(self.child_ids) < len(info.chains)):
+            self.child_ids |= {int(r.data.tags["cdm.chain"]): r.info.run_id for r in self._children()}  # adopt
+        if self.chain_runs == "all":
+            self._make_children(info.chains)
+
+    def _make_children(self, chains: Sequence[ChainInfo]) -> None:
+        """A child run for each of these chains that has none yet; the ids go in the campaign folder."""
+        for chain in chains:
             if chain.chain not in self.child_ids:
                 run = self.client.create_run(
                     self.experiment_id,
@@ -182,6 +199,8 @@ class MLflowTracker(CampaignCallback):
         curves in the UI while the campaign runs)."""
         every = self.config.tracking.log_every
         for row, chain in enumerate(batch.chain_ids):
+            if chain not in self.child_ids:  # no run of its own (yet): its curve is written if it makes the top-k
+                continue
             points = self._buffer.setdefault(chain, {})
             for k, value in enumerate(chunk.losses[row].tolist()):
                 step = chunk.first_step + k
@@ -219,13 +238,13 @@ class MLflowTracker(CampaignCallback):
     def _log_chains(
         self, batch: MicroBatch, result: MicroBatchResult, history: torch.Tensor, files: ChainFiles
     ) -> None:
-        """Each chain of a finished micro-batch: params, loss per step, final metrics, files, status (skipped where
-        already written)."""
+        """Each chain of a finished micro-batch that has a run: params, loss per step, final metrics, files, status
+        (skipped where already written)."""
         method = self.config.method.model_dump(mode="json")
         every = self.config.tracking.log_every
         for row, chain in enumerate(batch.chain_ids):
-            run_id = self.child_ids[chain]
-            if self._is_done(run_id):
+            run_id = self.child_ids.get(chain)
+            if run_id is None or self._is_done(run_id):
                 continue
             failed = bool(result.failed[row])
             params = {"chain": str(chain), "seed": str(batch.chains.seeds[row])}
@@ -305,20 +324,48 @@ class MLflowTracker(CampaignCallback):
         tags = {"cdm.failed_micro_batches": failed} if failed else None
         self._batch(self.parent_id, self._missing(self.parent_id, summary), tags=tags)
         report.campaign_run_id, report.experiment_id = self.parent_id, self.experiment_id
+        if self.chain_runs == "top":
+            self._log_top_chains(report)
         for row in report.rows:
             row.run_id = self.child_ids.get(row.chain)
+        self._log_chain_table(report)
         self._log_candidates(report)
         save_views(self.client, self.experiment_id, self.parent_id, [r.final_loss for r in report.rows if not r.failed])
         self.client.set_terminated(self.parent_id, "FAILED" if report.failed_batches else "FINISHED")
 
+    def _log_top_chains(self, report: CampaignReport) -> None:
+        """A campaign above tracking.child_runs_max: child runs, written whole from the campaign folder, for its
+        top-k (report.topk, and the k best by final_loss whatever their prior_fit)."""
+        chosen = {r.chain for r in report.topk} | {r.chain for r in top_k(report.rows, self.config.topk)}
+        self._make_children([self.chains[c] for c in sorted(chosen)])
+        batches = micro_batches(self.config)
+        size = self.config.resources.micro_batch
+        for index in sorted({c // size for c in chosen}):
+            finished = self.store.load_result(index)
+            if finished is None:  # a micro-batch the driver has (and has saved) before on_end: cannot happen
+                raise RuntimeError(f"micro-batch {index} has no saved result")
+            batch = batches[index]
+            files = [self.store.chain_files(c) if c in chosen else [] for c in batch.chain_ids]
+            self._log_chains(batch, *finished, files)
+
+    def _log_chain_table(self, report: CampaignReport) -> None:
+        """Every chain's outcome in the campaign run's chains table (CHAINS_TABLE, written whole each time)."""
+        zetas = zeta_params_json(campaign_chains(self.config).zetas)
+        run_ids = {r.chain: r.run_id for r in report.rows if r.run_id}
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / CHAINS_TABLE
+            write_chain_table(report.rows, zetas, run_ids, path)
+            self.client.log_artifact(self.parent_id, str(path))
+
     def _log_candidates(self, report: CampaignReport) -> None:
         """The campaign run's candidates table (an MLflow table artifact, CANDIDATES_TABLE, written whole each time):
-        one row per chain, lowest final_loss first (failed chains last), with what a user selects on: chain, run
+        one row per chain run, lowest final_loss first (failed chains last), with what a user selects on: chain, run
         id, final_loss, prior_fit, improvement (editing campaigns), the problem's other metrics, seed, zeta."""
         import pandas as pd
 
         names = sorted({k for r in report.rows for k in r.metrics}, key=lambda k: (k not in FIRST_METRICS, k))
-        rows = sorted(report.rows, key=lambda r: (r.failed, r.final_loss if math.isfinite(r.final_loss) else math.inf))
+        ranked = [r for r in report.rows if r.run_id]
+        rows = sorted(ranked, key=lambda r: (r.failed, r.final_loss if math.isfinite(r.final_loss) else math.inf))
         table: dict[str, list[Any]] = {"rank": [], "chain": [], "run_id": [], "final_loss": []}
         table |= {name: [] for name in names} | {"seed": [], "zeta": [], "status": []}
         for rank, row in enumerate(rows, start=1):
