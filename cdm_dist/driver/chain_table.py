@@ -17,6 +17,7 @@ from cdm_dist.driver.report import ChainRow
 CHAINS_TABLE = "chains.parquet"  # the campaign run's artifact
 CHAIN_RUNS_TAG = "cdm.chain_runs"  # on the campaign run: 'all' (a run per chain) or 'top' (the rest only in the table)
 METRIC = "metric."  # prefix of the metric columns
+SUPERSEDED_TAG = "cdm.superseded"  # on a dead trial's campaign run whose retry stores its chains (tuning.study)
 
 
 def chain_runs_mode(count: int, child_runs_max: int) -> str:

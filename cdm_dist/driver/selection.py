@@ -2,13 +2,18 @@
 `cdm.selected = true` in the MLflow UI. The same chain found in several campaigns (a rerun, a study's trial of the
 config as written) is listed once, with the campaigns it is in; chains whose prior_fit exceeds their campaign's
 `selection.prior_fit_limit` are flagged, and left out of a top-k unless asked for. An export holds, per candidate,
-x* (.npy), its pictures and a YAML that reruns exactly that chain, plus a contact sheet. mlflow is imported
+x* (.npy), its pictures and a YAML that reruns exactly that chain, plus a contact sheet. Chains come from chain
+runs and, for campaigns above tracking.child_runs_max, from the campaign run's chains table (chain_table): a chain
+without a run of its own is named CAMPAIGN_RUN_ID#CHAIN and exported from its campaign folder. mlflow is imported
 lazily."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import heapq
+import itertools
 import json
 import math
 import os
@@ -25,7 +30,9 @@ import yaml
 
 from cdm_dist.chains.config import parse
 from cdm_dist.driver.campaign import CampaignConfig, MethodConfig, SourceConfig, campaign_chains, dump_config
+from cdm_dist.driver.chain_table import CHAIN_RUNS_TAG, CHAINS_TABLE, METRIC, SUPERSEDED_TAG, read_chain_table
 from cdm_dist.driver.preconditions import redacted
+from cdm_dist.driver.store import CampaignStore
 from cdm_dist.driver.tracking import reader
 from cdm_dist.errors import InputError
 
@@ -35,6 +42,7 @@ SELECTED_TAG = "cdm.selected"
 SELECTED_VALUES = {"true": True, "false": False}  # a cdm.selected tag's accepted values, in any case
 CHAINS = "tags.`cdm.kind` = 'chain'"
 CHAINS_OK = f"{CHAINS} and tags.status = 'ok'"
+TABLED = f"tags.`cdm.kind` = 'campaign' and tags.`{CHAIN_RUNS_TAG}` = 'top'"  # campaigns with chains only tabled
 PAGE = 500  # runs per search request
 PROGRESS_BAR_VARIABLE = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # mlflow.environment_variables (3.x)
 HOW_TO_SELECT = (
@@ -54,6 +62,7 @@ class Campaign:
     params: dict[str, str]  # its config, flattened (tracking.flatten)
     output_dir: str | None
     artifact_uri: str
+    start_time: int = 0  # ms
 
 
 @dataclass
@@ -75,6 +84,7 @@ class Candidate:
     picture_path: str | None = None  # local file once exported
     config_path: str | None = None  # once exported: the YAML that reruns this chain
     evaluation: dict[str, float] = field(default_factory=dict)  # `cdm evaluate`'s eval/mmd, eval/improvement, if run
+    tabled: bool = False  # no run of its own: a row of its campaign run's chains table (run_id CAMPAIGN#CHAIN)
 
     @property
     def over_limit(self) -> bool:
@@ -143,14 +153,14 @@ def pages(client: Any, experiments: list[str], query: str, order_by: list[str] |
 def ranked(
     client: Any, experiments: list[str], k: int, every: bool, keep_over_limit: bool, campaigns: Campaigns
 ) -> Selection:
-    """The k best chains by final_loss: runs read in order until k distinct chains (every: runs) are found; each
-    chain's runs in other campaigns are then looked up by seed."""
+    """The k best chains by final_loss: chain runs and chains tables' rows read in order until k distinct chains
+    (every: runs) are found; each chain's runs and rows in other campaigns are then looked up by seed."""
     chosen: dict[str, Candidate] = {}
     left_out = 0
-    for run in pages(client, experiments, CHAINS_OK, ["metrics.final_loss ASC"]):
-        cand = campaigns.candidate(run)
-        if cand is None:
-            continue
+    tables = ChainTables(client, experiments, campaigns)
+    found = map(campaigns.candidate, pages(client, experiments, CHAINS_OK, ["metrics.final_loss ASC"]))
+    runs = (c for c in found if c is not None)
+    for cand in heapq.merge(runs, tables.ranked(), key=lambda c: c.final_loss):
         if cand.over_limit and not keep_over_limit:
             left_out += 1
             continue
@@ -164,8 +174,8 @@ def ranked(
     if not every:
         for seed in sorted({c.seed for c in chosen.values()}):
             query = f"{CHAINS_OK} and params.seed = '{seed}'"
-            for run in pages(client, experiments, query):
-                cand = campaigns.candidate(run)
+            runs = (campaigns.candidate(run) for run in pages(client, experiments, query))
+            for cand in itertools.chain(runs, tables.with_seed(seed)):
                 if cand is not None and cand.fingerprint in chosen and (keep_over_limit or not cand.over_limit):
                     chosen[cand.fingerprint].also.append(cand)
     return Selection(grouped([c for group in chosen.values() for c in group.appearances()], every), left_out)
@@ -221,6 +231,7 @@ class Campaigns:
                 dict(run.data.params),
                 run.data.tags.get("cdm.output_dir"),
                 run.info.artifact_uri,
+                run.info.start_time or 0,
             )
         return self._runs[run_id]
 
@@ -247,6 +258,78 @@ class Campaigns:
             start_time=run.info.start_time or 0,
             evaluation={k: metrics[k] for k in EVALUATION_COLUMNS if k in metrics},
         )
+
+
+class ChainTables:
+    """The chains tables of the campaigns whose chains do not all have runs (CHAIN_RUNS_TAG 'top', not superseded):
+    their chains without a run of their own, as candidates (each table read once)."""
+
+    def __init__(self, client: Any, experiments: list[str], campaigns: Campaigns) -> None:
+        self.tables: list[tuple[Campaign, dict[str, list[Any]], list[int]]] = []  # campaign, columns, ok rows sorted
+        for run in pages(client, experiments, TABLED):
+            if run.data.tags.get(SUPERSEDED_TAG) == "true":
+                continue
+            campaign = campaigns.get(run.info.run_id)
+            columns = _table_columns(client, campaign)
+            if columns is None:  # a campaign that has not finished (the table is written at its end)
+                continue
+            losses, owners = columns["final_loss"], columns["run_id"]
+            ok = [i for i, status in enumerate(columns["status"]) if status == "ok" and owners[i] is None]
+            ok = [i for i in ok if losses[i] is not None and math.isfinite(losses[i])]
+            self.tables.append((campaign, columns, sorted(ok, key=losses.__getitem__)))
+
+    def ranked(self) -> Iterator[Candidate]:
+        """Every tabled chain, lowest final_loss first."""
+        streams = [map(functools.partial(table_candidate, c, columns), rows) for c, columns, rows in self.tables]
+        return heapq.merge(*streams, key=lambda cand: cand.final_loss)
+
+    def with_seed(self, seed: int) -> Iterator[Candidate]:
+        """The tabled chains of this seed."""
+        for campaign, columns, rows in self.tables:
+            seeds = columns["seed"]
+            yield from (table_candidate(campaign, columns, i) for i in rows if seeds[i] == seed)
+
+
+def _table_columns(client: Any, campaign: Campaign) -> dict[str, list[Any]] | None:
+    """A campaign run's chains table as columns; None when it has none (yet)."""
+    local = local_folder(campaign.artifact_uri)
+    if local is not None and not (local / CHAINS_TABLE).is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / CHAINS_TABLE
+        try:
+            fetch(client, campaign.run_id, campaign.artifact_uri, CHAINS_TABLE, target)
+        except Exception:  # not there on the server
+            return None
+        try:
+            return read_chain_table(target)
+        except Exception as exc:
+            raise InputError(f"campaign {campaign.name}: its {CHAINS_TABLE} cannot be read ({exc})") from None
+
+
+def table_candidate(campaign: Campaign, columns: dict[str, list[Any]], row: int) -> Candidate:
+    """A chains table's row as a candidate: what its chain run would hold (the chain's params are its seed, its
+    zeta.* params and the campaign's method.* params)."""
+    chain, seed = columns["chain"][row], columns["seed"][row]
+    params = {"seed": str(seed)} | json.loads(columns["zeta_params"][row])
+    params |= {k: v for k, v in campaign.params.items() if k.startswith("method.")}
+    metrics = {name.removeprefix(METRIC): values[row] for name, values in columns.items() if name.startswith(METRIC)}
+    problem = {k: v for k, v in metrics.items() if v is not None}
+    return Candidate(
+        f"{campaign.run_id}#{chain}",
+        columns["final_loss"][row],
+        chain,
+        campaign.run_id,
+        campaign_name=campaign.name,
+        trial=campaign.trial,
+        seed=seed,
+        zeta=columns["zeta"][row],
+        metrics=dict(sorted(problem.items(), key=lambda item: (item[0] != "prior_fit", item[0]))),
+        prior_fit_limit=campaign.prior_fit_limit,
+        fingerprint=fingerprint(params, chain, campaign),
+        start_time=campaign.start_time,
+        tabled=True,
+    )
 
 
 def fingerprint(params: dict[str, str], chain: int, campaign: Campaign) -> str:
@@ -298,12 +381,9 @@ def export(candidates: list[Candidate], uri: str, folder: str | Path) -> Path:
     pictures = []
     for rank, (cand, config) in enumerate(zip(candidates, configs, strict=True), start=1):
         prefix = f"{rank:03d}_{cand.run_id[:8]}_"
-        artifact_uri = client.get_run(cand.run_id).info.artifact_uri
-        for artifact in client.list_artifacts(cand.run_id):
-            if artifact.is_dir or Path(artifact.path).suffix not in (".npy", ".png"):
-                continue
-            target = folder / f"{prefix}{Path(artifact.path).name}"
-            fetch(client, cand.run_id, artifact_uri, artifact.path, target)
+        for name, copy in chain_files(client, campaigns.get(cand.campaign), cand):
+            target = folder / f"{prefix}{name}"
+            copy(target)
             if target.suffix == ".npy":
                 cand.x_path = str(target)
             else:
@@ -315,6 +395,27 @@ def export(candidates: list[Candidate], uri: str, folder: str | Path) -> Path:
     sheet = folder / "contact_sheet.png"
     _contact_sheet(pictures, sheet)
     return sheet
+
+
+def chain_files(client: Any, campaign: Campaign, cand: Candidate) -> list[tuple[str, Any]]:
+    """The candidate's x* and pictures as (file name, copy to a path): its run's artifacts, or, for a tabled chain,
+    the files in its campaign folder."""
+    if cand.tabled:
+        folder = Path(campaign.output_dir or "")
+        files = CampaignStore(folder).chain_files(cand.chain)
+        if not campaign.output_dir or not files[0].is_file():
+            raise InputError(
+                f"--export: chain {cand.chain} of campaign {campaign.name} has no run of its own, and its campaign "
+                f"folder {folder} does not hold its files here"
+            )
+        return [(path.name, functools.partial(shutil.copyfile, path)) for path in files]
+    artifact_uri = client.get_run(cand.run_id).info.artifact_uri
+    files = []
+    for artifact in client.list_artifacts(cand.run_id):
+        if not artifact.is_dir and Path(artifact.path).suffix in (".npy", ".png"):
+            copy = functools.partial(fetch, client, cand.run_id, artifact_uri, artifact.path)
+            files.append((Path(artifact.path).name, copy))
+    return files
 
 
 def rerun_config(config: CampaignConfig, cand: Candidate) -> str:
