@@ -1,8 +1,8 @@
 """A few-step image-conditioned generator as the fast conditional sampler (MLGD-F paper, Exp. 2): a diffusers
 ControlNet conditioned on the image x (a pixel prior's x, or a latent prior's x̂0 decoded by DecodedSampler), a
 UNet2DConditionModel taking 1-4 deterministic x0-prediction steps on trailing timesteps from the latent noise η (as
-SDXL-Turbo), the generator's VAE decoding the final latent, and y = an embedding of the generated image (a local CLIP
-vision model, or a factory's function).
+SDXL-Turbo), the generator's VAE decoding the final latent (without one, the UNet works in pixels), and y = an
+embedding of the generated image (a local CLIP vision model, or a factory's function).
 
 Everything is differentiable in x. The n_c samples of each x run in chunks of `sample_chunk`; under gradients each
 chunk is one activation checkpoint (see GeneratorSampler).
@@ -264,8 +264,11 @@ def _latent_size(unet: Any) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def generated_shape(unet: Any, vae: Any) -> tuple[int, int, int]:
-    """(C, H, W) of the generated images: the VAE's out_channels, the UNet's latent size times the VAE's factor."""
+def generated_shape(unet: Any, vae: Any | None) -> tuple[int, int, int]:
+    """(C, H, W) of the generated images: the VAE's out_channels, the UNet's latent size times the VAE's factor;
+    without a VAE (a pixel-space generator) the UNet's own output."""
+    if vae is None:
+        return (int(unet.config.out_channels), *_latent_size(unet))
     factor, (h, w) = 2 ** (len(vae.config.block_out_channels) - 1), _latent_size(unet)
     return int(vae.config.out_channels), h * factor, w * factor
 
@@ -299,7 +302,7 @@ class GeneratorSampler(ConditionalSampler):
         self,
         unet: Any,
         controlnet: Any,
-        vae: Any,
+        vae: Any | None,
         alphas_cumprod: torch.Tensor,
         conditioning: Conditioning,
         embed: Embed,
@@ -313,10 +316,12 @@ class GeneratorSampler(ConditionalSampler):
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise InputError(f"{field}: unknown prediction_type {prediction_type!r}")
-        self.unet, self.controlnet, self.vae = (m.eval().requires_grad_(False) for m in (unet, controlnet, vae))
+        self.unet, self.controlnet = (m.eval().requires_grad_(False) for m in (unet, controlnet))
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # None: the UNet works in pixels
         flags = checkpointing or {}
         for name in ("unet", "controlnet", "vae"):
-            _checkpointing(getattr(self, name), flags.get(name, True))
+            if getattr(self, name) is not None:
+                _checkpointing(getattr(self, name), flags.get(name, True))
         self.alpha_bar = alphas_cumprod.double().cpu()
         self.timesteps = trailing_timesteps(len(self.alpha_bar), steps)
         self.conditioning, self.embed, self.y_dim = conditioning, embed, y_dim
@@ -328,8 +333,9 @@ class GeneratorSampler(ConditionalSampler):
         factor, (h, w) = 2 ** (len(embedding) - 1), _latent_size(unet)
         self.control_shape = (int(controlnet.config.conditioning_channels), h * factor, w * factor)
         self.image_shape = generated_shape(unet, vae)
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+        config = vae.config if vae is not None else None
+        self.scaling_factor = float(getattr(config, "scaling_factor", 1.0) or 1.0)
+        self.shift_factor = float(getattr(config, "shift_factor", 0.0) or 0.0)
         self._moved: dict[tuple[torch.device, torch.dtype], Conditioning] = {}
 
     # -- checks and placement ---------------------------------------------------------------------------------
@@ -343,7 +349,7 @@ class GeneratorSampler(ConditionalSampler):
             )
 
     def _modules(self) -> list[nn.Module]:
-        modules = [self.unet, self.controlnet, self.vae]
+        modules = [m for m in (self.unet, self.controlnet, self.vae) if m is not None]
         owners = [getattr(self.embed, name, None) for name in ("model", "function")]
         return modules + [owner for owner in owners if isinstance(owner, nn.Module)]
 
@@ -401,6 +407,8 @@ class GeneratorSampler(ConditionalSampler):
             lambda x_t, t: self._model_output(x_t, t, control),
             eta.to(images.dtype), self.timesteps, self.alpha_bar, self.prediction_type,
         )  # fmt: skip  # (n, c, h, w)
+        if self.vae is None:
+            return latents.to(images.dtype)
         z = latents.to(self._dtype(self.vae)) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample.to(images.dtype)
 
@@ -473,7 +481,7 @@ def load_generator_sampler(
         for module in GENERATOR_MODULES
     }
     root = Path(spec.generator)
-    for part, name in (("unet", "config.json"), ("scheduler", "scheduler_config.json"), ("vae", "config.json")):
+    for part, name in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
         if not (root / part / name).is_file():
             raise InputError(f"{field}.generator: {root / part / name} is missing; the generator folder needs {part}/")
     cn_folder = spec.controlnet_folder
@@ -493,8 +501,10 @@ def load_generator_sampler(
             raise InputError(f"{cn_field}: the ControlNet's {key} ({mine}) differs from the UNet's ({theirs})")
     scheduler = load_scheduler(root / "scheduler", f"{field}.generator")
     prediction = scheduler.config.get("prediction_type", "epsilon")
-    vae = load_model(root / "vae", None, dtypes["vae"], device, f"{field}.generator")
-    if not hasattr(vae, "decode") or vae.config.get("latent_channels") != unet.config.in_channels:
+    vae = None  # no vae/: a pixel-space generator, whose UNet output is the image
+    if (root / "vae").exists():
+        vae = load_model(root / "vae", None, dtypes["vae"], device, f"{field}.generator")
+    if vae is not None and (not hasattr(vae, "decode") or vae.config.get("latent_channels") != unet.config.in_channels):
         raise InputError(
             f"{field}.generator: vae/ must be an autoencoder with latent_channels = the UNet's in_channels "
             f"({unet.config.in_channels}); got {type(vae).__name__} with {vae.config.get('latent_channels')}"

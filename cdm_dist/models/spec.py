@@ -263,9 +263,10 @@ EmbedSpec = Annotated[
 class GeneratorSamplerSpec(StrictModel):
     """A few-step image-conditioned generator as the fast sampler (MLGD-F paper, Exp. 2: SDXL-Turbo + a scribble
     ControlNet conditioned on the decoded x̂0, y = the CLIP embedding of the generated image), from local diffusers
-    folders: `generator` holds unet/, scheduler/ and vae/ (and controlnet/ unless `controlnet` names a folder)."""
+    folders: `generator` holds unet/, scheduler/, vae/ (none for a pixel-space UNet) and controlnet/ (unless
+    `controlnet` names a folder)."""
 
-    generator: Folder  # a diffusers folder with unet/, scheduler/, vae/ (and controlnet/)
+    generator: Folder  # a diffusers folder: unet/, scheduler/, controlnet/, and vae/ unless the UNet works in pixels
     controlnet: Folder | None = None  # default: <generator>/controlnet
     prompt: File  # .safetensors: encoder_hidden_states (L, D) [+ text_embeds, time_ids for SDXL]
     negative_prompt: File | None = None  # the same tensors for the unconditional branch of classifier-free guidance
@@ -285,8 +286,10 @@ class GeneratorSamplerSpec(StrictModel):
     def _folders(self) -> GeneratorSamplerSpec:
         """The generator's parts are there with their configs (no weights are read here)."""
         root = Path(self.generator)
-        for part, name in (("unet", "config.json"), ("scheduler", "scheduler_config.json"), ("vae", "config.json")):
+        for part, name in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
             read_json(root / part / name, f"the generator folder needs {part}/ ({part}/{name})")
+        if (root / "vae").exists():
+            read_json(root / "vae" / "config.json", "a generator's vae/ needs its config (vae/config.json)")
         read_json(self.controlnet_folder / "config.json", "the generator needs a ControlNet (controlnet/ or "
                   "`controlnet: FOLDER`)")  # fmt: skip
         if self.guidance_scale != 1.0 and self.negative_prompt is None:

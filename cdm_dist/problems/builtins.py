@@ -324,6 +324,26 @@ def digits(
     return ProblemConfig.model_validate(parts | {"target": {"factory": rotation_target, "args": target}})
 
 
+ScribblesTarget = Literal["balanced", "skewed", "colour_interpolation", "background_interpolation"]
+
+
+@builtin_problem
+def scribbles(
+    checkpoints: str | None = None,
+    scribbles_target: ScribblesTarget = "balanced",
+    target_size: PositiveInt = 1000,
+    target_seed: int = 0,
+) -> ProblemConfig:
+    """Editing scribbles (MLGD-F paper, Exp. 2 at small scale): x = a 32x32 scribble under a pixel prior, a one-step
+    ControlNet generator renders it red or blue on a light or dark background, y = an embedding of the image."""
+    from cdm_dist.problems.scribbles import problem_parts
+
+    folder = checkpoints_folder(checkpoints, "scribbles")
+    if not folder.is_dir():
+        raise InputError(f"checkpoints: {folder} is not a folder")
+    return ProblemConfig.model_validate(problem_parts(folder, scribbles_target, target_size, target_seed))
+
+
 # -- eager problems (benchmarks, tests and the Python API) -----------------------------------------------------
 
 

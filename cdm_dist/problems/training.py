@@ -53,6 +53,7 @@ DEFAULTS: dict[tuple[str, str], TrainSettings] = {
     ("digits", "sampler"): TrainSettings(steps=4_000, batch_size=128, lr=1e-3, ema_decay=0.995),
     ("gmm", "one_step"): TrainSettings(steps=4_000, batch_size=1024, lr=5e-4, warmup=100),
     ("digits", "one_step"): TrainSettings(steps=1_500, batch_size=128, lr=3e-4, ema_decay=0.995, warmup=100),
+    ("scribbles", "prior"): TrainSettings(steps=3_000, batch_size=32, lr=1e-3, ema_decay=0.995),
 }
 
 
@@ -92,6 +93,19 @@ def training_data(problem: str) -> TrainingData:
 
         text = "sklearn load_digits, 12x12 in 16x16, every 10th digit held out, theta ~ U[0, 2pi) per draw"
         return TrainingData(problem, (1, SIZE, SIZE), 2, digits("train"), digits("heldout"), text)
+    if problem == "scribbles":
+        from cdm_dist.problems import scribbles
+
+        def draw_scribbles(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            x = scribbles.draw_scribbles(n, gen)
+            p = scribbles.attribute_probabilities(x)
+            return x, torch.stack([p["red"], p["dark"]], 1)
+
+        text = (
+            "procedural scribbles (cdm_dist.problems.scribbles.draw_scribbles), fresh every step; y = (P(red), P(dark))"
+        )
+        size = scribbles.SIZE
+        return TrainingData(problem, (1, size, size), 2, draw_scribbles, draw_scribbles, text)
     raise InputError(f"--problem: unknown {problem!r}; expected one of {trainable_problems()}")
 
 
@@ -99,12 +113,13 @@ def trainable_problems() -> list[str]:
     """The built-in problems whose training data the project can draw."""
     from cdm_dist.problems.builtins import GMM_PROBLEMS
 
-    return [*GMM_PROBLEMS, "digits"]
+    return [*GMM_PROBLEMS, "digits", "scribbles"]
 
 
 def settings_for(problem: str, role: str, kind: str = "flow") -> TrainSettings:
     """The default training settings of a problem family, role and sampler kind."""
-    return DEFAULTS[("digits" if problem == "digits" else "gmm", "one_step" if kind == "one_step" else role)]
+    family = problem if problem in ("digits", "scribbles") else "gmm"
+    return DEFAULTS[(family, "one_step" if kind == "one_step" else role)]
 
 
 # -- models ---------------------------------------------------------------------------------------------------
@@ -126,9 +141,7 @@ def new_model(data: TrainingData, role: str, gen: torch.Generator, tiny: bool = 
                 in_channels=data.x_shape[0],
                 out_channels=data.x_shape[0],
                 layers_per_block=1,
-                block_out_channels=(16, 32, 32) if tiny else (32, 64, 64),
-                down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                **_image_prior_levels(data.x_shape[-1], tiny),
                 norm_num_groups=8,
             )
         return MLPNoiseModel(
@@ -151,6 +164,17 @@ def new_model(data: TrainingData, role: str, gen: torch.Generator, tiny: bool = 
         y_std=y.std(0).tolist(),
         **x_stats,
     )
+
+
+def _image_prior_levels(size: int, tiny: bool) -> dict[str, Any]:
+    """A UNet2DModel's levels: three to 4x4 for 16x16 images, four (narrower at the top) for 32x32."""
+    channels = (16, 32, 32) if tiny else (32, 64, 64) if size <= 16 else (16, 32, 64, 64)
+    plain = len(channels) - 1
+    return {
+        "block_out_channels": channels,
+        "down_block_types": ("DownBlock2D",) * plain + ("AttnDownBlock2D",),
+        "up_block_types": ("AttnUpBlock2D",) + ("UpBlock2D",) * plain,
+    }
 
 
 def new_scheduler(prediction_type: str = "epsilon") -> Any:
@@ -260,6 +284,10 @@ def train(
 
     if role not in ROLES:
         raise InputError(f"role: unknown {role!r}; expected one of {list(ROLES)}")
+    if problem == "scribbles" and role == "sampler":
+        from cdm_dist.problems.scribbles_training import train_sampler
+
+        return train_sampler(Path(out), steps, seed, tiny, command or " ".join(sys.argv), progress)
     if kind not in KINDS or (kind != "flow" and role != "sampler"):
         raise InputError(f"--kind: {kind!r} is not a {role} kind; expected flow, or one_step for a sampler")
     if teacher is not None and kind != "one_step":
