@@ -14,8 +14,10 @@ from tqdm import tqdm
 
 from benchmarks.report import environment, markdown_table, write_report
 from cdm_dist.chains.config import MLGDConfig, ZetaConfig
+from cdm_dist.chains.losses import SlicedWassersteinLoss
 from cdm_dist.chains.mlgd import Chains
 from cdm_dist.driver.methods import run_method
+from cdm_dist.errors import InputError
 from cdm_dist.models.spec import CDMProblem
 from cdm_dist.problems.builtins import digits_problem
 from cdm_dist.problems.digits import angle_of, base_digits, from_model_space, rotate, target_angles
@@ -29,6 +31,48 @@ def settings(quick: bool, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfi
     steps = 10 if quick else 100
     config = MLGDConfig(num_steps=steps, n_c=n_c, target_batch=250, n_guess=1, grad="identity", guidance_stop=0.8)
     return config, ZetaConfig(kind="linear", scale=0.3, final=0.1, normalize=True)
+
+
+PROTOCOLS = ("default", "paper")
+PAPER_SEEDS = 15  # chains per target in the MLGD-F code's MNIST runs; the top 5 by final loss are reported
+PAPER_STEPS = {"uniform": 290, "bimodal": 125, "unimodal": 130}  # its DDIM steps per target
+PAPER_MIN_T = {"uniform": 250}  # guidance off for t < 250 on the uniform target: the last steps only clean up
+PAPER_FAST_STEPS = 6  # its consistency sampler takes 6 steps (ts 150 -> 1); here 6 Euler steps of the shipped flow
+PAPER_ZETA = ZetaConfig(kind="linear", scale=0.3, final=0.1, normalize=True)  # per-pixel step length, decaying
+PAPER_ZETA_FACTOR = {"unimodal": 2.0}  # its step_size_mode: 'double' on the unimodal target, 'original' elsewhere
+PAPER_N_C = 128  # conditional samples per guess (the MLGD-F code: 1500, 600 uniform; scaled to the 2-core CPU)
+
+
+def paper_settings(kind: str, quick: bool = False, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfig]:
+    """The MLGD-F code's MNIST protocol for one target through this project's knobs: its steps per target, the
+    guidance window t >= 250 on the uniform target, the sliced W1 loss over 50 directions and a full gradient
+    through Tweedie; step lengths normalised (this prior's pixels and sampler are not theirs)."""
+    config = MLGDConfig(
+        num_steps=10 if quick else PAPER_STEPS[kind],
+        n_c=n_c or (16 if quick else PAPER_N_C),
+        target_batch=250,
+        n_guess=1,
+        grad="full",
+        guidance_min_t=PAPER_MIN_T.get(kind, 0),
+        loss=SlicedWassersteinLoss(n_projections=50, p=1),
+    )
+    zeta = PAPER_ZETA.model_copy(update={"scale": PAPER_ZETA.scale * PAPER_ZETA_FACTOR.get(kind, 1.0)})
+    return config, zeta
+
+
+def top_within_limit(
+    final_loss: torch.Tensor, prior_fit: torch.Tensor, limit: float | None, k: int = 5
+) -> torch.Tensor:
+    """Indices of the k lowest final losses among chains whose prior_fit is within the limit (as `cdm tune`'s and the
+    campaign report's selection: a NaN prior_fit is not over it); final_loss, prior_fit (B,) -> (<= k,)."""
+    over = (prior_fit > limit) & prior_fit.isfinite() if limit is not None else torch.zeros_like(final_loss).bool()
+    ok = torch.nonzero(~over & final_loss.isfinite())[:, 0]  # (M,)
+    return ok[torch.argsort(final_loss[ok], stable=True)[:k]]
+
+
+def prior_fit_limit(unguided_prior_fit: torch.Tensor) -> float:
+    """The selection's prior_fit limit: the 95% quantile over unguided chains, as `cdm tune`'s "auto" limit."""
+    return float(torch.nanquantile(unguided_prior_fit.double(), 0.95))
 
 
 ZETA_SCALES = (0.15, 0.3, 0.6)  # per-chain schedules cycled over the chains: step lengths in pixels ...
@@ -62,17 +106,28 @@ def nearest_digits(x: torch.Tensor, angles: int = 36) -> tuple[list[int], list[f
     return labels[index].tolist(), distance.tolist()
 
 
-def draw_grid(x: torch.Tensor, labels: list[int], path: Path, title: str) -> Path:
-    """The top-k x* side by side, as PNG."""
+def draw_grid(
+    x: torch.Tensor,
+    labels: list[int],
+    path: Path,
+    title: str,
+    judged: list[int] | None = None,
+    confidence: list[float] | None = None,
+) -> Path:
+    """The top-k x* side by side, as PNG, titled with the judge's digit (and confidence) and the nearest digit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(x), figsize=(1.6 * len(x), 2.0), dpi=90, squeeze=False)
-    for ax, image, label in zip(axes[0], from_model_space(x.float()), labels, strict=True):
+    judged = judged or [None] * len(x)
+    confidence = confidence or [None] * len(x)
+    for ax, image, label, digit, conf in zip(axes[0], from_model_space(x.float()), labels, judged, confidence,
+                                             strict=True):  # fmt: skip
         ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"nearest: {label}", fontsize=8)
+        said = "" if digit is None else f"judge: {'-' if digit < 0 else digit} ({conf:.2f})\n"
+        ax.set_title(f"{said}nearest: {label}", fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -111,58 +166,88 @@ def draw_circle(problem: CDMProblem, x: torch.Tensor, kind: str, path: Path, n: 
 def bench_digits(
     json_path: str | None,
     targets: tuple[str, ...] = ("uniform", "bimodal", "unimodal"),
-    chains: int = 16,
+    chains: int | None = None,
     quick: bool = False,
     device: str = "cpu",
     n_c: int | None = None,
     checkpoints: str | None = None,
+    protocol: str = "default",
 ) -> dict[str, Any]:
-    """Per target: guided chains and, on the same seeds, unguided ones; the top-5 by held-out loss, pictured."""
+    """Per target: guided chains and, on the same seeds, unguided ones; the top-5 by held-out loss among the x*
+    within the prior_fit limit (the unguided chains' 95% quantile), judged by the project's digit judge, pictured.
+    Protocol 'default': 100 steps, ζ cycled over a grid, identity gradient, MMD; 'paper': the MLGD-F code's
+    MNIST protocol (`paper_settings`)."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"--protocol: unknown {protocol!r}; expected one of {list(PROTOCOLS)}")
+    from cdm_dist.problems.judge import THRESHOLD, judge_digits, load_judge
+
+    bench_start = time.perf_counter()
     dev = torch.device(device)
-    config, zeta = settings(quick, n_c)
+    paper = protocol == "paper"
+    chains = chains or (PAPER_SEEDS if paper else 16)
+    judge = load_judge()
     out = Path(json_path).parent if json_path else Path("out/bench_digits")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    schedules = chain_schedules(zeta, chains)
+    prefix = "digits_paper" if paper else "digits"
+    rows, used = [], {}
     for kind in tqdm(targets, desc="bench digits", unit="target"):
-        problem = digits_problem(kind, checkpoints)
+        if paper:
+            config, zeta = paper_settings(kind, quick, n_c)
+            schedules = [zeta] * chains
+        else:
+            config, zeta = settings(quick, n_c)
+            schedules = chain_schedules(zeta, chains)
+        fast_steps = PAPER_FAST_STEPS if paper else None
+        used[kind] = {"mlgd": config.model_dump(mode="json"), "zeta": [z.model_dump() for z in schedules[:6]],
+                      "fast_steps": fast_steps or 8}  # fmt: skip
+        problem = digits_problem(kind, checkpoints, fast_steps=fast_steps)
         start = time.perf_counter()
         guided = run_method(problem, "mlgd_f", Chains.make(range(chains), schedules), config, dev)
         seconds = time.perf_counter() - start
         unguided = run_method(problem, "mlgd_f", Chains.make(range(chains), ZetaConfig(scale=0.0)), config, dev)
-        order = torch.argsort(guided.final_loss)[:5]
+        limit = prior_fit_limit(unguided.metrics["prior_fit"].cpu())
+        fit = guided.metrics["prior_fit"].cpu()
+        order = top_within_limit(guided.final_loss.cpu(), fit, limit)
+        order_unguided = top_within_limit(unguided.final_loss.cpu(), unguided.metrics["prior_fit"].cpu(), None)
         x_top = guided.x[order].detach().cpu()
         labels, distances = nearest_digits(x_top)
+        judged, confidence = judge_digits(judge, from_model_space(x_top))
         with torch.no_grad():  # f(x*) of each top-5 x*: 500 draws of the fast sampler, fixed noise
             eta = torch.randn((len(x_top), 500, 2), generator=torch.Generator().manual_seed(0))
             spread = circular_spread(problem.fast_sampler.sample(x_top.to(eta.dtype), eta)).tolist()
-        _, unguided_distances = nearest_digits(unguided.x[torch.argsort(unguided.final_loss)[:5]].detach().cpu())
-        x_path = out / f"digits_{kind}_top5.npy"
+        _, unguided_distances = nearest_digits(unguided.x[order_unguided].detach().cpu())
+        x_path = out / f"{prefix}_{kind}_top5.npy"
         np.save(x_path, x_top[:, 0].float().numpy())
-        title = f"{kind} target: top-5 x* by held-out loss"
-        grid = draw_grid(x_top, labels, out / f"digits_{kind}_top5.png", title)
-        circle = draw_circle(problem, x_top, kind, out / f"digits_{kind}_circle.png")
+        title = f"{kind} target ({protocol}): top-5 x* by held-out loss within the prior_fit limit"
+        grid = draw_grid(x_top, labels, out / f"{prefix}_{kind}_top5.png", title, judged, confidence)
+        circle = draw_circle(problem, x_top, kind, out / f"{prefix}_{kind}_circle.png")
         rows.append(
             {
                 "target": kind,
+                "protocol": protocol,
                 "chains": chains,
+                "num_steps": config.num_steps,
                 "top5_loss_mean": float(guided.final_loss[order].mean()),
                 "seconds_per_chain": seconds / chains,
                 "grid_png": str(grid),
                 "circle_png": str(circle),
                 "x_npy": str(x_path),
+                "top5_judged_digits": judged,
+                "top5_judge_confidence": [round(c, 3) for c in confidence],
+                "top5_zeros": judged.count(0),
                 "top5_nearest_digits": labels,
+                "top5_nearest_zeros": labels.count(0),
                 "top5_nearest_distance_mean": sum(distances) / len(distances),
-                "top5_zeros": labels.count(0),
                 "top5_spread": spread,
                 "top5_spread_mean": sum(spread) / len(spread),
                 "top5_zeta": [f"{schedules[i].scale}/{schedules[i].final}" for i in order.tolist()],
-                "top5_prior_fit_mean": float(guided.metrics["prior_fit"][order].mean()),
-                "unguided_top5_prior_fit_mean": float(
-                    unguided.metrics["prior_fit"][torch.argsort(unguided.final_loss)[:5]].mean()
-                ),
+                "top5_seeds": order.tolist(),
+                "prior_fit_limit": limit,
+                "chains_over_limit": int(((fit > limit) & fit.isfinite()).sum()),
+                "top5_prior_fit_mean": float(fit[order].mean()),
+                "unguided_top5_prior_fit_mean": float(unguided.metrics["prior_fit"][order_unguided].mean()),
                 "unguided_top5_nearest_distance_mean": sum(unguided_distances) / len(unguided_distances),
-                "unguided_top5_loss_mean": float(torch.sort(unguided.final_loss).values[:5].mean()),
+                "unguided_top5_loss_mean": float(unguided.final_loss[order_unguided].mean()),
                 "median_loss": float(guided.final_loss.median()),
                 "unguided_median_loss": float(unguided.final_loss.median()),
                 "failed": int(guided.failed.sum()),
@@ -170,7 +255,12 @@ def bench_digits(
         )
     payload = {
         "rows": rows,
-        "settings": {"mlgd": config.model_dump(), "zeta": [z.model_dump() for z in schedules[:6]], "fast_steps": 8},
+        "protocol": protocol,
+        "settings": used,
+        "wall_seconds": time.perf_counter() - bench_start,
+        "selection": "top 5 by held-out loss among the chains whose prior_fit is within the limit, the 95% quantile "
+        "of the unguided chains' prior_fit on the same seeds",
+        "judge": f"cdm_dist/checkpoints/digits/judge (cdm train judge), a digit at confidence >= {THRESHOLD}, else -1",
         "spread": "mean resultant length of the angles of 500 f(x*) draws: 0 uniform on the circle, 1 one angle",
         "x_npy_space": "model space: pixels in [-1, 1], shape [5, 16, 16]",
         "nearest_distance": "L2 pixel distance ([0, 1] pixels) to the closest training digit over 36 rotations",
@@ -180,18 +270,19 @@ def bench_digits(
     columns = [
         "target",
         "chains",
+        "num_steps",
         "top5_loss_mean",
         "unguided_top5_loss_mean",
         "median_loss",
-        "unguided_median_loss",
         "seconds_per_chain",
-        "top5_nearest_digits",
-        "top5_nearest_distance_mean",
+        "top5_judged_digits",
         "top5_zeros",
+        "top5_nearest_digits",
         "top5_spread_mean",
-        "unguided_top5_nearest_distance_mean",
         "top5_prior_fit_mean",
         "unguided_top5_prior_fit_mean",
+        "prior_fit_limit",
+        "chains_over_limit",
         "grid_png",
     ]
     write_report(payload, json_path, markdown_table(rows, columns))

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dashboard-port", type=int, default=8080, help="optuna-dashboard port")
 
     train = commands.add_parser("train", help="train a problem's learned prior or fast sampler (accelerate, EMA)")
-    train.add_argument("role", choices=["prior", "sampler"])
+    train.add_argument("role", choices=["prior", "sampler", "judge"], help="judge: the digits judge (a rotation-"
+                       "robust CNN, cdm_dist/problems/judge.py)")  # fmt: skip
     train.add_argument("--problem", required=True, help="a built-in problem (gmm2d, gmm5d, gmm10d, digits)")
     train.add_argument("--out", required=True, help="new checkpoint folder (config, safetensors, manifest.json)")
     train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the problem's)")
@@ -509,11 +510,18 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     settings = None
     training_data(args.problem)  # an unknown problem fails before anything is built
+    command = shlex.join(["cdm", *(sys.argv[1:] if argv is None else argv)])
+    if args.role == "judge":
+        from cdm_dist.problems.judge import train_judge
+
+        manifest = train_judge(args.problem, args.out, args.steps, args.seed, command)
+        print(f"judge for {args.problem}: final training loss {manifest['final_training_loss']:.5f}; {args.out}")
+        print(json.dumps(manifest["quality"], indent=1))
+        return 0
     if args.mixed_precision:
         from cdm_dist.problems.training import settings_for
 
         settings = replace(settings_for(args.problem, args.role, args.kind), mixed_precision=args.mixed_precision)
-    command = shlex.join(["cdm", *(sys.argv[1:] if argv is None else argv)])
     manifest = train(args.role, args.problem, args.out, args.steps, args.seed, settings, args.tiny, args.cpu, command,
                      kind=args.kind, teacher=args.teacher)  # fmt: skip
     print(f"{args.role} for {args.problem}: final training loss {manifest['final_training_loss']:.5f}; {args.out}")

@@ -19,4 +19,7 @@ for problem in ${problems[*]}; do
       cdm train "$role" --problem "$problem" --out "$out/$problem/$role" --seed 0
     fi
   done
+  if [[ $problem == digits && ! -f "$out/digits/judge/manifest.json" ]]; then
+    cdm train judge --problem digits --out "$out/digits/judge" --seed 0  # the digit judge of `cdm bench digits`
+  fi
 done

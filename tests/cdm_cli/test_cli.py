@@ -152,10 +152,12 @@ def test_bench_digits_quick_writes_the_documented_schema(tmp_path, tiny_checkpoi
     (row,) = json.loads(out.read_text())["rows"]
     assert row["target"] == "bimodal" and row["chains"] == 5
     assert {"top5_loss_mean", "seconds_per_chain", "grid_png", "circle_png", "x_npy"} <= set(row)
-    assert np.load(row["x_npy"]).shape == (5, 16, 16)
+    kept = 5 - row["chains_over_limit"]  # the top 5 leave out x* over the prior_fit limit
+    assert np.load(row["x_npy"]).shape == (kept, 16, 16)
     assert (tmp_path / "digits_bimodal_top5.png").is_file() and (tmp_path / "digits_bimodal_circle.png").is_file()
-    assert len(row["top5_spread"]) == 5 and all(0 <= r <= 1 for r in row["top5_spread"])
-    assert row["top5_zeros"] == row["top5_nearest_digits"].count(0) and len(row["top5_zeta"]) == 5
+    assert len(row["top5_spread"]) == kept and all(0 <= r <= 1 for r in row["top5_spread"])
+    assert row["top5_zeros"] == row["top5_judged_digits"].count(0) and len(row["top5_zeta"]) == kept
+    assert row["top5_nearest_zeros"] == row["top5_nearest_digits"].count(0)
 
 
 def test_circular_spread_is_one_for_a_point_and_zero_for_an_even_circle():

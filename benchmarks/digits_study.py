@@ -1,0 +1,116 @@
+"""What makes 0s appear on the uniform digits target: a hand-run grid around the paper protocol (issue 25).
+
+`python -m benchmarks.digits_study --json benchmarks/results/digits_zeros_study.json [--cells a,b] [--seeds 15]`
+
+Each cell changes one setting of `paper_settings("uniform")`; every cell runs the same seeds at three step lengths
+(per-chain ζ schedules in one batch). Per cell and step length: the judge's 0s among the top 5 by held-out loss within
+the prior_fit limit (the unguided chains' 95% quantile) and among all chains within it, the f(x*) spread and prior_fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.digits import (
+    PAPER_FAST_STEPS,
+    circular_spread,
+    paper_settings,
+    prior_fit_limit,
+    top_within_limit,
+)
+from cdm_dist.chains.config import MLGDConfig, ZetaConfig
+from cdm_dist.chains.losses import MMDLoss
+from cdm_dist.chains.mlgd import Chains
+from cdm_dist.driver.methods import run_method
+from cdm_dist.problems.builtins import digits_problem
+from cdm_dist.problems.digits import from_model_space
+from cdm_dist.problems.judge import judge_digits, load_judge
+
+SCALES = (0.1, 0.3, 1.0)  # ζ step lengths in pixels (linear schedule, final ratio 0.1), per chain
+
+
+def cells() -> dict[str, dict[str, Any]]:
+    """Cell name -> the MLGDConfig fields it changes from the paper protocol's uniform settings."""
+    return {
+        "paper": {},
+        "no_window": {"guidance_min_t": 0},
+        "identity_grad": {"grad": "identity"},
+        "mmd": {"loss": MMDLoss()},
+        "steps_100": {"num_steps": 100, "guidance_min_t": 0, "guidance_stop": 0.8},
+        "sw2": {"loss": paper_settings("uniform")[0].loss.model_copy(update={"p": 2})},
+    }
+
+
+def run_cell(config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, unguided_fit: torch.Tensor) -> list[dict]:
+    """One cell: every seed at every step length; a row per step length."""
+    problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
+    schedules = [zeta.model_copy(update={"scale": s}) for s in SCALES for _ in range(seeds)]
+    start = time.perf_counter()
+    result = run_method(problem, "mlgd_f", Chains.make(list(range(seeds)) * len(SCALES), schedules), config)
+    seconds = time.perf_counter() - start
+    limit = prior_fit_limit(unguided_fit)
+    labels, _ = judge_digits(judge, from_model_space(result.x.float()))
+    with torch.no_grad():
+        eta = torch.randn((len(result.x), 500, 2), generator=torch.Generator().manual_seed(0))
+        spread = circular_spread(problem.fast_sampler.sample(result.x.float(), eta))  # (B,)
+    rows = []
+    for k, scale in enumerate(SCALES):
+        part = slice(k * seeds, (k + 1) * seeds)
+        loss, fit = result.final_loss[part].cpu(), result.metrics["prior_fit"][part].cpu()
+        top = top_within_limit(loss, fit, limit)
+        within = torch.nonzero(~((fit > limit) & fit.isfinite()))[:, 0].tolist()
+        judged = labels[part]
+        rows.append(
+            {
+                "scale": scale,
+                "top5_judged": [judged[i] for i in top.tolist()],
+                "top5_zeros": [judged[i] for i in top.tolist()].count(0),
+                "zeros_within_limit": sum(judged[i] == 0 for i in within),
+                "within_limit": len(within),
+                "top5_spread_mean": float(spread[part][top].mean()),
+                "top5_prior_fit_mean": float(fit[top].mean()),
+                "top5_loss_mean": float(loss[top].mean()),
+                "median_loss": float(loss.median()),
+                "prior_fit_limit": limit,
+                "seconds": seconds / len(SCALES),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="benchmarks/results/digits_zeros_study.json")
+    parser.add_argument("--cells", default=",".join(cells()))
+    parser.add_argument("--seeds", type=int, default=15)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    judge = load_judge()
+    base, zeta = paper_settings("uniform")
+    path = Path(args.json)
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    unguided: dict[int, torch.Tensor] = {}
+    for name in args.cells.split(","):
+        config = base.model_copy(update=cells()[name])
+        config = MLGDConfig.model_validate(config.model_dump())  # validated again after the update
+        if config.num_steps not in unguided:
+            problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
+            plain = run_method(problem, "mlgd_f", Chains.make(range(args.seeds), ZetaConfig(scale=0.0)), config)
+            unguided[config.num_steps] = plain.metrics["prior_fit"].cpu()
+        rows = run_cell(config, zeta, args.seeds, judge, unguided[config.num_steps])
+        done[name] = {"changes": {k: str(v) for k, v in cells()[name].items()}, "rows": rows}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(done, indent=1) + "\n")
+        for row in rows:
+            print(name, {k: v for k, v in row.items() if k not in ("prior_fit_limit",)}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
