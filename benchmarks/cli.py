@@ -158,7 +158,7 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
         if args.checkpoints is not None and not (Path(args.checkpoints) / "sampler").is_dir():
             raise InputError(f"--checkpoints: {args.checkpoints} has no sampler/ folder")
         return
-    if args.chains < 1:
+    if args.chains is not None and args.chains < 1:  # None: the bench's own default (digits: 16, or 15 seeds)
         raise InputError(f"--chains: must be >= 1, got {args.chains}")
     if args.bench == "editing":
         try:
