@@ -375,6 +375,9 @@ def evaluate_campaign(
         rows.append(row)
         tell(_progress_line(number, len(designs), row, classifier, time.perf_counter() - started))
 
+    sheet = designs_picture(sampler, designs, worker.device, dtype, settings.seed)
+    if sheet is not None:
+        atomic_write(store.root / "evaluation.png", lambda path: path.write_bytes(sheet))
     target_shares = None
     if classifier is not None and classifier.input == "y":
         target_shares = attribute_shares(classifier.probs(target), classifier.classes, settings.confidence)
@@ -401,6 +404,27 @@ def evaluate_campaign(
     write_reports(store, report)
     report["mlflow"] = log_to_mlflow(store, config, report)
     return report
+
+
+SHEET_IMAGES = 8  # generated images per design in evaluation.png
+
+
+@torch.no_grad()
+def designs_picture(sampler: Any, designs: list[Design], device: Any, dtype: torch.dtype, seed: int) -> bytes | None:
+    """evaluation.png: per design (source, top-k x*, baselines), x and its first SHEET_IMAGES generated images at the
+    evaluation's eta; None when the sampler gives no images."""
+    from cdm_dist.driver.pictures import designs_sheet, image_png
+
+    try:
+        images = images_hook(sampler, "")
+    except InputError:
+        return None
+    eta = evaluation_eta(seed, 0, SHEET_IMAGES, tuple(sampler.noise_shape), dtype).to(device)[None]
+    rows = []
+    for design in designs:
+        x = design.x.to(device, dtype)
+        rows.append((x[0] if x.dim() == 4 else x, torch.as_tensor(images(x.reshape(1, *x.shape[-3:]), eta)[1])[0]))
+    return image_png(designs_sheet(rows))
 
 
 def _progress_line(number: int, total: int, row: dict[str, Any], classifier: Classifier | None, seconds: float) -> str:
@@ -541,8 +565,9 @@ def log_to_mlflow(store: CampaignStore, config: CampaignConfig, report: dict[str
             entries = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)]
             for start in range(0, len(entries), MAX_METRICS):
                 client.log_batch(run, metrics=entries[start : start + MAX_METRICS])
-        for name in ("evaluation.json", "evaluation.md"):
-            client.log_artifact(parent, str(store.root / name), artifact_path="evaluation")
+        for name in ("evaluation.json", "evaluation.md", "evaluation.png"):
+            if (store.root / name).is_file():
+                client.log_artifact(parent, str(store.root / name), artifact_path="evaluation")
     except Exception as exc:
         raise InputError(
             f"tracking.uri: the evaluation is in {store.root / 'evaluation.json'} but logging it to MLflow "

@@ -49,3 +49,29 @@ def image_png(image: torch.Tensor, scale: int = 1) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _fit(image: torch.Tensor, height: int) -> torch.Tensor:
+    """An image (C, H, W) as 3 channels, resized (nearest) to `height` rows."""
+    image = image.detach().float().cpu().clamp(-1, 1)
+    image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+    return torch.nn.functional.interpolate(image[None], size=(height, height * image.shape[2] // image.shape[1]),
+                                           mode="nearest")[0]  # fmt: skip
+
+
+def designs_sheet(rows: list[tuple[torch.Tensor | None, torch.Tensor]], scale: int = 2) -> torch.Tensor:
+    """One row per design: its x (C, H, W) when it is an image (else a blank), a gap, then its generated images
+    (n, C', H', W'), all at the generated images' height x scale; (3, rows H, W) in [-1, 1]."""
+    height = rows[0][1].shape[-2] * scale
+    gap = torch.ones(3, height, max(2, height // 8))
+    lines = []
+    for x, images in rows:
+        first = (
+            _fit(x, height)
+            if x is not None and x.dim() == 3 and x.shape[0] in (1, 3)
+            else torch.ones(3, height, height)
+        )
+        lines.append(torch.cat([first, gap, *[_fit(image, height) for image in images]], dim=2))
+    width = max(line.shape[2] for line in lines)
+    padded = [torch.nn.functional.pad(line, (0, width - line.shape[2]), value=1.0) for line in lines]
+    return torch.cat([torch.cat([line, torch.ones(3, 2, width)], dim=1) for line in padded], dim=1)

@@ -32,6 +32,7 @@ from cdm_dist.chains.mlgd import (
     guided_step,
 )
 from cdm_dist.chains.profiling import named_modules, profile_modules
+from cdm_dist.chains.targets import HELDOUT_ROWS, subsample
 from cdm_dist.driver.campaign import CampaignConfig, MicroBatch
 from cdm_dist.driver.execution import Checkpoint, Chunk, Job, MicroBatchResult, Sink, chunk_end, step_of
 from cdm_dist.errors import InputError, first_line
@@ -219,7 +220,7 @@ class ChainWorker:
         """x's shape: the prior's, or (the sampler alone) the decoder's latent shape or the sampler's x_shape."""
         if self.has_prior:
             return tuple(self.problem.prior.event_shape)
-        prior = self.config.problem.prior
+        prior = self.problem.part_spec("prior")
         shape = getattr(prior, "event_shape", None) or self.problem.fast_sampler.x_shape
         if shape is None:
             from cdm_dist.models.adapters import infer_event_shape
@@ -327,12 +328,13 @@ class ChainWorker:
         decoder = self.problem.decoder
         images = decoder(x).cpu() if decoder is not None else x.cpu() if x.dim() == 4 and x.shape[1] in (1, 3) else None
         pictures = []
+        shown = subsample(self.problem.target.samples, HELDOUT_ROWS, 0)  # a huge target: a scatter of 10^4 points
         for row, chain in enumerate(batch.chain_ids):
             if bool(failed[row]):
                 pictures.append({})
                 continue
             title = f"chain {chain}: held-out loss {losses[row].item():.4g}"
-            made = {"samples": samples_vs_target_png(y[row], self.problem.target.samples, title)}
+            made = {"samples": samples_vs_target_png(y[row], shown, title)}
             if images is not None:
                 made["image"] = image_png(images[row], scale=max(1, 128 // images.shape[-1]))
             pictures.append(made)

@@ -153,6 +153,14 @@ class ProblemSource:
         self.built["problem"] += 1
         self.load_seconds["problem"] = time.perf_counter() - tic
 
+    def part_spec(self, part: str) -> Any:
+        """A part's spec: the config's, or the recipe's once a name or factory is resolved (None for a whole
+        problem, or where there is none)."""
+        if getattr(self.spec, part, None) is not None or self.spec.kind == "parts":
+            return getattr(self.spec, part, None)
+        self._resolve_recipe()
+        return None if self._recipe is None else getattr(self._recipe, part)
+
     def _part(self, part: str, build: Callable[[], Any]) -> Any:
         """The part, built (timed and counted) on first use."""
         if part not in self._parts:

@@ -36,7 +36,7 @@ PROMPT_WIDTH = 8  # the generator UNet's cross_attention_dim; its prompt is a fi
 class GeneratorSettings:
     """Optimisation knobs of the generator's training."""
 
-    steps: int = 2500
+    steps: int = 2000
     scribbles: int = 8  # scribbles per batch
     draws: int = 8  # images per scribble (the energy score's samples)
     lr: float = 1e-3
