@@ -13,6 +13,18 @@ import torch
 from cdm_dist.errors import InputError
 
 TargetSampler = Callable[[int, int], torch.Tensor]  # (n, seed) -> (n, d_y)
+HELDOUT_ROWS = 10_000  # a sample set's rows in held-out losses and pictures; a larger set is subsampled
+
+
+def subsample(samples: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """At most `rows` of the samples (m, d): all of them when m <= rows, else rows distinct ones drawn with the seed,
+    in their order in the set."""
+    m = samples.shape[0]
+    if m <= rows:
+        return samples
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(m, generator=generator)[:rows].sort().values
+    return samples[index.to(samples.device)]
 
 
 def check_samples(samples: torch.Tensor, source: str) -> torch.Tensor:
@@ -47,9 +59,10 @@ class Target:
         return self.samples.shape[1]
 
     def heldout(self, n: int, seed: int) -> torch.Tensor:
-        """n fresh samples from G when a sampler exists, else the whole sample set (m, d_y)."""
+        """n fresh samples from G when a sampler exists, else the sample set (m, d_y), at most HELDOUT_ROWS of it:
+        the held-out loss's within-target block grows as m², so a larger set is subsampled (seeded)."""
         if self.sampler is None:
-            return self.samples
+            return subsample(self.samples, HELDOUT_ROWS, seed)
         return check_samples(self.sampler(n, seed).to(self.samples), f"{self.source} sampler")
 
     @classmethod

@@ -266,6 +266,7 @@ class ChainTables:
 
     def __init__(self, client: Any, experiments: list[str], campaigns: Campaigns) -> None:
         self.tables: list[tuple[Campaign, dict[str, list[Any]], list[int]]] = []  # campaign, columns, ok rows sorted
+        self._by_seed: list[dict[int, list[int]]] | None = None  # per table: seed -> its ok rows
         for run in pages(client, experiments, TABLED):
             if run.data.tags.get(SUPERSEDED_TAG) == "true":
                 continue
@@ -285,9 +286,17 @@ class ChainTables:
 
     def with_seed(self, seed: int) -> Iterator[Candidate]:
         """The tabled chains of this seed."""
-        for campaign, columns, rows in self.tables:
-            seeds = columns["seed"]
-            yield from (table_candidate(campaign, columns, i) for i in rows if seeds[i] == seed)
+        if self._by_seed is None:  # one pass over each table, at the first look-up
+            self._by_seed = [_rows_by_seed(columns["seed"], rows) for _, columns, rows in self.tables]
+        for (campaign, columns, _), by_seed in zip(self.tables, self._by_seed, strict=True):
+            yield from (table_candidate(campaign, columns, i) for i in by_seed.get(seed, ()))
+
+
+def _rows_by_seed(seeds: list[int], rows: list[int]) -> dict[int, list[int]]:
+    grouped: dict[int, list[int]] = {}
+    for i in rows:
+        grouped.setdefault(seeds[i], []).append(i)
+    return grouped
 
 
 def _table_columns(client: Any, campaign: Campaign) -> dict[str, list[Any]] | None:

@@ -63,3 +63,18 @@ def test_heldout_draws_fresh_samples_when_a_sampler_exists():
     assert target.heldout(30, seed=1).shape == (30, 1)
     assert not torch.equal(target.heldout(10, seed=1), target.samples)
     assert torch.equal(Target(target.samples).heldout(30, seed=1), target.samples)
+
+
+def test_a_sample_set_beyond_heldout_rows_is_subsampled_by_the_seed():
+    """The held-out loss's within-target block grows as m², so a file's set is cut to HELDOUT_ROWS distinct rows."""
+    from cdm_dist.chains.targets import HELDOUT_ROWS
+
+    samples = torch.arange(2.0 * (HELDOUT_ROWS + 37)).reshape(-1, 2)  # rows tell apart by their values
+    target = Target(samples)
+    held = target.heldout(8, seed=3)
+    assert held.shape == (HELDOUT_ROWS, 2)
+    index = (held[:, 0] / 2).long()
+    assert torch.equal(samples[index], held) and len(set(index.tolist())) == HELDOUT_ROWS  # distinct rows of the set
+    assert index.tolist() == sorted(index.tolist())  # in their order in the set
+    assert torch.equal(target.heldout(8, seed=3), held) and not torch.equal(target.heldout(8, seed=4), held)
+    assert torch.equal(Target(samples[:HELDOUT_ROWS]).heldout(8, seed=3), samples[:HELDOUT_ROWS])  # all, as before
