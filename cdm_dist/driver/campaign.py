@@ -540,15 +540,18 @@ def zeta_label(zeta: ZetaConfig) -> str:
 
 def check_config(config: CampaignConfig) -> None:
     """What the driver checks before anything starts: the chains fit in its memory, the output folder can be
-    written, the MLflow store answers and is one, and the problem spec resolves as far as it can without building
-    a model (user code shipped through a runtime_env is checked by the actors when they start)."""
+    written, the MLflow store answers and is one, its artifact folder can be written, and the problem spec resolves
+    as far as it can without building a model (user code shipped through a runtime_env is checked by the actors
+    when they start)."""
     from cdm_dist.driver import preconditions
     from cdm_dist.problems.registry import validate_spec
 
     preconditions.chains_fit(config.chains.count, config.method.num_steps)
     preconditions.writable_folder(config.output, "output")
     if config.tracking.enabled:
-        preconditions.tracking_store(config.tracking.uri)
+        tracking = config.tracking
+        preconditions.tracking_store(tracking.uri)
+        preconditions.artifact_folder(tracking.uri, tracking.experiment, tracking.artifact_location)
     runtime_env = config.resources.runtime_env
     ships = config.resources.executor == "ray" and runtime_env is not None and runtime_env.ships_code
     validate_spec(config.problem, importable=not ships)

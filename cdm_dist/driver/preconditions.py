@@ -123,6 +123,60 @@ def _sqlite_tables(path: Path, field: str) -> set[str]:
     return tables
 
 
+def artifact_folder(uri: str, experiment: str, location: str) -> None:
+    """Where the campaign's MLflow artifacts go can be written: the experiment's own artifact location when the
+    store has it (a local folder), else `location` (tracking.artifact_location, where cdm creates the experiment). A
+    server keeps its artifacts itself; a bucket is not checked."""
+    if uri.startswith(("http://", "https://")):
+        return
+    existing = _experiment_location(uri, experiment)
+    if existing is None:
+        writable_folder(location, "tracking.artifact_location")
+        return
+    folder = _local_path(existing)
+    if folder is not None:
+        writable_folder(folder, f"tracking.experiment: the artifact location of {experiment!r}")
+
+
+def _local_path(location: str) -> str | None:
+    """The folder of a file:// URI or a plain path; None for any other scheme (a bucket, a server)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return url2pathname(parsed.path)
+    return location if parsed.scheme == "" else None
+
+
+def _experiment_location(uri: str, experiment: str) -> str | None:
+    """The artifact location of the named experiment in the store, read without writing; None when the store or the
+    experiment does not exist yet (or the store is a folder of files)."""
+    query = "select artifact_location from experiments where name = :name"
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"
+    if scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")).expanduser()
+        path = path if uri.startswith("sqlite:////") else path.resolve()
+        if not path.is_file() or path.stat().st_size == 0:
+            return None
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TIMEOUT_S)) as db:
+            row = db.execute(query, {"name": experiment}).fetchone()
+        return row[0] if row else None
+    if scheme in DB_SCHEMES:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args(uri))
+        try:
+            with engine.connect() as connection:
+                if "experiments" not in sqlalchemy.inspect(connection).get_table_names():
+                    return None
+                row = connection.execute(sqlalchemy.text(query), {"name": experiment}).fetchone()
+        finally:
+            engine.dispose()
+        return row[0] if row else None
+    return None
+
+
 def _server_store(uri: str, field: str) -> None:
     url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     try:

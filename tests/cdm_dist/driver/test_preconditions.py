@@ -302,3 +302,23 @@ def test_names_that_would_leave_output_are_refused_before_anything_is_written(
     line = _one_line(capsys, 2, command, config, *extra, "--set", setting.format(root=workspace.root))
     assert line.startswith(f"cdm: error: {config}: {field}: ")
     assert workspace.created() == []
+
+
+def test_an_artifact_location_that_cannot_be_written_stops_before_anything_starts(workspace, capsys):
+    """A new experiment's tracking.artifact_location, or an existing experiment's own location, is checked."""
+    line = _one_line(capsys, 2, "run", workspace.write(tracking__artifact_location="/proc/cdm-artifacts"))
+    assert line.startswith("cdm: error: tracking.artifact_location: cannot write in /proc")
+    assert workspace.created() == []
+
+    from mlflow.tracking import MlflowClient
+
+    (workspace.input / "a_file").write_text("")
+    uri = f"sqlite:///{workspace.root}/m.db"
+    MlflowClient(uri).create_experiment("kept", artifact_location=(workspace.input / "a_file").as_uri())
+    capsys.readouterr()  # MLflow's lines on making the store
+    line = _one_line(capsys, 2, "run", workspace.write(tracking__experiment="kept"))
+    assert line == (
+        f"cdm: error: tracking.experiment: the artifact location of 'kept': {workspace.input / 'a_file'} is a file, "
+        "not a folder"
+    )
+    assert workspace.created() == ["m.db"] and MlflowClient(uri).search_runs(["1"]) == []
