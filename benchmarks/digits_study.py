@@ -44,15 +44,18 @@ def cells() -> dict[str, dict[str, Any]]:
         "mmd": {"loss": MMDLoss()},
         "steps_100": {"num_steps": 100, "guidance_min_t": 0, "guidance_stop": 0.8},
         "sw2": {"loss": paper_settings("uniform")[0].loss.model_copy(update={"p": 2})},
+        "window_100": {"guidance_min_t": 100},
+        "unguided": {"guidance": False},  # the prior alone on the same seeds: the 0s it makes by itself
     }
 
 
 def run_cell(config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, unguided_fit: torch.Tensor) -> list[dict]:
     """One cell: every seed at every step length; a row per step length."""
     problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
-    schedules = [zeta.model_copy(update={"scale": s}) for s in SCALES for _ in range(seeds)]
+    scales = SCALES if config.guidance else (0.0,)
+    schedules = [zeta.model_copy(update={"scale": s}) for s in scales for _ in range(seeds)]
     start = time.perf_counter()
-    result = run_method(problem, "mlgd_f", Chains.make(list(range(seeds)) * len(SCALES), schedules), config)
+    result = run_method(problem, "mlgd_f", Chains.make(list(range(seeds)) * len(scales), schedules), config)
     seconds = time.perf_counter() - start
     limit = prior_fit_limit(unguided_fit)
     labels, _ = judge_digits(judge, from_model_space(result.x.float()))
@@ -60,7 +63,7 @@ def run_cell(config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, ungui
         eta = torch.randn((len(result.x), 500, 2), generator=torch.Generator().manual_seed(0))
         spread = circular_spread(problem.fast_sampler.sample(result.x.float(), eta))  # (B,)
     rows = []
-    for k, scale in enumerate(SCALES):
+    for k, scale in enumerate(scales):
         part = slice(k * seeds, (k + 1) * seeds)
         loss, fit = result.final_loss[part].cpu(), result.metrics["prior_fit"][part].cpu()
         top = top_within_limit(loss, fit, limit)
@@ -78,7 +81,7 @@ def run_cell(config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, ungui
                 "top5_loss_mean": float(loss[top].mean()),
                 "median_loss": float(loss.median()),
                 "prior_fit_limit": limit,
-                "seconds": seconds / len(SCALES),
+                "seconds": seconds / len(scales),
             }
         )
     return rows

@@ -55,3 +55,17 @@ def test_the_paper_example_is_the_bench_protocol_on_the_uniform_target():
 def test_an_unknown_protocol_is_refused_by_name(tmp_path):
     with pytest.raises(InputError, match=r"^--protocol: unknown 'mnist'; expected one of \['default', 'paper'\]"):
         bench_digits(str(tmp_path / "d.json"), protocol="mnist")
+
+
+def test_the_paper_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_path, tiny_checkpoints):
+    out = tmp_path / "paper.json"
+    folder = str(tiny_checkpoints("digits"))
+    payload = bench_digits(str(out), ("uniform",), 3, quick=True, checkpoints=folder, protocol="paper")
+    (row,) = payload["rows"]
+    used = payload["settings"]["uniform"]
+    assert used["mlgd"]["guidance_min_t"] == 250 and used["mlgd"]["loss"]["p"] == 1 and used["fast_steps"] == 6
+    assert row["chains"] == 3 and row["num_steps"] == 10 and len(row["top5_seeds"]) == 3 - row["chains_over_limit"]
+    assert row["top5_zeros"] == row["top5_judged_digits"].count(0)
+    judged = zip(row["top5_judged_digits"], row["top5_judge_confidence"], strict=True)
+    assert all(c >= 0.7 for d, c in judged if d >= 0)  # a digit only at confidence >= 0.7
+    assert (tmp_path / "digits_paper_uniform_top5.png").is_file() and out.with_suffix(".md").is_file()
