@@ -38,7 +38,7 @@ PAPER_SEEDS = 15  # chains per target in the MLGD-F code's MNIST runs; the top 5
 PAPER_STEPS = {"uniform": 290, "bimodal": 125, "unimodal": 130}  # its DDIM steps per target
 PAPER_MIN_T = {"uniform": 250}  # guidance off for t < 250 on the uniform target: the last steps only clean up
 PAPER_FAST_STEPS = 6  # its consistency sampler takes 6 steps (ts 150 -> 1); here 6 Euler steps of the shipped flow
-PAPER_ZETA = ZetaConfig(kind="linear", scale=0.3, final=0.1, normalize=True)  # per-pixel step length, decaying
+PAPER_ZETA = ZetaConfig(kind="linear", scale=0.1, final=0.1, normalize=True)  # step length in pixels (study)
 PAPER_ZETA_FACTOR = {"unimodal": 2.0}  # its step_size_mode: 'double' on the unimodal target, 'original' elsewhere
 PAPER_N_C = 128  # conditional samples per guess (the MLGD-F code: 1500, 600 uniform; scaled to the 2-core CPU)
 

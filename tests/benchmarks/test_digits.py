@@ -33,8 +33,8 @@ def test_the_prior_fit_limit_is_the_unguided_95_percent_quantile():
     assert prior_fit_limit(fits) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize(("kind", "steps", "min_t", "scale"), [("uniform", 290, 250, 0.3), ("bimodal", 125, 0, 0.3),
-                                                                ("unimodal", 130, 0, 0.6)])  # fmt: skip
+@pytest.mark.parametrize(("kind", "steps", "min_t", "scale"), [("uniform", 290, 250, 0.1), ("bimodal", 125, 0, 0.1),
+                                                                ("unimodal", 130, 0, 0.2)])  # fmt: skip
 def test_the_paper_protocol_per_target(kind, steps, min_t, scale):
     config, zeta = paper_settings(kind)
     assert (config.num_steps, config.guidance_min_t, zeta.scale) == (steps, min_t, scale)
