@@ -42,6 +42,7 @@ LIGHT, DARK = (0.95, 0.93, 0.85), (0.12, 0.12, 0.18)
 TARGETS = ("balanced", "skewed", "colour_interpolation", "background_interpolation")
 TARGET_RED_SHARE = {"balanced": 0.5, "skewed": 0.25}  # the poster's 50% and 25% (of men; here of red)
 EMBED_DIM = 16
+LOGIT_SCALE = 30.0  # the zero-shot classifier's multiplier of the cosine (CLIP learns 100)
 REFERENCE_POOL = 8000  # reference scribbles drawn per target, of which those with the wanted mix are used
 LIGHT_ONLY = 0.2  # reference scribbles of the colour targets keep P(dark) below this (the source's background)
 BLUE_ONLY = 0.05  # reference scribbles of the background target keep P(red) below this (the source's colour)
@@ -255,9 +256,10 @@ def reference_scribbles(name: str, n: int, gen: torch.Generator) -> torch.Tensor
 
 
 @torch.no_grad()
-def target_embeddings(sampler: Any, name: str, n: int, seed: int) -> torch.Tensor:
+def target_embeddings(sampler: Any, name: str, n: int, seed: int, colour: torch.Tensor | None = None) -> torch.Tensor:
     """n target samples (n, 16): the generator's embedded outputs on a target's reference scribbles. For balanced and
-    skewed, the outputs are then stratified by their pixel colour so that exactly the wanted share is red."""
+    skewed, the outputs are then stratified by colour so that exactly the wanted share is red: by the zero-shot
+    classifier of the `colour` class embeddings (2, 16) (the evaluation's) when given, else by the pixels."""
     check_target(name)
     gen = torch.Generator().manual_seed(seed)
     draws = 3 * n if name in TARGET_RED_SHARE else n
@@ -267,7 +269,12 @@ def target_embeddings(sampler: Any, name: str, n: int, seed: int) -> torch.Tenso
     y, images = y[:, 0], images[:, 0]
     if name not in TARGET_RED_SHARE:
         return y
-    red = image_attributes(images)["red"]
+    if colour is None:
+        red = image_attributes(images)["red"]
+    else:
+        from cdm_dist.driver.evaluation import zero_shot_probs
+
+        red = zero_shot_probs(y.float(), colour, LOGIT_SCALE)[:, 0] > 0.5
     reds = round(TARGET_RED_SHARE[name] * n)
     rows = torch.cat([torch.nonzero(red).flatten()[:reds], torch.nonzero(~red).flatten()[: n - reds]])
     if len(rows) < n:
@@ -301,10 +308,13 @@ def load_generator(folder: str | Path, device: str = "cpu") -> Any:
 def scribbles_target(folder: str, target: str = "balanced", target_size: int = 1000, target_seed: int = 0) -> Any:
     """A target of the scribbles problem: the generator's embedded outputs on the target's reference scribbles;
     held-out draws come from the same construction with other seeds."""
+    from safetensors.torch import load_file
+
     from cdm_dist.chains.targets import Target
 
     sampler = load_generator(folder)
-    draw = lambda n, seed: target_embeddings(sampler, check_target(target), n, seed)  # noqa: E731
+    colour = load_file(str(Path(folder) / "sampler" / "classes_colour.safetensors"))["embeddings"]
+    draw = lambda n, seed: target_embeddings(sampler, check_target(target), n, seed, colour)  # noqa: E731
     return Target.from_sampler(draw, target_size, target_seed, source=f"scribbles {target} target")
 
 

@@ -100,10 +100,13 @@ def generate(unet: nn.Module, controlnet: nn.Module, scribbles: torch.Tensor, et
                 mid_block_additional_residual=mid).sample  # fmt: skip
 
 
+DISTANCE_EPS = 1e-8  # under the square root, so a distance is differentiable at zero
+
+
 def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Euclidean distances, differentiable at zero: a (S, K, D), b (S, L, D) -> (S, K, L)."""
     d2 = (a[:, :, None] - b[:, None]).square().sum(-1)
-    return (d2 + 1e-8).sqrt()
+    return (d2 + DISTANCE_EPS).sqrt()
 
 
 def energy_score(generated: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,8 @@ def energy_score(generated: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     data (S, L, D) -> scalar."""
     k = generated.shape[1]
     cross = _distances(generated, data).mean((1, 2))
-    within = _distances(generated, generated).sum((1, 2)) / (k * (k - 1))
+    diagonal = k * DISTANCE_EPS**0.5  # the k zero distances of each sample to itself, as _distances gives them
+    within = (_distances(generated, generated).sum((1, 2)) - diagonal) / (k * (k - 1))
     return (cross - 0.5 * within).mean()
 
 
@@ -252,11 +256,8 @@ def embedder_quality(model: ScribbleEmbedder, classes: dict[str, torch.Tensor], 
     images, red, dark = embedder_batch(n, gen, EmbedderSettings().noise)
     y = model(images)
     truth = {"colour": red, "background": dark}
-    return {f"{name}_zero_shot_accuracy": float(((zero_shot_probs(y, classes[name], LOGIT_SCALE)[:, 0] > 0.5) ==
+    return {f"{name}_zero_shot_accuracy": float(((zero_shot_probs(y, classes[name], S.LOGIT_SCALE)[:, 0] > 0.5) ==
             truth[name]).double().mean()) for name in classes}  # fmt: skip
-
-
-LOGIT_SCALE = 30.0  # the zero-shot classifier's multiplier of the cosine (CLIP learns 100)
 
 
 def train_sampler(out: Path, steps: int | None, seed: int, tiny: bool, command: str, progress: bool = True) -> dict:
@@ -283,7 +284,7 @@ def train_sampler(out: Path, steps: int | None, seed: int, tiny: bool, command: 
     write_json(out / "embed" / "config.json", {"class": "ScribbleEmbedder", "dim": S.EMBED_DIM})
     classes = class_embeddings(model, seed)
     for name, embeddings in classes.items():
-        tensors = {"embeddings": embeddings, "logit_scale": torch.tensor(LOGIT_SCALE)}
+        tensors = {"embeddings": embeddings, "logit_scale": torch.tensor(S.LOGIT_SCALE)}
         save(tensors, str(out / f"classes_{name}.safetensors"))
     small = {"scribbles": 8, "draws": 8} if tiny else {}
     manifest = {
@@ -300,7 +301,7 @@ def train_sampler(out: Path, steps: int | None, seed: int, tiny: bool, command: 
         "generator": record,
         "embedder": embed_record,
         "classes": {name: list(S.ATTRIBUTES[name]) for name in classes},
-        "logit_scale": LOGIT_SCALE,
+        "logit_scale": S.LOGIT_SCALE,
         "quality": generator_quality(unet, controlnet, seed, **small) | embedder_quality(model, classes, seed),
         "weights_sha256": {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*.safetensors"))},
         "command": command,
