@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a problem's learned prior or fast sampler (accelerate, EMA)")
     train.add_argument("role", choices=["prior", "sampler", "judge"], help="judge: the digits judge (a rotation-"
                        "robust CNN, cdm_dist/problems/judge.py)")  # fmt: skip
-    train.add_argument("--problem", required=True, help="a built-in problem (gmm2d, gmm5d, gmm10d, digits)")
+    train.add_argument("--problem", required=True, help="a built-in problem (gmm2d, gmm5d, gmm10d, digits, scribbles)")
     train.add_argument("--out", required=True, help="new checkpoint folder (config, safetensors, manifest.json)")
     train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the problem's)")
     train.add_argument("--seed", type=int, default=0)

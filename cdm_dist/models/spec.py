@@ -369,7 +369,7 @@ PARTS = ("prior", "sampler", "full_sampler", "target", "metrics", "decoder")
 class ProblemConfig(StrictModel):
     """Which CDM problem: a registered name, a factory, or parts (prior, sampler, target; see the module docstring)."""
 
-    name: str | None = None  # a registered problem: gmm2d (default), gmm5d, gmm10d, digits, or a package's own
+    name: str | None = None  # a registered problem: gmm2d (default), gmm5d, gmm10d, digits, scribbles, or a plugin's
     factory: str | None = None  # "package.module:function" returning a CDMProblem
     args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the named problem or the factory
     prior: PriorSpec | None = None  # the diffusion prior P(X) (parts spec)
