@@ -13,12 +13,16 @@ without using a retry; a micro-batch that fails on a live actor uses one of reso
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -59,17 +63,65 @@ def connect(address: str | None = None, runtime_env: RuntimeEnvConfig | None = N
                 "remote URI (e.g. gcs://, s3://, https://...zip) or let cdm connect"
             )
         return runtime_env is not None
+    servers_off = contextlib.nullcontext()
     if address is None:  # "local": a new cluster, never a stale one recorded by an earlier `ray start`
         address = "local"
         init_kwargs.setdefault("include_dashboard", False)
         init_kwargs.setdefault("dashboard_host", "127.0.0.1")  # if asked for: this machine only
+        init_kwargs.setdefault("_temp_dir", str(private_temp_dir()))
+        if not init_kwargs["include_dashboard"]:  # its metrics pages are the only reader of Ray's metrics
+            system = init_kwargs.setdefault("_system_config", {})
+            system.setdefault("enable_metrics_collection", False)  # no Prometheus export on the node's agent
+            servers_off = environment(METRICS_SERVERS_OFF)
     if runtime_env is not None:
         init_kwargs["runtime_env"] = runtime_env.ray_dict()
     try:
-        ray.init(address=address, log_to_driver=True, **init_kwargs)
+        with servers_off:
+            ray.init(address=address, log_to_driver=True, **init_kwargs)
     except ray.exceptions.RuntimeEnvSetupError as exc:
         raise InputError(f"resources.runtime_env: Ray could not set it up ({last_line(exc)})") from None
     return False
+
+
+# The head's autoscaler monitor and dashboard process serve Prometheus metrics without a token, on fixed ports
+# (Ray's AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT); Ray has no switch for them, but they skip their server when
+# it fails to start, as on a port number that cannot be bound. Set only while ray.init starts the processes.
+METRICS_SERVERS_OFF = {"AUTOSCALER_METRIC_PORT": "-1", "DASHBOARD_METRIC_PORT": "-1"}
+SOCKET_PATH_MAX = 107  # bytes in a Unix socket's path (Linux sun_path, less its final NUL)
+RAY_SOCKET_TAIL = len("/r/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")  # what Ray adds
+
+
+def private_temp_dir(base: str | None = None) -> Path:
+    """The folder a local Ray keeps its session in (logs, sockets, runtime_resources): BASE/cdm-ray-UID/r, whose
+    parent is this user's alone (0700; Ray makes its own folders 0777), BASE the system's temp folder or /tmp where
+    that is too long for Ray's socket paths. A parent that is not this user's own folder is refused."""
+    base = base or tempfile.gettempdir()
+    if len(os.fsencode(base)) + len("/cdm-ray-4294967295") + RAY_SOCKET_TAIL > SOCKET_PATH_MAX:
+        base = "/tmp"
+    private = Path(base) / f"cdm-ray-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        private.mkdir(mode=0o700)
+    info = private.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise InputError(f"{private}: not a folder of this user's; cdm keeps a local Ray's files there (remove it)")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        private.chmod(0o700)
+    return private / "r"
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """These environment variables set while inside, as they were after."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass

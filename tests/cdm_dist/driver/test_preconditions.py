@@ -4,6 +4,7 @@ import json
 import socket
 import sqlite3
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,24 +180,75 @@ cluster.shutdown()
     assert time.perf_counter() - tic < 120  # not the placement group's timeout
 
 
-def test_a_local_ray_started_by_cdm_keeps_token_authentication_and_no_dashboard(tmp_path):
+def test_a_local_ray_started_by_cdm_keeps_token_authentication_no_dashboard_no_metrics_and_a_private_folder():
+    """No HTTP server of the cluster's processes answers /metrics (Ray's three Prometheus exporters are off), and
+    the session folder (logs, sockets, runtime_resources, all 0777 by Ray) lies in a folder only this user can
+    enter."""
     import subprocess
     import sys
 
     script = """
-import json, psutil, ray
+import json, os, psutil, ray, stat, urllib.request
+from pathlib import Path
 from actors.coordinator import connect
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 connect(None, num_cpus=1)
-session = ray._private.worker._global_node.get_session_dir_path()
+session = Path(ray._private.worker._global_node.get_session_dir_path())
 ports = sorted({c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == "LISTEN"})
-print("RESULT", json.dumps({"token": is_token_auth_enabled(), "dashboard": 8265 in ports}))
+ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+metrics = []
+for port in {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.pid in ours}:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            metrics.append((port, answer.status))
+    except Exception:
+        pass  # not HTTP, or it wants the token
+own = lambda p: p.stat().st_uid == os.getuid() and stat.S_IMODE(p.stat().st_mode) == 0o700
+private = [str(p) for p in session.parents if own(p)]
+print("RESULT", json.dumps({"token": is_token_auth_enabled(), "dashboard": 8265 in ports, "metrics": metrics,
+                            "private": private, "session": str(session), "env": "DASHBOARD_METRIC_PORT" in os.environ}))
 ray.shutdown()
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_AUTH_MODE"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    import os
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="cdm", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"TMPDIR": base}
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     result = json.loads(out.stdout.split("RESULT", 1)[1])
-    assert result == {"token": True, "dashboard": False}
+    assert {k: result[k] for k in ("token", "dashboard", "metrics", "env")} == {
+        "token": True, "dashboard": False, "metrics": [], "env": False
+    }  # fmt: skip
+    private = f"{base}/cdm-ray-{os.getuid()}"
+    assert private in result["private"] and result["session"].startswith(f"{private}/r/session_")
+
+
+def test_ray_files_go_in_a_private_folder_whose_socket_paths_fit(tmp_path):
+    import os
+    import shutil
+    import tempfile
+
+    from actors.coordinator import SOCKET_PATH_MAX, private_temp_dir
+    from cdm_dist.errors import InputError
+
+    short = Path(tempfile.mkdtemp(prefix="cdm", dir="/tmp"))  # Ray's socket paths fit under it
+    try:
+        (short / "mine").mkdir()
+        folder = private_temp_dir(str(short / "mine"))
+        mode = oct(folder.parent.stat().st_mode & 0o777)
+        (short / "taken").mkdir()
+        (short / "taken" / f"cdm-ray-{os.getuid()}").symlink_to(tmp_path)
+        with pytest.raises(InputError, match="not a folder of this user's"):
+            private_temp_dir(str(short / "taken"))
+    finally:
+        shutil.rmtree(short)
+    assert folder == short / "mine" / f"cdm-ray-{os.getuid()}" / "r" and mode == "0o700"
+    long = tmp_path / ("x" * SOCKET_PATH_MAX)
+    assert private_temp_dir(str(long)).parent.parent == Path("/tmp")  # they would not fit under it
 
 
 JOURNAL_WRITER = """
