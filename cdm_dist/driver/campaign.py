@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -536,6 +537,12 @@ def zeta_label(zeta: ZetaConfig) -> str:
     """A short label of a zeta schedule: its non-default fields."""
     changed = zeta.model_dump(exclude_defaults=True)
     return ",".join(f"{k}={v}" for k, v in changed.items()) or "constant"
+
+
+def zeta_labels(zetas: Sequence[ZetaConfig]) -> list[str]:
+    """Each chain's zeta_label; a schedule shared by many chains (cycled over 10^6 of them) is labelled once."""
+    labels: dict[int, str] = {}
+    return [labels.get(id(z)) or labels.setdefault(id(z), zeta_label(z)) for z in zetas]
 
 
 def check_config(config: CampaignConfig) -> None:

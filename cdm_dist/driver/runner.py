@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from cdm_dist.driver.callbacks import CampaignCallback, CampaignInfo, ChainInfo, ProgressBar
 from cdm_dist.driver.callbacks import Progress as ProgressState
-from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, campaign_chains, micro_batches, zeta_label
+from cdm_dist.driver.campaign import CampaignConfig, MicroBatch, campaign_chains, micro_batches, zeta_labels
 from cdm_dist.driver.execution import Checkpoint, Chunk, Executor, Job, MicroBatchResult, SystemMetricsSource, step_of
 from cdm_dist.driver.report import SMALL_X, CampaignReport, ChainRow, top_k
 from cdm_dist.driver.store import CampaignStore
@@ -129,13 +129,14 @@ class CampaignDriver:
         rows = []
         for batch in self.batches:
             result = self.results[batch.index]
+            labels = zeta_labels(batch.chains.zetas)
             for row, chain in enumerate(batch.chain_ids):
                 failed = bool(result.failed[row])
                 rows.append(
                     ChainRow(
                         chain=chain,
                         seed=batch.chains.seeds[row],
-                        zeta=zeta_label(batch.chains.zetas[row]),
+                        zeta=labels[row],
                         final_loss=math.inf if failed else result.final_loss[row].item(),
                         failed=failed,
                         metrics={k: v[row].item() for k, v in result.metrics.items()},
@@ -150,10 +151,8 @@ class CampaignDriver:
 def campaign_info(config: CampaignConfig, store: CampaignStore) -> CampaignInfo:
     """The campaign table the callbacks get at the start."""
     chains = campaign_chains(config)
-    table = tuple(
-        ChainInfo(k, seed, zeta_label(zeta))
-        for k, (seed, zeta) in enumerate(zip(chains.seeds, chains.zetas, strict=True))
-    )
+    labels = zeta_labels(chains.zetas)
+    table = tuple(map(ChainInfo, range(len(labels)), chains.seeds, labels))
     return CampaignInfo(config, store.root, table)
 
 
