@@ -261,6 +261,8 @@ class MLflowTracker(CampaignCallback):
                 self.client.log_artifact(run_id, str(path))
             self._log_candidate(run_id, files[row])
             self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+            if self._done is not None:
+                self._done.add(run_id)  # written whole: not again at the end (a top-k chain's run on resume)
 
     def _log_candidate(self, run_id: str, paths: Sequence[Path]) -> None:
         """The chain's candidate picture as an MLflow image with key CANDIDATE_KEY and step CANDIDATE_STEP (the

@@ -112,3 +112,53 @@ def test_topk_equals_the_campaign_folders_and_exports_a_tabled_chain_from_its_fo
         folder = next(f for loss, chain, f in losses if (loss, chain) == (row["final_loss"], row["chain"]))
         np.testing.assert_array_equal(np.load(row["x_path"]), np.load(CampaignStore(folder).chain_x_path(row["chain"])))
         assert load_config(row["config_path"], []).chains.base_seed == row["seed"]
+
+
+KILLER = """
+import os, signal, sys
+import mlflow.tracking
+from cdm_cli.main import main
+
+name, count, calls = sys.argv[1], int(sys.argv[2]), [0]
+real = getattr(mlflow.tracking.MlflowClient, name)
+
+def wrapped(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == count:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+setattr(mlflow.tracking.MlflowClient, name, wrapped)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("point", [("create_run", 2), ("log_artifact", 2)])  # after the first top-k run is made;
+def test_a_driver_killed_while_writing_the_top_k_runs_resumes_to_one_run_each(tmp_path, point):  # half-written
+    import subprocess
+    import sys
+
+    items = SMALL | {"name": "k", "chains.count": 6, "tracking.child_runs_max": 0, "output": str(tmp_path / "out")}
+    items |= {"tracking.uri": f"sqlite:///{tmp_path}/m.db", "tracking.artifact_location": str(tmp_path / "art")}
+    args = ["run", "--quiet", *[a for k, v in items.items() for a in ("--set", f"{k}={v}")]]
+    killed = subprocess.run([sys.executable, "-c", KILLER, *map(str, point), *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (folder,) = (tmp_path / "out").iterdir()
+    assert main(["run", "--resume", str(folder), "--quiet", "--json", str(tmp_path / "r.json")]) == 0
+
+    client = client_for(items["tracking.uri"])
+    (parent,) = client.search_runs(["1"], "tags.`cdm.kind` = 'campaign'")
+    children = client.search_runs(["1"], "tags.`cdm.kind` = 'chain'")
+    results = [CampaignStore(folder).load_result(i)[0] for i in range(3)]
+    losses = torch.cat([r.final_loss for r in results]).tolist()
+    best = sorted(range(6), key=losses.__getitem__)[:2]
+    assert sorted(int(r.data.tags["cdm.chain"]) for r in children) == sorted(best)  # each once
+    for run in children:
+        chain = int(run.data.tags["cdm.chain"])
+        assert run.info.status == "FINISHED" and run.data.metrics["final_loss"] == losses[chain]
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == [f"chain{chain:05d}.npy"]  # written once
+    table = pq.read_table(local_folder(parent.info.artifact_uri) / CHAINS_TABLE).to_pydict()
+    assert table["final_loss"] == losses and parent.info.status == "FINISHED"
+    rows = _topk({"uri": items["tracking.uri"]}, tmp_path, "-k", "6")
+    assert [r["final_loss"] for r in rows] == sorted(losses)
