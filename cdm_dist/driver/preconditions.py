@@ -159,8 +159,11 @@ def _experiment_location(uri: str, experiment: str) -> str | None:
         path = path if uri.startswith("sqlite:////") else path.resolve()
         if not path.is_file() or path.stat().st_size == 0:
             return None
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TIMEOUT_S)) as db:
-            row = db.execute(query, {"name": experiment}).fetchone()
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TIMEOUT_S)) as db:
+                row = db.execute(query, {"name": experiment}).fetchone()
+        except sqlite3.OperationalError:  # no tables yet: MLflow makes them
+            return None
         return row[0] if row else None
     if scheme in DB_SCHEMES:
         import sqlalchemy
