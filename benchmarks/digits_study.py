@@ -109,6 +109,38 @@ def class_losses(samples: int = 512, seed: int = 0) -> dict[str, dict[str, float
     }  # fmt: skip
 
 
+@torch.no_grad()
+def ring_probe(samples: int = 512, seed: int = 0) -> list[dict[str, Any]]:
+    """Synthetic round rings (radius, width in px): the most rotation-invariant 0s. Their true P(θ | x) is uniform;
+    what the shipped sampler, the judge and the prior make of them."""
+    from cdm_dist.chains.priors import prior_fit
+    from cdm_dist.problems.digits import SIZE, target_samples, to_model_space
+
+    problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
+    centre = torch.arange(SIZE, dtype=torch.float64) - (SIZE - 1) / 2
+    r = (centre[:, None] ** 2 + centre[None, :] ** 2).sqrt()  # (16, 16)
+    shapes = [(3.0, 0.9), (3.5, 1.0), (4.0, 1.2), (4.5, 1.3)]
+    images = torch.stack([torch.exp(-(((r - a) / w) ** 2)) for a, w in shapes])[:, None].float()  # (4, 1, 16, 16)
+    x = to_model_space(images)
+    gen = torch.Generator().manual_seed(seed)
+    y = problem.fast_sampler.sample(x, torch.randn(len(x), samples, 2, generator=gen)).double()
+    loss = paper_settings("uniform")[0].loss.build()(y, target_samples("uniform", samples, seed + 1))
+    judged, confidence = judge_digits(load_judge(), images)
+    fit = prior_fit(problem.prior, x.double(), paper_settings("uniform")[0].eval_seed)
+    return [
+        {
+            "radius": a,
+            "width": w,
+            "judged": d,
+            "confidence": c,
+            "spread": float(sp),
+            "sw1": float(lo),
+            "prior_fit": float(f),
+        }
+        for (a, w), d, c, sp, lo, f in zip(shapes, judged, confidence, circular_spread(y), loss, fit, strict=True)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="benchmarks/results/digits_zeros_study.json")
@@ -121,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json)
     done = json.loads(path.read_text()) if path.is_file() else {}
     done["heldout_classes"] = class_losses()
+    done["rings"] = ring_probe()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(done, indent=1) + "\n")
     unguided: dict[int, torch.Tensor] = {}
