@@ -136,7 +136,7 @@ def bench_scribbles(
 ) -> dict[str, Any]:
     """Every target through cdm run / cdm baseline sdedit / cdm evaluate; JSON + markdown (+ the pictures)."""
     tic = time.perf_counter()
-    root = Path(keep) if keep else Path(json_path or "out/bench_scribbles.json").with_suffix("")
+    root = Path(keep or "out/bench_scribbles")  # campaigns, MLflow store and SDEdit rounds (not the repository)
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)

@@ -122,7 +122,7 @@ def draw_scribbles(n: int, gen: torch.Generator, size: int = SIZE) -> torch.Tens
 def source_scribble(size: int = SIZE) -> torch.Tensor:
     """The editing source: a tall narrow loop (1, 1, size, size), whose outputs are ~100% blue on light."""
     angle = torch.linspace(0, 2 * math.pi, 2 * POINTS_PER_STROKE)
-    half = torch.tensor([0.06, 0.24])
+    half = torch.tensor([0.05, 0.20])
     points = (0.5 + torch.stack([torch.cos(angle), torch.sin(angle)], -1) * half) * size
     return render_points(points[None], torch.ones(1, len(angle)), size)
 

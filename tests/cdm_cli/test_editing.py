@@ -74,3 +74,9 @@ def test_an_editing_campaign_runs_from_the_source_and_is_evaluated(editing_confi
     assert "source" in out and "rows % [95% CI]" in out and "columns % [95% CI]" in out
     report = json.loads((Path(summary["output_dir"]) / "evaluation.json").read_text())
     assert report["source"]["shares"] and len(report["rows"]) == 2
+    from PIL import Image
+
+    # evaluation.png: a row per design (source + 2 chains), x (a latent here: a blank square) and 8 generated
+    # images, each 16 px shown at 32, 2 px between rows
+    with Image.open(Path(summary["output_dir"]) / "evaluation.png") as sheet:
+        assert sheet.size == (32 + 4 + 8 * 32, 3 * (32 + 2))

@@ -178,3 +178,34 @@ def test_shipped_prior_draws_scribbles_like_the_data():
     assert ours["ink"].median() == pytest.approx(theirs["ink"].median(), rel=0.3)
     assert ours["aspect"].std() == pytest.approx(theirs["aspect"].std(), rel=0.35)
     assert (samples.abs() <= 1.2).float().mean() > 0.99  # pixels stay in the data's range
+
+
+def test_a_pixel_generator_has_no_vae_and_its_samples_are_differentiable_in_x(generator):
+    """The shipped generator works in pixels (no vae/); d y / d x matches a central finite difference (float64)."""
+    assert generator.vae is None and generator.image_shape == (3, S.IMAGE_SIZE, S.IMAGE_SIZE)
+    gen = torch.Generator().manual_seed(10)
+    x = S.draw_scribbles(2, gen).double().requires_grad_(True)
+    eta = torch.randn(2, 3, *generator.noise_shape, generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, 3, S.EMBED_DIM, generator=gen, dtype=torch.float64)
+    generator.unet.double(), generator.controlnet.double(), generator.embed.function.double()
+    try:
+        (grad,) = torch.autograd.grad((generator.sample(x, eta) * weights).sum(), x)
+        direction = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        h = 1e-5
+        with torch.no_grad():
+            plus = (generator.sample(x + h * direction, eta) * weights).sum()
+            minus = (generator.sample(x - h * direction, eta) * weights).sum()
+        assert (grad * direction).sum().item() == pytest.approx(((plus - minus) / (2 * h)).item(), rel=1e-5)
+    finally:
+        generator.unet.float(), generator.controlnet.float(), generator.embed.function.float()
+
+
+def test_a_sampler_worker_of_the_named_problem_knows_x_shape():
+    """Split placement: the sampler's actor has no prior, so x's shape comes from the recipe's prior spec."""
+    from cdm_dist.driver.campaign import load_config
+    from cdm_dist.driver.worker import ChainWorker
+
+    config = load_config(None, ["problem.name=scribbles", "resources.executor=local", "tracking.enabled=false"])
+    worker = ChainWorker(config, "sampler")
+    assert worker.problem.part_spec("prior").diffusers == str(SHIPPED / "prior")
+    assert worker.event_shape == (1, S.SIZE, S.SIZE) and worker.problem.built["prior"] == 0
