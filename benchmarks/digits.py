@@ -144,7 +144,7 @@ def draw_circle(problem: CDMProblem, x: torch.Tensor, kind: str, path: Path, n: 
     import matplotlib.pyplot as plt
 
     gen = torch.Generator().manual_seed(0)
-    eta = torch.randn((len(x), n, 2), generator=gen)
+    eta = torch.randn((len(x), n, *problem.fast_sampler.noise_shape), generator=gen)
     with torch.no_grad():
         predicted = angle_of(problem.fast_sampler.sample(x.float(), eta)).numpy()  # (k, n)
     target = target_angles(kind, 5 * n, 1).numpy()
@@ -213,7 +213,9 @@ def bench_digits(
         labels, distances = nearest_digits(x_top)
         judged, confidence = judge_digits(judge, from_model_space(x_top))
         with torch.no_grad():  # f(x*) of each top-5 x*: 500 draws of the fast sampler, fixed noise
-            eta = torch.randn((len(x_top), 500, 2), generator=torch.Generator().manual_seed(0))
+            eta = torch.randn(
+                (len(x_top), 500, *problem.fast_sampler.noise_shape), generator=torch.Generator().manual_seed(0)
+            )
             spread = circular_spread(problem.fast_sampler.sample(x_top.to(eta.dtype), eta)).tolist()
         _, unguided_distances = nearest_digits(unguided.x[order_unguided].detach().cpu())
         x_path = out / f"{prefix}_{kind}_top5.npy"

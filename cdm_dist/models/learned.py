@@ -32,13 +32,14 @@ class FlowSampler(ConditionalSampler):
     One model serves both roles: a few steps is the fast sampler (MLGD-F), many steps the full chain (MLGD).
     """
 
-    def __init__(self, model: ConditionalVelocityModel, num_steps: int) -> None:
+    def __init__(self, model: ConditionalVelocityModel, num_steps: int, renoise: bool = False) -> None:
         if num_steps < 1:
             raise InputError(f"sampler steps: must be >= 1; got {num_steps}")
         self.model = model.eval().requires_grad_(False)
         self.num_steps = num_steps
+        self.renoise = renoise  # consistency-style: fresh noise at every step, so eta holds one draw per step
         self.y_dim = model.config.y_dim
-        self.noise_shape = (self.y_dim,)
+        self.noise_shape = (num_steps, self.y_dim) if renoise else (self.y_dim,)
         self.x_shape = tuple(model.config.x_shape or [1])
 
     def sample(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,12 @@ class FlowSampler(ConditionalSampler):
         b, n_c = eta.shape[:2]
         features = model.condition(x.to(dtype))  # (B, F)
         features = features[:, None].expand(b, n_c, features.shape[-1]).reshape(b * n_c, -1)
-        z = eta.reshape(b * n_c, self.y_dim).to(dtype)
-        return euler_flow(model, z, features, self.num_steps).reshape(b, n_c, self.y_dim).to(x.dtype)
+        if self.renoise:
+            z = eta.reshape(b * n_c, self.num_steps, self.y_dim).to(dtype)
+            y = model.to_data(renoised_flow_map(model, z, features))
+        else:
+            y = euler_flow(model, eta.reshape(b * n_c, self.y_dim).to(dtype), features, self.num_steps)
+        return y.reshape(b, n_c, self.y_dim).to(x.dtype)
 
 
 def euler_flow(model: ConditionalVelocityModel, z: torch.Tensor, features: torch.Tensor, steps: int) -> torch.Tensor:
@@ -65,6 +70,20 @@ def flow_map(model: ConditionalVelocityModel, z: torch.Tensor, features: torch.T
         s = torch.full((z.shape[0],), k * ds, device=z.device, dtype=z.dtype)
         z = z + ds * model.velocity(z, s, features)
     return z
+
+
+def renoised_flow_map(model: ConditionalVelocityModel, noise: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Consistency-style multistep sampling of a flow (Song et al. 2023, Alg. 1, the MLGD-F code's 6-step sampler):
+    at s_k = k / K jump to the endpoint y1 = z + (1 - s_k) v(z, s_k | x), then re-noise it to s_{k+1} with fresh
+    noise, z = s_{k+1} y1 + (1 - s_{k+1}) noise_{k+1}; noise (N, K, d_y) in standardised units, returns y1 (N, d_y)."""
+    steps = noise.shape[1]
+    z = noise[:, 0]  # (N, d_y): s = 0 is pure noise
+    for k in range(steps):
+        s = k / steps
+        y1 = z + (1 - s) * model.velocity(z, torch.full((z.shape[0],), s, device=z.device, dtype=z.dtype), features)
+        if k + 1 < steps:
+            z = (k + 1) / steps * y1 + (1 - (k + 1) / steps) * noise[:, k + 1]
+    return y1
 
 
 def load_prior(folder: str | Path) -> DiffusersPrior:

@@ -225,6 +225,8 @@ class FlowSamplerSpec(StrictModel):
     flow: Folder  # a folder `cdm train sampler` wrote
     steps: PositiveInt = 8  # Euler steps of the flow
     dtype: WeightDtype = "float32"  # of the weights
+    # consistency-style steps (the MLGD-F code's 6-step sampler): jump to the endpoint, re-noise with fresh noise
+    renoise: bool = False
 
 
 def _by_key(*keys: str) -> Callable[[Any], str | None]:

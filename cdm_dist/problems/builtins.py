@@ -201,7 +201,8 @@ def gmm_params(name: str, joint_seed: int = 1, target_size: int = 1000, target_s
 
 SHIPPED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"  # <problem>/{prior,sampler}/
 PositiveInt = Annotated[int, Field(ge=1)]
-SamplerKind = Literal["flow", "one_step"]  # learned fast sampler: Euler steps of the flow, or its one-step distillation
+# learned fast sampler: Euler steps of the flow, its one-step distillation, or the flow re-noised at each step
+SamplerKind = Literal["flow", "one_step", "consistency"]
 
 
 def checkpoints_folder(checkpoints: str | None, problem: str) -> Path:
@@ -239,6 +240,8 @@ def fast_sampler_part(folder: Path, kind: str, fast_steps: int | None) -> dict[s
         if fast_steps not in (None, 1):
             raise InputError(f"fast_steps: the one-step sampler takes 1 step, got {fast_steps} (or use flow)")
         return {"flow": str(folder / "sampler_one_step"), "steps": 1}
+    if kind == "consistency":  # the flow sampled consistency-style, re-noised at each of its steps (default 6)
+        return {"flow": str(folder / "sampler"), "steps": fast_steps or 6, "renoise": True}
     return {"flow": str(folder / "sampler"), "steps": fast_steps or 8}
 
 

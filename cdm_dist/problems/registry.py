@@ -270,7 +270,7 @@ class ProblemSource:
             key = (spec.flow, spec.dtype)
             if key not in self._flows:
                 self._flows[key] = load_flow_model(spec.flow, spec.dtype, self.device, f"{field}.flow")
-            sampler: ConditionalSampler = FlowSampler(self._flows[key], spec.steps)
+            sampler: ConditionalSampler = FlowSampler(self._flows[key], spec.steps, spec.renoise)
         elif isinstance(spec, GeneratorSamplerSpec):
             from cdm_dist.models.generator import load_generator_sampler
 
