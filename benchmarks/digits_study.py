@@ -88,18 +88,19 @@ def run_cell(config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, ungui
 
 
 @torch.no_grad()
-def class_losses(samples: int = 512, seed: int = 0) -> dict[str, dict[str, float]]:
+def class_losses(samples: int = 512, seed: int = 0, kind: str = "flow") -> dict[str, dict[str, float]]:
     """Real held-out digits at random angles under the uniform target: per class, the mean and least sliced W1 to
     the uniform circle and the mean f(x) spread. A class the sampler reads as angle-free has a low loss and spread."""
     import math
 
     from cdm_dist.problems.digits import base_digits, rotate, target_samples, to_model_space
 
-    problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
+    problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS, sampler_kind=kind)
+    noise = problem.fast_sampler.noise_shape
     images, labels = base_digits("heldout")
     gen = torch.Generator().manual_seed(seed)
     x = to_model_space(rotate(images, 2 * math.pi * torch.rand(len(images), generator=gen)))
-    y = problem.fast_sampler.sample(x, torch.randn(len(x), samples, 2, generator=gen)).double()  # (N, samples, 2)
+    y = problem.fast_sampler.sample(x, torch.randn(len(x), samples, *noise, generator=gen)).double()  # (N, samples, 2)
     loss = paper_settings("uniform")[0].loss.build()(y, target_samples("uniform", samples, seed + 1))  # (N,)
     spread = circular_spread(y)  # (N,)
     return {
@@ -110,20 +111,21 @@ def class_losses(samples: int = 512, seed: int = 0) -> dict[str, dict[str, float
 
 
 @torch.no_grad()
-def ring_probe(samples: int = 512, seed: int = 0) -> list[dict[str, Any]]:
+def ring_probe(samples: int = 512, seed: int = 0, kind: str = "flow") -> list[dict[str, Any]]:
     """Synthetic round rings (radius, width in px): the most rotation-invariant 0s. Their true P(θ | x) is uniform;
     what the shipped sampler, the judge and the prior make of them."""
     from cdm_dist.chains.priors import prior_fit
     from cdm_dist.problems.digits import SIZE, target_samples, to_model_space
 
-    problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
+    problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS, sampler_kind=kind)
     centre = torch.arange(SIZE, dtype=torch.float64) - (SIZE - 1) / 2
     r = (centre[:, None] ** 2 + centre[None, :] ** 2).sqrt()  # (16, 16)
     shapes = [(3.0, 0.9), (3.5, 1.0), (4.0, 1.2), (4.5, 1.3)]
     images = torch.stack([torch.exp(-(((r - a) / w) ** 2)) for a, w in shapes])[:, None].float()  # (4, 1, 16, 16)
     x = to_model_space(images)
     gen = torch.Generator().manual_seed(seed)
-    y = problem.fast_sampler.sample(x, torch.randn(len(x), samples, 2, generator=gen)).double()
+    y = problem.fast_sampler.sample(x, torch.randn(len(x), samples, *problem.fast_sampler.noise_shape, generator=gen))
+    y = y.double()  # (4, samples, 2)
     loss = paper_settings("uniform")[0].loss.build()(y, target_samples("uniform", samples, seed + 1))
     judged, confidence = judge_digits(load_judge(), images)
     fit = prior_fit(problem.prior, x.double(), paper_settings("uniform")[0].eval_seed)
@@ -152,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     base, zeta = paper_settings("uniform")
     path = Path(args.json)
     done = json.loads(path.read_text()) if path.is_file() else {}
-    done["heldout_classes"] = class_losses()
+    done["heldout_classes"] = class_losses()  # the 6-step Euler flow of the paper protocol
     done["rings"] = ring_probe()
+    done["heldout_classes_consistency"] = class_losses(kind="consistency")  # the re-noised 6-step sampler
+    done["rings_consistency"] = ring_probe(kind="consistency")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(done, indent=1) + "\n")
     unguided: dict[int, torch.Tensor] = {}
