@@ -68,6 +68,10 @@ def add_bench_parser(commands: Any) -> None:
     faults.add_argument("--repeats", type=int, default=5)
     faults.add_argument("--kills", type=int, default=3, help="actor kills per leg (before and after the resume)")
     faults.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+    faults.add_argument("--tune", action="store_true", help="instead: a cdm tune study SIGKILLed at random "
+                        "moments, restarted --kills-tune times, then checked (N trials, no chain twice)")  # fmt: skip
+    faults.add_argument("--kills-tune", type=int, default=20, help="with --tune: kills (each then a restart)")
+    faults.add_argument("--tune-trials", type=int, default=8, help="with --tune: the study's trials")
 
     engine = benches.add_parser("engine", help="the chain loop's chains/s over a grid, batched and one at a time, "
                                 "with a per-step profile")  # fmt: skip
@@ -137,6 +141,9 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
     if args.bench == "faults":
         if args.repeats < 1 or args.kills < 0:
             raise InputError(f"--repeats and --kills: must be >= 1 and >= 0, got {args.repeats} and {args.kills}")
+        if args.kills_tune < 1 or args.tune_trials < 1:
+            raise InputError(f"--kills-tune and --tune-trials: must be >= 1, got {args.kills_tune} and "
+                             f"{args.tune_trials}")  # fmt: skip
         return
     if args.bench == "tune":
         if args.trials < 1 or args.parallel < 1:
@@ -235,6 +242,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
         bench_tune(args.json, args.trials, args.parallel, args.quick, tuple(args.problems.split(",")),
                    args.processes)  # fmt: skip
+    elif args.bench == "faults" and args.tune:
+        from benchmarks.faults_tune import bench_faults_tune
+
+        bench_faults_tune(args.json, args.kills_tune, args.tune_trials, args.quick)
     elif args.bench == "faults":
         from benchmarks.faults import bench_faults
 
