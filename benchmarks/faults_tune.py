@@ -1,11 +1,13 @@
 """`cdm bench faults --tune`: one tiny `cdm tune` study SIGKILLed at random moments, K times in a row, each kill
 followed by a restart of the same command; then the study and its MLflow store are checked.
 
-Each leg is `python -m cdm_cli.main tune study.yaml --trials N` in its own session, SIGKILLed (its whole process
-group) at a moment drawn uniformly from [0.5, horizon] seconds after it started. A leg that ends before its moment
-ends on its own: it must exit 0 (the study is then complete; later legs are restarts of a finished study, and the
-horizon shrinks below that leg's duration so the next kills still land). After the K-th kill, one last restart runs
-to the end. Every leg has a timeout: a leg still running at it hangs. Checked at the end:
+First the same study runs unfaulted (its wall time D) and once more when finished (S, a restart with nothing to
+do: start-up and wrap-up), which sets the horizon S + 2 (D - S) / N: start-up plus about two trials. Each leg is
+`python -m cdm_cli.main tune study.yaml --trials N` in its own session, SIGKILLed (its whole process group) at a
+moment drawn uniformly from [0.5, horizon] seconds after it started. A leg that ends before its moment must exit 0
+(the study is then complete; later legs restart a finished study, and the horizon shrinks below that leg's
+duration so the next kills still land). After the K-th kill, one last restart runs to the end. Every leg has a
+timeout: a leg still running at it hangs. Checked at the end:
 - exactly N counted trials, all COMPLETE (the study has no pruner), with N distinct parameter sets;
 - the config as written (trial 0's parameters) among the counted trials;
 - no chain stored twice: no two FINISHED chain runs in MLflow, neither marked status=superseded, of the same
@@ -150,13 +152,19 @@ def bench_faults_tune(
 
     if quick:
         kills, trials = min(kills, 3), min(trials, 3)
-    horizon = horizon or (40.0 if quick else 60.0)
     timeout = timeout or (300.0 if quick else 600.0)
     rng = random.Random(seed)
     legs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "study.yaml").write_text(STUDY.format(root=root, chains=CHAINS))
+        reference, root = Path(tmp) / "reference", Path(tmp) / "faulted"
+        for folder in (reference, root):
+            folder.mkdir()
+            (folder / "study.yaml").write_text(STUDY.format(root=folder, chains=CHAINS))
+        clean = [_leg(reference, trials, None, timeout, reference / f"clean{i}.log") for i in range(2)]
+        if any(leg["returncode"] != 0 for leg in clean):
+            raise RuntimeError(f"the unfaulted study failed: {clean[0]['tail']}{clean[1]['tail']}")
+        (full, noop) = (leg["seconds"] for leg in clean)
+        horizon = horizon or noop + 2 * max(0.5, (full - noop) / trials)
         start_horizon = horizon
         while sum(leg["killed"] for leg in legs) < kills and len(legs) < 3 * kills:
             leg = _leg(root, trials, rng.uniform(0.5, horizon), timeout, root / f"leg{len(legs)}.log")
@@ -213,7 +221,9 @@ def bench_faults_tune(
         "rows": rows,
         "totals": totals,
         "legs": [{k: v for k, v in leg.items() if k != "tail" or not leg["killed"]} for leg in legs],
-        "horizon_s": start_horizon,
+        "horizon_s": round(start_horizon, 2),
+        "unfaulted_s": full,
+        "restart_of_finished_study_s": noop,
         "timeout_s": timeout,
         "quick": quick,
         "study": STUDY.format(root="ROOT", chains=CHAINS),
