@@ -2,11 +2,11 @@
 followed by a restart of the same command; then the study and its MLflow store are checked.
 
 First the same study runs unfaulted (its wall time D) and once more when finished (S, a restart with nothing to
-do: start-up and wrap-up), which sets the horizon S + 2 (D - S) / N: start-up plus about two trials. Each leg is
-`python -m cdm_cli.main tune study.yaml --trials N` in its own session, SIGKILLed (its whole process group) at a
-moment drawn uniformly from [0.5, horizon] seconds after it started. A leg that ends before its moment must exit 0
-(the study is then complete; later legs restart a finished study, and the horizon shrinks below that leg's
-duration so the next kills still land). After the K-th kill, one last restart runs to the end. Every leg has a
+do). Each leg is `python -m cdm_cli.main tune study.yaml --trials N` in its own session, SIGKILLed (its whole process
+group) at a random moment of one of three kinds: in the trials, within 2 (D - S) / N seconds (about two trials)
+after the leg's first write to the study's journal (its first trial asked, or a dead one recovered), 3 kills in 4;
+in start-up, within S seconds of its start, 1 in 4; and, once the study is finished, within a restart of it. A leg
+that ends before its moment must exit 0. After the K-th kill, one last restart runs to the end. Every leg has a
 timeout: a leg still running at it hangs. Checked at the end:
 - exactly N counted trials, all COMPLETE (the study has no pruner), with N distinct parameter sets;
 - the config as written (trial 0's parameters) among the counted trials;
@@ -55,38 +55,57 @@ CHAINS = 4
 KILLED = -signal.SIGKILL
 
 
-def _leg(root: Path, trials: int, kill_at: float | None, timeout: float, log: Path) -> dict[str, Any]:
-    """One `cdm tune` process (a new session), its process group SIGKILLed at `kill_at` seconds if still running;
-    killed as hung at `timeout`."""
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else -1
+
+
+def _leg(
+    root: Path, trials: int, kill_at: float | None, kill_after_write: float | None, timeout: float, log: Path
+) -> dict[str, Any]:
+    """One `cdm tune` process (a new session), its process group SIGKILLed at `kill_at` seconds, or
+    `kill_after_write` seconds after its first write to the study's journal (its first trial asked, or a dead one
+    recovered), if still running; killed as hung at `timeout`."""
     command = [sys.executable, "-m", "cdm_cli.main", "tune", "study.yaml", "--trials", str(trials)]
     paths = [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    journal = _journal(root)
+    before, written = _size(journal), None
+    killed = hung = False
     with open(log, "w") as out:
         tic = time.monotonic()
         process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=env)  # fmt: skip
-        deadline = min(kill_at, timeout) if kill_at is not None else timeout
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=deadline)
-        seconds = time.monotonic() - tic
-        killed = hung = False
-        if process.poll() is None:
-            killed, hung = kill_at is not None and kill_at <= timeout, kill_at is None or kill_at > timeout
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+        while process.poll() is None:
+            now = time.monotonic() - tic
+            if written is None and _size(journal) != before:
+                written = now
+            due = kill_at is not None and now >= kill_at
+            due |= kill_after_write is not None and written is not None and now >= written + kill_after_write
+            if due or now >= timeout:
+                killed, hung = due, not due
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
         code = process.wait()
+        seconds = time.monotonic() - tic
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # anything the leg started and left behind
     text = log.read_text(errors="replace")
     return {"killed": killed, "hung": hung, "seconds": round(seconds, 2), "returncode": code,
+            "first_write_s": None if written is None else round(written, 2),
             "lock_waits": text.count("taking longer than"), "tail": text[-1500:]}  # fmt: skip
+
+
+def _journal(root: Path) -> Path:
+    return root / "out" / "study-ftune" / "optuna.journal"
 
 
 def _trials(root: Path) -> list[Any]:
     """The study's trials, read from its journal (no process runs it now)."""
     import optuna
 
-    journal = root / "out" / "study-ftune" / "optuna.journal"
+    journal = _journal(root)
     if not journal.is_file():
         return []
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
@@ -141,7 +160,6 @@ def bench_faults_tune(
     kills: int = 20,
     trials: int = 8,
     quick: bool = False,
-    horizon: float | None = None,
     timeout: float | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -160,20 +178,28 @@ def bench_faults_tune(
         for folder in (reference, root):
             folder.mkdir()
             (folder / "study.yaml").write_text(STUDY.format(root=folder, chains=CHAINS))
-        clean = [_leg(reference, trials, None, timeout, reference / f"clean{i}.log") for i in range(2)]
+        clean = [_leg(reference, trials, None, None, timeout, reference / f"clean{i}.log") for i in range(2)]
         if any(leg["returncode"] != 0 for leg in clean):
             raise RuntimeError(f"the unfaulted study failed: {clean[0]['tail']}{clean[1]['tail']}")
         (full, noop) = (leg["seconds"] for leg in clean)
-        horizon = horizon or noop + 2 * max(0.5, (full - noop) / trials)
-        start_horizon = horizon
+        trial_s = max(0.5, (full - noop) / trials)
+        horizon = noop  # a restart of a finished study: kills land within it
+        counted = 0
         while sum(leg["killed"] for leg in legs) < kills and len(legs) < 3 * kills:
-            leg = _leg(root, trials, rng.uniform(0.5, horizon), timeout, root / f"leg{len(legs)}.log")
-            leg["kill_at_s"] = None if not leg["killed"] else leg["seconds"]
-            leg["counted"] = len(_counted(_trials(root)))
+            draw = rng.random()
+            if counted >= trials:  # finished: a moment in the restart (start-up, wrap-up, MLflow writes)
+                kill_at, after_write, phase = 0.5 + draw * 0.9 * horizon, None, "finished study"
+            elif rng.random() < 0.25:  # start-up: imports, probe, the journal opened, dead trials recovered
+                kill_at, after_write, phase = 0.5 + draw * horizon, None, "start-up"
+            else:  # the work: within about two trials of its first write to the journal
+                kill_at, after_write, phase = None, draw * 2 * trial_s, "trials"
+            leg = _leg(root, trials, kill_at, after_write, timeout, root / f"leg{len(legs)}.log")
+            leg["phase"] = phase
+            leg["counted"] = counted = len(_counted(_trials(root)))
             legs.append(leg)
-            if not leg["killed"] and leg["returncode"] == 0:  # ended before its moment: later kills land sooner
-                horizon = min(horizon, max(1.0, 0.9 * leg["seconds"]))
-        final = _leg(root, trials, None, timeout, root / "final.log")
+            if not leg["killed"] and leg["returncode"] == 0 and counted >= trials:
+                horizon = min(horizon, max(1.0, leg["seconds"]))  # ended before its moment: later kills sooner
+        final = _leg(root, trials, None, None, timeout, root / "final.log")
         every = _trials(root)
         final["counted"] = len(_counted(every))
         legs.append(final)
@@ -185,7 +211,9 @@ def bench_faults_tune(
     for index, leg in enumerate(legs[:-1]):
         if leg["killed"]:
             restart = legs[index + 1]
-            rows.append({"kill": len(rows) + 1, "killed_after_s": leg["seconds"], "counted_after_kill": leg["counted"],
+            rows.append({"kill": len(rows) + 1, "killed_after_s": leg["seconds"], "phase": leg["phase"],
+                         "after_first_write_s": None if leg["first_write_s"] is None else
+                         round(leg["seconds"] - leg["first_write_s"], 2), "counted_after_kill": leg["counted"],
                          "restart_exit": restart["returncode"], "restart_s": restart["seconds"],
                          "restart_killed": restart["killed"]})  # fmt: skip
     failed = [leg for leg in legs if not leg["killed"] and (leg["returncode"] != 0 or leg["hung"])]
@@ -221,14 +249,22 @@ def bench_faults_tune(
         "rows": rows,
         "totals": totals,
         "legs": [{k: v for k, v in leg.items() if k != "tail" or not leg["killed"]} for leg in legs],
-        "horizon_s": round(start_horizon, 2),
+        "trial_s": round(trial_s, 2),
         "unfaulted_s": full,
         "restart_of_finished_study_s": noop,
         "timeout_s": timeout,
         "quick": quick,
         "study": STUDY.format(root="ROOT", chains=CHAINS),
     }
-    columns = ["kill", "killed_after_s", "restart_exit", "restart_s", "counted_after_kill"]
+    columns = [
+        "kill",
+        "killed_after_s",
+        "phase",
+        "after_first_write_s",
+        "restart_exit",
+        "restart_s",
+        "counted_after_kill",
+    ]
     markdown = markdown_table(rows, columns) + "\n" + markdown_table([totals], list(totals))
     write_report(payload, json_path, markdown)
     return payload
