@@ -28,7 +28,7 @@ def test_bench_faults_tune_quick_keeps_every_invariant(tmp_path):
     assert totals["config_as_written_evaluated"] and totals["trial0_is_config_as_written"]
     assert totals["chains_stored_twice"] == 0 and totals["chains_missing"] == 0
     assert totals["ok"]
-    assert (tmp_path / "faults_tune.md").read_text().startswith("| kill | killed_after_s | restart_exit |")
+    assert (tmp_path / "faults_tune.md").read_text().startswith("| kill | killed_after_s | phase |")
 
 
 def _campaign(client, experiment, trial, superseded=()):
