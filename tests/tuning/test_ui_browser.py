@@ -206,3 +206,51 @@ def test_cdm_ui_without_a_campaign_is_one_line_and_writes_nothing(tmp_path, caps
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "no campaign in" in lines[1] and "cdm run" in lines[1]
+
+
+RUNS_PAGE = """(() => {
+  const rows = [...document.querySelectorAll('.ag-pinned-left-cols-container .ag-row')];
+  const runs = rows.map(r => (r.querySelector('a[href*="/runs/"]') || {href: ''}).href.split('/runs/')[1] || '');
+  const matching = (document.body.innerText.match(/(\\d[\\d,]*\\+?) matching runs?/) || [])[1] || null;
+  return {runs: runs.map(r => r.split(/[/?#]/)[0]), matching};
+})()"""
+ARTIFACT_TREE = """[...document.querySelectorAll('[data-testid="artifact-tree-node"]')]
+  .map(el => el.textContent.trim())"""
+
+
+@needs_browser
+def test_a_campaign_above_child_runs_max_shows_its_top_k_runs_and_chains_parquet(small_campaign, tmp_path, cdm_ui):
+    """Issue 23, campaigns at scale, as the UI shows them (benchmarks/ui_scale.py times it): 60 chains with
+    tracking.child_runs_max=10, so one campaign run and child runs for the top-k only. The experiment's runs page
+    counts exactly those runs and lists the campaign run; the chain table `cdm ui` prints lists exactly the child
+    runs, by final_loss; the campaign run's artifacts page lists chains.parquet, which holds all 60 chains."""
+    from cdm_dist.driver.chain_table import CHAINS_TABLE, read_chain_table
+
+    config = small_campaign(tracking__enabled=True, tracking__experiment="ui-scale", chains__count=60,
+                            tracking__child_runs_max=10, method__num_steps=4, resources__micro_batch=20,
+                            pictures=False, topk=3)  # fmt: skip
+    report = run_campaign(config, LocalExecutor(config), CampaignStore.create(config), progress=False)
+    client = client_for(config.tracking.uri)
+    experiment = client.get_experiment_by_name("ui-scale").experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{report.campaign_run_id}'")
+    by_loss = [r.info.run_id for r in sorted(children, key=lambda r: r.data.metrics["final_loss"])]
+    assert 3 <= len(by_loss) <= 6  # the top-k (report.topk and the k best by final_loss), not a run per chain
+    assert len(client.search_runs([experiment])) == 1 + len(by_loss)
+    table = read_chain_table(client.download_artifacts(report.campaign_run_id, CHAINS_TABLE, str(tmp_path)))
+    assert sorted(table["chain"]) == list(range(60))
+    assert sorted(r for r in table["run_id"] if r) == sorted(by_loss)
+
+    port, printed = cdm_ui(config.tracking.uri)
+    base = f"http://127.0.0.1:{port}/#/experiments/{experiment}"
+    seen = page(f"{base}/runs", 1400, 1000, RUNS_PAGE, lambda v: v["matching"] and v["runs"], tmp_path / "runs.png")
+    assert seen["matching"] == str(1 + len(by_loss))  # "N matching runs": the campaign run and its top-k
+    assert report.campaign_run_id in seen["runs"] and set(seen["runs"]) <= {report.campaign_run_id, *by_loss}
+
+    chains_url = re.search(r"chains, by final_loss: (\S+)", printed).group(1)
+    ready = lambda v: len(v["runs"]) >= len(by_loss)  # noqa: E731
+    seen = page(chains_url, 1400, 1000, RUNS_PAGE, ready, tmp_path / "top.png")
+    assert seen["runs"] == by_loss and seen["matching"] == str(len(by_loss))
+
+    url = f"{base}/runs/{report.campaign_run_id}/artifacts"
+    seen = page(url, 1400, 1000, ARTIFACT_TREE, lambda v: CHAINS_TABLE in v, tmp_path / "artifacts.png")
+    assert CHAINS_TABLE in seen
