@@ -10,6 +10,15 @@ from cdm_dist.errors import InputError
 from cdm_dist.models.spec import read_json
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a checkpoint was trained with, for its manifest."""
+    import accelerate
+    import diffusers
+    import torch
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__}
+
+
 def sha256(path: Path) -> str:
     """Hex sha256 of a file."""
     digest = hashlib.sha256()

@@ -262,8 +262,7 @@ def embedder_quality(model: ScribbleEmbedder, classes: dict[str, torch.Tensor], 
 
 def train_sampler(out: Path, steps: int | None, seed: int, tiny: bool, command: str, progress: bool = True) -> dict:
     """`cdm train sampler --problem scribbles`: the generator and the embedding, into one folder with a manifest."""
-    from cdm_dist.models.manifest import sha256
-    from cdm_dist.problems.training import _versions
+    from cdm_dist.models.manifest import library_versions, sha256
 
     check_out(out)
     settings = GeneratorSettings(steps=steps or (40 if tiny else GeneratorSettings.steps))
@@ -305,7 +304,7 @@ def train_sampler(out: Path, steps: int | None, seed: int, tiny: bool, command: 
         "quality": generator_quality(unet, controlnet, seed, **small) | embedder_quality(model, classes, seed),
         "weights_sha256": {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*.safetensors"))},
         "command": command,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     write_json(out / "manifest.json", manifest)
     manifest["final_training_loss"] = record["final_energy_score"]

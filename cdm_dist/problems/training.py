@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from cdm_dist.errors import InputError
-from cdm_dist.models.manifest import sha256
+from cdm_dist.models.manifest import library_versions, sha256
 
 Draw = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # (n, gen) -> x (n, *x), y (n, d_y)
 ROLES = ("prior", "sampler")
@@ -398,7 +398,7 @@ def train(
         "quality": quality,
         "weights_sha256": sha256(out / "diffusion_pytorch_model.safetensors"),
         "command": command or " ".join(sys.argv),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -414,13 +414,6 @@ def _objective(role: str, model: torch.nn.Module, kind: str = "flow") -> str:
     if kind == "v_prediction":
         return "v-prediction DDPM loss (Salimans & Ho 2022)"
     return "epsilon-prediction DDPM loss"
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__}
 
 
 # -- quality --------------------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ def test_cdm_train_writes_the_generator_the_embedding_and_class_embeddings(tiny_
 def test_the_bench_runs_the_papers_protocol_through_the_product(tiny_scribbles, ray_cluster, tmp_path):
     out = tmp_path / "bench" / "scribbles.json"
     # (a 4-step generator draws no red, so the targets that stratify its outputs by colour cannot be built)
-    payload = bench_scribbles(str(out), ("colour_interpolation",), quick=True, checkpoints=str(tiny_scribbles))
+    root = tmp_path / "runs"  # the campaigns, the MLflow store and the SDEdit rounds
+    payload = bench_scribbles(str(out), ("colour_interpolation",), quick=True, checkpoints=str(tiny_scribbles),
+                              keep=str(root))  # fmt: skip
     row = payload["rows"][0]
     assert row["target"] == "colour_interpolation" and row["chains"] == 4 and row["chains_failed"] == 0
     assert row["attribute"] == "red" and row["wanted_share"] is None
@@ -40,6 +42,6 @@ def test_the_bench_runs_the_papers_protocol_through_the_product(tiny_scribbles, 
     markdown = out.with_suffix(".md").read_text()
     assert "| colour_interpolation |" in markdown and "(+22.1%)" in markdown  # the poster's figure beside ours
     assert (out.parent / "scribbles_colour_interpolation.png").is_file()  # the designs and their generated images
-    (found,) = (tmp_path / "bench" / "scribbles" / "campaigns").glob("*/evaluation.json")
+    (found,) = (root / "campaigns").glob("*/evaluation.json")
     evaluation = json.loads(found.read_text())
     assert [r["design"] for r in evaluation["baselines"]] and evaluation["source"]["design"] == "source"
