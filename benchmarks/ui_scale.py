@@ -4,6 +4,8 @@ chains.parquet (child runs for the top-k only), compared with one child run per 
 Two steps:
 - `python -m benchmarks.ui_scale --make-store DIR --chains N [--child-runs-max M]`: a tracked campaign of N chains of
   gmm2d at 2 steps (local executor, no pictures) into DIR (mlflow.db, artifacts, campaigns).
+- `python -m benchmarks.ui_scale --replicate SOURCE DEST TIMES`: a synthetic store, SOURCE's child runs copied up to
+  TIMES times their number (10^5 child runs from a 2,000-chain store in about 30 s).
 - `python -m benchmarks.ui_scale --store NAME=DIR ... --json OUT.json`: for each store, a copy of its mlflow.db
   (the UI writes view tags; the store itself is left as it is) served by `cdm ui` on 127.0.0.1, then, each in a fresh
   headless Chromium profile (the DevTools protocol, as tests/tuning/test_ui_browser.py), the time from navigation
@@ -11,7 +13,9 @@ Two steps:
   - runs: the experiment's runs page, until the campaign run's row is in the table;
   - chains: the chain table `cdm ui` prints (the campaign's chain runs by final_loss), until its first rows show;
   - artifacts: the campaign run's artifacts page, until chains.parquet is listed.
-  Each page is loaded --repeats times (the first in a cold server); the JSON holds every time, the .md the medians.
+  Each page is loaded --repeats times, stores interleaved (the machine's load falls on all alike); the JSON holds
+  every time and the server's part (the runs/search and artifacts/list requests, from the browser's resource
+  timing), the .md the medians. `--note TEXT --json OUT.json` alone adds a line to a written report.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ def timed_page(browser: str, url: str, script: str, ready: dict, timeout: float 
 
     async def run():
         port = free_port()
-        with tempfile.TemporaryDirectory() as profile:
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # Chromium may still write
             command = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}"]
             command += [f"--user-data-dir={profile}", "--window-size=1400,1000", "about:blank"]
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -226,6 +230,14 @@ def _median(values):
 FIGURES = ("runs_first_rows", "runs_campaign_row", "chain_table_rows", "artifacts_chains_parquet")
 
 
+def add_notes(json_path: Path, notes: list[str]) -> None:
+    """Add notes to a written result (its .md written again)."""
+    result = json.loads(json_path.read_text())
+    result["notes"] = result.get("notes", []) + notes
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    json_path.with_suffix(".md").write_text(markdown(result))
+
+
 def markdown(result: dict) -> str:
     stores = result["stores"]
     lines = ["# MLflow UI over large campaigns (issue 23)", "",
@@ -252,6 +264,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {m.get('runs')} | {m.get('chains')} | {m.get('artifacts')} |")
     for name, ratios in result.get("ratios", {}).items():
         lines += ["", f"{name} / {next(iter(stores))}: " + ", ".join(f"{k} {v}" for k, v in ratios.items())]
+    lines += ["", *(f"- {note}" for note in result.get("notes", []))] if result.get("notes") else []
     return "\n".join(lines) + "\n"
 
 
@@ -263,11 +276,15 @@ def main(argv=None) -> int:
     parser.add_argument("--child-runs-max", type=int, default=100000)
     parser.add_argument("--store", action="append", default=[], help="NAME=DIR[:CHAINS] of a store to measure")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a page may take")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/ui_scale.json"))
     args = parser.parse_args(argv)
     if args.make_store:
         print(json.dumps(make_store(args.make_store.resolve(), args.chains, args.child_runs_max)), flush=True)
+        return 0
+    if args.note and not args.store:
+        add_notes(args.json, args.note)
         return 0
     if args.replicate:
         source, dest, times = args.replicate
@@ -288,6 +305,7 @@ def main(argv=None) -> int:
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, busy shared machine", "repeats": args.repeats, "timeout": args.timeout,
               "stores": stores}  # fmt: skip
+    result["notes"] = args.note
     first, *others = stores  # each other store against the first (the chains.parquet one)
     result["ratios"] = {
         name: {f: round(b / a, 1) if (a := stores[first]["median"].get(f)) and (b := stores[name]["median"].get(f))
