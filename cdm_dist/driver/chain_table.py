@@ -20,6 +20,18 @@ METRIC = "metric."  # prefix of the metric columns
 SUPERSEDED_TAG = "cdm.superseded"  # on a dead trial's campaign run whose retry stores its chains (tuning.study)
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'a.b': 'value'} for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
 def chain_runs_mode(count: int, child_runs_max: int) -> str:
     """'all' when a campaign of count chains gets a run per chain (tracking.child_runs_max), else 'top'."""
     return "all" if count <= child_runs_max else "top"
@@ -54,7 +66,6 @@ def write_chain_table(
 def zeta_params_json(zetas: Sequence[Any]) -> list[str]:
     """Each chain's zeta schedule as the chain run's zeta.* params (flattened, str values) in JSON; a schedule
     shared by many chains is dumped once."""
-    from cdm_dist.driver.tracking import flatten
 
     dumped: dict[int, str] = {}
     texts = []

@@ -59,7 +59,7 @@ class Campaign:
     name: str
     trial: int | None  # the Optuna trial number when the campaign was a study's trial
     prior_fit_limit: float | None  # its selection.prior_fit_limit (None: no limit, or a campaign made before it)
-    params: dict[str, str]  # its config, flattened (tracking.flatten)
+    params: dict[str, str]  # its config, flattened (chain_table.flatten)
     output_dir: str | None
     artifact_uri: str
     start_time: int = 0  # ms

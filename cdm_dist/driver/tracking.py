@@ -23,6 +23,7 @@ from cdm_dist.driver.chain_table import (
     CHAIN_RUNS_TAG,
     CHAINS_TABLE,
     chain_runs_mode,
+    flatten,
     write_chain_table,
     zeta_params_json,
 )
@@ -36,18 +37,6 @@ from cdm_dist.errors import InputError
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # per log_batch request (MLflow REST limits)
 CANDIDATES_TABLE = "candidates.json"  # the campaign run's table of its chains, by final_loss
 FIRST_METRICS = ("prior_fit", "improvement")  # the candidates table's first metric columns, where present
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {'a.b': 'value'} for MLflow params."""
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat
 
 
 def _finite(value: float | None) -> float | None:
