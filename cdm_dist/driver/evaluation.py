@@ -35,6 +35,7 @@ from cdm_dist.driver.campaign import CampaignConfig, ClassifierConfig, load_conf
 from cdm_dist.driver.preconditions import masked, redacted
 from cdm_dist.driver.store import CampaignStore, atomic_write
 from cdm_dist.errors import InputError
+from cdm_dist.models.generator import zero_shot_probs
 
 ETA_BLOCK = 64  # samples per seeded block of eta: sample i's eta depends on (seed, i) only, never on `chunk`
 DEFAULT_LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) after training
@@ -55,13 +56,6 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends (no rounding residue)
     high = 1.0 if successes == n else min(1.0, centre + half)
     return low, high
-
-
-def zero_shot_probs(y: torch.Tensor, class_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """CLIP zero-shot: softmax over classes of logit_scale x cosine(y, class embedding); y (N, d), (K, d) -> (N, K)."""
-    y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (N, d)
-    e = class_embeddings.to(y) / class_embeddings.to(y).norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (K, d)
-    return torch.softmax(logit_scale * (y @ e.T), dim=-1)  # (N, K)
 
 
 def attribute_shares(probs: torch.Tensor, classes: Sequence[str], confidence: float) -> dict[str, dict[str, float]]:

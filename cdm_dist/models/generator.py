@@ -78,6 +78,13 @@ def few_step_latents(
 # -- embeddings of the generated image ------------------------------------------------------------------------
 
 
+def zero_shot_probs(y: torch.Tensor, class_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """CLIP zero-shot: softmax over classes of logit_scale x cosine(y, class embedding); y (N, d), (K, d) -> (N, K)."""
+    y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (N, d)
+    e = class_embeddings.to(y) / class_embeddings.to(y).norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (K, d)
+    return torch.softmax(logit_scale * (y @ e.T), dim=-1)  # (N, K)
+
+
 def _hw(value: Any, field: str) -> tuple[int, int] | int:
     """A preprocessor size: {"height", "width"} -> (h, w), {"shortest_edge"} or an int -> that int."""
     if isinstance(value, int):

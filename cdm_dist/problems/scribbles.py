@@ -272,7 +272,7 @@ def target_embeddings(sampler: Any, name: str, n: int, seed: int, colour: torch.
     if colour is None:
         red = image_attributes(images)["red"]
     else:
-        from cdm_dist.driver.evaluation import zero_shot_probs
+        from cdm_dist.models.generator import zero_shot_probs
 
         red = zero_shot_probs(y.float(), colour, LOGIT_SCALE)[:, 0] > 0.5
     reds = round(TARGET_RED_SHARE[name] * n)

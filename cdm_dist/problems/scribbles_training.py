@@ -250,7 +250,7 @@ def generator_quality(unet: nn.Module, controlnet: nn.Module, seed: int, scribbl
 @torch.no_grad()
 def embedder_quality(model: ScribbleEmbedder, classes: dict[str, torch.Tensor], seed: int, n: int = 2000) -> dict:
     """Zero-shot accuracy of each attribute's class embeddings on held-out renders (with the training noise)."""
-    from cdm_dist.driver.evaluation import zero_shot_probs
+    from cdm_dist.models.generator import zero_shot_probs
 
     gen = torch.Generator().manual_seed(30_000 + seed)
     images, red, dark = embedder_batch(n, gen, EmbedderSettings().noise)
