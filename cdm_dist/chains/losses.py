@@ -128,12 +128,16 @@ def within_kernel_mean(
 
 
 def kernel_scale(
-    d_xy: torch.Tensor, d_xx: torch.Tensor, target_pair_sum: torch.Tensor | None, m: int, bandwidth: str | float
+    d_xy: torch.Tensor, d_xx: torch.Tensor, target_terms: dict[str, torch.Tensor], m: int, bandwidth: str | float
 ) -> torch.Tensor:
     """The kernel scale s (B,) in exp(-v / s), detached: the median of the cross values v, the mean of the pooled
-    off-diagonal ones (target_pair_sum (1 or B,): Σ_{i<j} of the target's), or a fixed number (already a scale)."""
+    off-diagonal ones (the target's Σ_{i<j} from its terms), the target's own (from its terms), or a fixed number
+    (already a scale)."""
     if isinstance(bandwidth, float | int):
         return torch.full(d_xy.shape[:1], float(bandwidth), dtype=d_xy.dtype, device=d_xy.device)
+    if bandwidth == "target":
+        return target_terms["scale"].expand(d_xy.shape[0])
+    target_pair_sum = target_terms.get("pair_sum")
     with torch.no_grad():
         if bandwidth == "median":  # median heuristic on the cross values (as the MLGD-F code)
             return d_xy.flatten(1).median(dim=1).values.clamp_min(1e-12)
@@ -141,19 +145,24 @@ def kernel_scale(
             pooled = d_xx.shape[-1] + m
             total = d_xx.sum((-1, -2)) + 2 * target_pair_sum + 2 * d_xy.sum((-1, -2))
             return (total / (pooled**2 - pooled)).clamp_min(1e-12)
-    raise InputError(f"loss.bandwidth: unknown {bandwidth!r}; expected 'median', 'mean' or a positive number")
+    raise InputError(f"loss.bandwidth: unknown {bandwidth!r}; expected 'median', 'mean', 'target' or a positive number")
 
 
 def kernel_target_terms(
     target: torch.Tensor, bandwidth: str | float, multipliers: Sequence[float], unbiased: bool, power: int
 ) -> dict[str, torch.Tensor]:
-    """The target's terms of a kernel MMD: with a fixed scale its within-target kernel mean ('within'), else its
-    pair values ('pairs') and, for the mean heuristic, their sum ('pair_sum')."""
+    """The target's terms of a kernel MMD: with a scale that does not depend on y (a number, or 'target': the mean
+    of the target's own off-diagonal values, as the MLGD-F code's mixtures) the within-target kernel mean ('within',
+    and that 'scale'); else its pair values ('pairs') and, for the mean heuristic, their sum ('pair_sum')."""
     pairs = target_pairs(target, power)  # (P, K)
+    m = target.shape[-2]
+    if bandwidth == "target":
+        scale = (2 * _pair_sum(pairs) / (m * (m - 1))).clamp_min(1e-12)  # (P,)
+        return {"within": within_kernel_mean(pairs, m, scale, multipliers, unbiased), "scale": scale}
     if isinstance(bandwidth, str):
         return {"pairs": pairs, "pair_sum": _pair_sum(pairs)}
     scale = pairs.new_full((pairs.shape[0],), float(bandwidth))
-    return {"within": within_kernel_mean(pairs, target.shape[-2], scale, multipliers, unbiased)}
+    return {"within": within_kernel_mean(pairs, m, scale, multipliers, unbiased)}
 
 
 def kernel_mmd2(
@@ -170,7 +179,7 @@ def kernel_mmd2(
     pair = squared_distances if power == 2 else distances
     d_xx, d_xy = pair(y, y), pair(y, target.samples)  # (B, n, n), (B, n, m)
     m = target.size
-    scale = kernel_scale(d_xy, d_xx, target.terms.get("pair_sum"), m, bandwidth)  # (B,)
+    scale = kernel_scale(d_xy, d_xx, target.terms, m, bandwidth)  # (B,)
     if "within" in target.terms:
         within_t = target.terms["within"].expand(y.shape[0])
     else:
@@ -324,7 +333,9 @@ class LossSpec(BaseModel):
 class KernelOptions(LossSpec):
     """The kernel scale options of the MMD losses."""
 
-    bandwidth: Literal["median", "mean"] | PositiveFloat = "median"  # a statistic of the distances, or h
+    # the median of the cross distances, the mean of the pooled ones, the mean of the target's own (fixed per target
+    # batch: the MLGD-F code's mixtures), or h
+    bandwidth: Literal["median", "mean", "target"] | PositiveFloat = "median"
     multipliers: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)  # c_j of the kernel mixture
 
     power: ClassVar[int] = 2  # the kernel of v = distance**power

@@ -41,7 +41,7 @@ def _pairwise_d2(a, b):
 
 @pytest.mark.parametrize("dim", [1, 3])
 @pytest.mark.parametrize("unbiased", [True, False])
-@pytest.mark.parametrize("bandwidth", ["median", "mean", 0.7])
+@pytest.mark.parametrize("bandwidth", ["median", "mean", "target", 0.7])
 def test_mmd2_equals_double_loops(dim, unbiased, bandwidth):
     gen = torch.Generator().manual_seed(dim)
     y = torch.randn(3, 9, dim, generator=gen, dtype=torch.float64)
@@ -55,6 +55,9 @@ def test_mmd2_equals_double_loops(dim, unbiased, bandwidth):
         elif bandwidth == "mean":
             pooled = torch.cat([y[b], target])
             d2 = [v for i, v in enumerate(_pairwise_d2(pooled, pooled)) if i // len(pooled) != i % len(pooled)]
+            scale = sum(d2) / len(d2)
+        elif bandwidth == "target":  # the target's own mean off-diagonal d², whatever y is
+            d2 = [v for i, v in enumerate(_pairwise_d2(target, target)) if i // len(target) != i % len(target)]
             scale = sum(d2) / len(d2)
         else:
             scale = 2 * bandwidth**2
@@ -79,7 +82,7 @@ def test_unbiased_mmd_matches_the_gaussian_closed_form():
 
 
 @pytest.mark.parametrize("dim", [1, 3])
-@pytest.mark.parametrize("bandwidth", ["median", "mean", 0.7])
+@pytest.mark.parametrize("bandwidth", ["median", "mean", "target", 0.7])
 def test_laplace_mmd_equals_double_loops(dim, bandwidth):
     gen = torch.Generator().manual_seed(dim)
     y = torch.randn(2, 8, dim, generator=gen, dtype=torch.float64)
@@ -90,7 +93,9 @@ def test_laplace_mmd_equals_double_loops(dim, bandwidth):
         x, z = y[b].tolist(), t.tolist()
         cross = sorted(math.dist(a, c) for a in x for c in z)
         within = [math.dist(a, c) for i, a in enumerate(x + z) for j, c in enumerate(x + z) if i != j]
-        s = {"median": cross[(len(cross) - 1) // 2], "mean": sum(within) / len(within)}.get(bandwidth, bandwidth)
+        own = [math.dist(a, c) for i, a in enumerate(z) for j, c in enumerate(z) if i != j]
+        s = {"median": cross[(len(cross) - 1) // 2], "mean": sum(within) / len(within), "target": sum(own) / len(own)}
+        s = s.get(bandwidth, bandwidth)
 
         def mean_k(u, v, s=s):
             """Mean Laplace kernel over the pairs (i, j) of u x v, i != j within a sample."""
@@ -250,6 +255,9 @@ def _dense_kernel_mmd2(y, t, bandwidth, mults, unbiased, power):
         n, m = y.shape[1], t.shape[1]
         total = v_xx.sum((1, 2)) + v_tt.sum((1, 2)) + 2 * v_xt.sum((1, 2))
         scale = (total / ((n + m) ** 2 - (n + m))).detach()
+    elif bandwidth == "target":
+        m = t.shape[1]
+        scale = v_tt.sum((1, 2)) / (m * m - m)
     else:
         scale = torch.full((y.shape[0],), bandwidth, dtype=y.dtype)
 
@@ -268,6 +276,7 @@ KERNEL_SPECS = [
     MMDLoss(unbiased=False, multipliers=[0.5, 1.0, 2.0]),
     MMDLoss(bandwidth="mean"),
     MMDLoss(bandwidth=0.9, unbiased=False),
+    MMDLoss(bandwidth="target", unbiased=False, multipliers=[0.25, 0.5, 1.0, 2.0, 4.0]),  # the MLGD-F mixtures' loss
     MMDLaplaceLoss(),
     MMDLaplaceLoss(bandwidth="mean", multipliers=[0.5, 2.0]),
     MMDLaplaceLoss(bandwidth=1.3),
