@@ -85,6 +85,10 @@ def add_bench_parser(commands: Any) -> None:
     engine.add_argument("--grad", choices=["identity", "full"], default="identity", help="dL/dx_t through Tweedie "
                         "(full) or not (identity, the mixture benchmarks' setting)")  # fmt: skip
     engine.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+    engine.add_argument("--setting", choices=["default", "authors"], default="default", help="the target and loss: "
+                        "this project's defaults (1000 target samples, a batch of 250 per chain each step, median "
+                        "heuristic), or the authors' mixture runner's (250 fixed samples, bandwidth fixed from them, "
+                        "5 kernels, V-statistic)")  # fmt: skip
 
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     _bench_arguments(batching, chains=256)
@@ -258,7 +262,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from benchmarks.engine import bench_engine
 
         bench_engine(args.json, tuple(args.problems.split(",")), args.n_c, args.guesses, args.batches, args.repeats,
-                     args.dtype, args.grad, args.quick)  # fmt: skip
+                     args.dtype, args.grad, args.quick, args.setting)  # fmt: skip
     elif args.bench == "ray":
         from benchmarks.executors import bench_ray
 

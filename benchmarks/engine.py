@@ -16,6 +16,7 @@ from benchmarks.report import environment, markdown_table, write_report
 from cdm_dist.chains import losses, mlgd, rng
 from cdm_dist.chains.allocator import keep_large_allocations
 from cdm_dist.chains.config import MLGDConfig, ZetaConfig
+from cdm_dist.chains.losses import MMDLoss
 from cdm_dist.chains.mlgd import Chains, GuidedChains
 from cdm_dist.problems.builtins import learned_gmm_problem
 
@@ -24,6 +25,13 @@ PARTS = ("denoiser", "sampler", "loss_forward", "target_block", "backward", "rng
 # the issue's side-by-side measurement of the authors' batched restart runner (another 2-core machine, same grid
 # settings, 2D problem, target of 250 fixed samples): chains/s by (n_c, n_guess, chains per batch)
 AUTHORS_2D = {(8, 1, 1): 3.34, (8, 1, 8): 17.2, (8, 1, 32): 31.6, (32, 1, 32): 14.3, (8, 3, 32): 12.9}
+# The loss settings. default: this project's (1000 target samples, a batch of 250 per chain and guess each step, the
+# median heuristic, U-statistic). authors: the authors' mixture runner's (250 fixed target samples, a bandwidth fixed
+# from them, five kernels s/4 .. 4s, V-statistic), whose target block is a constant.
+SETTINGS: dict[str, tuple[int, MMDLoss]] = {
+    "default": (1000, MMDLoss()),
+    "authors": (250, MMDLoss(bandwidth="target", multipliers=[0.25, 0.5, 1.0, 2.0, 4.0], unbiased=False)),
+}
 
 
 class StepProfile:
@@ -80,8 +88,12 @@ def profiled(runner: GuidedChains) -> Iterator[StepProfile]:
                 delattr(owner, name)
 
 
-def _runner(problem: Any, n_c: int, n_guess: int, seeds: range, dtype: str, grad: str = GRAD) -> GuidedChains:
-    config = MLGDConfig(num_steps=100, n_c=n_c, n_guess=n_guess, eta=0.3, dtype=dtype, grad=grad)
+def _runner(
+    problem: Any, n_c: int, n_guess: int, seeds: range, dtype: str, grad: str = GRAD, loss: MMDLoss | None = None
+) -> GuidedChains:
+    config = MLGDConfig(
+        num_steps=100, n_c=n_c, n_guess=n_guess, eta=0.3, dtype=dtype, grad=grad, loss=loss or MMDLoss()
+    )
     zeta = ZetaConfig(kind="linear", scale=10.0, final=0.1, trust_radius=1.0)
     return GuidedChains(problem.prior, problem.fast_sampler, problem.target, Chains.make(seeds, zeta), config)
 
@@ -94,22 +106,32 @@ def _run_steps(runner: GuidedChains) -> tuple[float, torch.Tensor]:
 
 
 def bench_cell(
-    problem: Any, n_c: int, n_guess: int, batch: int, repeats: int, dtype: str, grad: str = GRAD
+    problem: Any,
+    n_c: int,
+    n_guess: int,
+    batch: int,
+    repeats: int,
+    dtype: str,
+    grad: str = GRAD,
+    loss: MMDLoss | None = None,
 ) -> dict[str, Any]:
     """chains/s of `batch` chains per batch, and of chains run one at a time (medians of repeats), with the largest
     difference between a chain's x_0 batched and alone, and the batched step's profile."""
-    cell = (problem, n_c, n_guess)
-    _run_steps(_runner(*cell, range(batch), dtype, grad))  # warm-up
+
+    def runner(seeds: range) -> GuidedChains:
+        return _runner(problem, n_c, n_guess, seeds, dtype, grad, loss)
+
+    _run_steps(runner(range(batch)))  # warm-up
     singles = min(batch, 4)  # chains timed one at a time per repeat
     batched, single, difference = [], [], 0.0
     for r in range(repeats):
         seeds = range(r * batch, (r + 1) * batch)
-        seconds, x = _run_steps(_runner(*cell, seeds, dtype, grad))
+        seconds, x = _run_steps(runner(seeds))
         batched.append(seconds)
-        alone = [_run_steps(_runner(*cell, seeds[k : k + 1], dtype, grad)) for k in range(singles)]
+        alone = [_run_steps(runner(seeds[k : k + 1])) for k in range(singles)]
         single.append(statistics.mean(seconds for seconds, _ in alone))
         difference = max(difference, *(float((x[k] - x_k[0]).abs().max()) for k, (_, x_k) in enumerate(alone)))
-    runner = _runner(*cell, range(batch), dtype, grad)
+    runner = runner(range(batch))
     with profiled(runner) as profile:
         total, _ = _run_steps(runner)
     parts = {part: seconds / total for part, seconds in profile.seconds.items()}
@@ -139,23 +161,26 @@ def bench_engine(
     dtype: str = "float32",
     grad: str = GRAD,
     quick: bool = False,
+    setting: str = "default",
 ) -> dict[str, Any]:
-    """The engine grid: learned mixtures with the one-step sampler, 100 steps, every (n_c, guesses, batch) cell."""
+    """The engine grid: learned mixtures with the one-step sampler, 100 steps, every (n_c, guesses, batch) cell, with
+    the loss setting's target and MMD (SETTINGS)."""
     if quick:
         n_cs, n_guesses, batches, repeats = n_cs[:1], n_guesses[:1], batches[:2], 1
     keep_large_allocations()
+    target_size, loss = SETTINGS[setting]
     cells = [(p, n, g, b) for p in problems for n in n_cs for g in n_guesses for b in batches]
-    loaded = {name: learned_gmm_problem(name, sampler_kind="one_step") for name in problems}
+    loaded = {name: learned_gmm_problem(name, sampler_kind="one_step", target_size=target_size) for name in problems}
     rows = []
-    for name, n_c, n_guess, batch in tqdm(cells, desc="engine grid"):
-        row = {"problem": name} | bench_cell(loaded[name], n_c, n_guess, batch, repeats, dtype, grad)
+    for name, n_c, n_guess, batch in tqdm(cells, desc=f"engine grid ({setting})"):
+        row = {"problem": name} | bench_cell(loaded[name], n_c, n_guess, batch, repeats, dtype, grad, loss)
         row["authors_chains_per_s_reported"] = AUTHORS_2D.get((n_c, n_guess, batch)) if name == "gmm2d" else None
         rows.append(row)
     payload = {
         "rows": rows,
-        "settings": {"steps": 100, "dtype": dtype, "grad": grad, "sampler": "one_step", "eta": 0.3,
-                     "repeats": repeats, "loss": MLGDConfig().loss.model_dump(),
-                     "target_batch": MLGDConfig().target_batch, "target_size": 1000},
+        "settings": {"setting": setting, "steps": 100, "dtype": dtype, "grad": grad, "sampler": "one_step",
+                     "eta": 0.3, "repeats": repeats, "loss": loss.model_dump(),
+                     "target_batch": MLGDConfig().target_batch, "target_size": target_size},
         "environment": environment(torch.device("cpu")),
         "quick": quick,
     }  # fmt: skip

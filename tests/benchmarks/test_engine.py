@@ -28,6 +28,14 @@ def test_bench_engine_reports_every_cell_with_a_profile(tmp_path):
     assert all(r["max_abs_x_difference_alone"] == 0 for r in rows if r["batch"] == 1)
 
 
+def test_the_authors_setting_has_a_constant_target_block(tmp_path):
+    """250 fixed target samples and a bandwidth fixed from them: the target block is prepared once, never per step."""
+    payload = bench_engine(None, ("gmm2d",), n_cs=(4,), n_guesses=(1,), batches=(2,), repeats=1, setting="authors")
+    assert payload["settings"]["target_size"] == 250 and payload["settings"]["loss"]["bandwidth"] == "target"
+    (row,) = payload["rows"]
+    assert row["profile_fraction"]["target_block"] == 0 and row["chains_per_s"] > 0
+
+
 def test_the_profile_counts_each_parts_own_time(monkeypatch):
     clock = iter(float(t) for t in range(100))
     monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
