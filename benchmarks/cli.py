@@ -90,6 +90,13 @@ def add_bench_parser(commands: Any) -> None:
                         "heuristic), or the authors' mixture runner's (250 fixed samples, bandwidth fixed from them, "
                         "5 kernels, V-statistic)")  # fmt: skip
 
+    precision = benches.add_parser("precision", help="the same MLGD-F chains in float32 and float64 on the learned "
+                                   "mixtures, compared chain by chain")  # fmt: skip
+    precision.add_argument("--json", help="output JSON path (a .md table is written beside it)")
+    precision.add_argument("--chains", type=int, default=64)
+    precision.add_argument("--n-c", type=int, default=64, help="conditional samples per guess")
+    precision.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+
     batching = benches.add_parser("batching", help="the same MLGD-F chains batched vs one at a time")
     _bench_arguments(batching, chains=256)
 
@@ -127,6 +134,8 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
 
     if args.bench == "models":
         return
+    if args.bench == "precision" and args.chains < 2:
+        raise InputError(f"--chains: must be >= 2 (paired differences), got {args.chains}")
     if args.bench == "engine":
         known = ["gmm10d", "gmm2d", "gmm5d"]
         unknown = sorted(set(args.problems.split(",")) - set(known))
@@ -258,6 +267,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from benchmarks.models import bench_models
 
         bench_models(args.json, args.quick, args.device)
+    elif args.bench == "precision":
+        from benchmarks.precision import bench_precision
+
+        bench_precision(args.json, chains=args.chains, n_c=args.n_c, quick=args.quick)
     elif args.bench == "engine":
         from benchmarks.engine import bench_engine
 
