@@ -143,6 +143,43 @@ def ring_probe(samples: int = 512, seed: int = 0, kind: str = "flow") -> list[di
     ]
 
 
+@torch.no_grad()
+def half_turn_probe(samples: int = 256, angles: int = 2, seed: int = 0, kind: str = "flow") -> dict[str, dict]:
+    """Does the sampler tell a held-out digit at θ from the same digit at θ + π? Per class, over every held-out digit
+    at `angles` random angles: the share of f(x) draws on the true half of the circle (|angle - θ| < π/2; 0.5 for a
+    digit whose angle is ambiguous up to a half turn, as a calibrated sampler would give a half-turn-symmetric
+    shape), the share of digits whose mean f(x) direction is within 45° of θ + π (read upside down), the spread,
+    and the digit's own half-turn asymmetry |x - rot180(x)| / |x| in pixels (0 for a half-turn-symmetric image)."""
+    import math
+
+    from cdm_dist.problems.digits import angle_of, base_digits, rotate, to_model_space
+
+    problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS, sampler_kind=kind)
+    noise = problem.fast_sampler.noise_shape
+    images, labels = base_digits("heldout")
+    turned = rotate(images, torch.full((len(images),), math.pi))
+    asymmetry = (images - turned).flatten(1).norm(dim=1) / images.flatten(1).norm(dim=1)  # (N,)
+    gen = torch.Generator().manual_seed(seed)
+    images, labels, asymmetry = images.repeat(angles, 1, 1, 1), labels.repeat(angles), asymmetry.repeat(angles)
+    theta = 2 * math.pi * torch.rand(len(images), generator=gen)
+    x = to_model_space(rotate(images, theta))
+    y = problem.fast_sampler.sample(x, torch.randn(len(x), samples, *noise, generator=gen)).double()  # (N, samples, 2)
+    wrap = lambda a: torch.remainder(a + math.pi, 2 * math.pi) - math.pi  # noqa: E731
+    error = wrap(angle_of(y) - theta[:, None].double())  # (N, samples)
+    mean_error = wrap(torch.atan2(y[..., 1].mean(1), y[..., 0].mean(1)) - theta.double())  # (N,)
+    true_half = (error.abs() < math.pi / 2).double().mean(1)  # (N,)
+    flipped = (mean_error.abs() > 3 * math.pi / 4).double()  # (N,)
+    spread = circular_spread(y)
+    return {
+        str(d): {"count": int((labels == d).sum()), "true_half_share": float(true_half[labels == d].mean()),
+                 "read_upside_down": float(flipped[labels == d].mean()),
+                 "spread_mean": float(spread[labels == d].mean()),
+                 "median_abs_error_deg": float(error[labels == d].abs().median().rad2deg()),
+                 "half_turn_asymmetry": float(asymmetry[labels == d].mean())}
+        for d in range(10)
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="benchmarks/results/digits_zeros_study.json")
@@ -158,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     done["rings"] = ring_probe()
     done["heldout_classes_consistency"] = class_losses(kind="consistency")  # the re-noised 6-step sampler
     done["rings_consistency"] = ring_probe(kind="consistency")
+    done["half_turn"] = half_turn_probe()  # does the sampler tell a digit at θ from θ + π?
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(done, indent=1) + "\n")
     unguided: dict[int, torch.Tensor] = {}
