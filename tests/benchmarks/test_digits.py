@@ -69,3 +69,49 @@ def test_the_paper_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_pat
     judged = zip(row["top5_judged_digits"], row["top5_judge_confidence"], strict=True)
     assert all(c >= 0.7 for d, c in judged if d >= 0)  # a digit only at confidence >= 0.7
     assert (tmp_path / "digits_paper_uniform_top5.png").is_file() and out.with_suffix(".md").is_file()
+
+
+def test_the_zeros_study_judges_each_trials_top_5_within_the_study_limit(tmp_path):
+    """benchmarks.digits_tune reads a `cdm tune` folder: per trial, its chains from the campaign folder, the top 5
+    within the study's prior_fit limit, judged; a trial over the limit is infeasible and sorts last."""
+    import optuna
+
+    from benchmarks.digits_tune import analyse, open_study
+    from cdm_dist.driver.campaign import load_config
+    from cdm_dist.driver.execution import MicroBatchResult
+    from cdm_dist.driver.store import CampaignStore
+    from cdm_dist.problems.digits import base_digits, rotate, to_model_space
+    from tuning.study import CAMPAIGN_DIR, PRIOR_FIT_LIMIT
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "tune_digits_zeros.yaml"
+    config = load_config(example, [f"output={tmp_path}"])
+    images, labels = base_digits("heldout")
+    zeros, ones = images[labels == 0][:3], images[labels == 1][:3]
+    x = to_model_space(rotate(torch.cat([zeros, ones]), torch.full((6,), 0.5)))  # three 0s, three 1s
+    folder = tmp_path / "study-tune-digits-zeros"
+    folder.mkdir()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal")))
+    study = optuna.create_study(study_name="tune-digits-zeros", storage=storage)
+    study.set_user_attr(PRIOR_FIT_LIMIT, 0.5)
+    space = {"method.grad": optuna.distributions.CategoricalDistribution(["full", "identity"])}
+    fits = {"full": [0.1, 0.9, 0.2, 0.1, 0.1, 0.1], "identity": [0.9] * 6}  # chain 1 (a 0) over the limit
+    for value, grad in ((0.3, "full"), (0.1, "identity")):
+        store = CampaignStore.create(config.model_copy(update={"name": f"trial-{grad}"}))
+        loss = torch.tensor([0.1, 0.05, 0.2, 0.3, 0.4, 0.5])
+        store.save_result(MicroBatchResult(0, x, loss, torch.zeros(6, dtype=torch.bool),
+                                           {"prior_fit": torch.tensor(fits[grad])}), torch.zeros(6, 1))  # fmt: skip
+        trial = optuna.trial.create_trial(
+            params={"method.grad": grad}, distributions=space, value=value,
+            user_attrs={CAMPAIGN_DIR: str(store.root)},
+            system_attrs={"constraints:prior_fit": float(torch.tensor(fits[grad]).median()) - 0.5},
+        )  # fmt: skip
+        study.add_trial(trial)
+    assert open_study(folder).study_name == "tune-digits-zeros"
+    payload = analyse(folder, str(tmp_path / "zeros.json"), pictures=False)
+    best, over = payload["rows"]
+    assert (best["method.grad"], best["feasible"], over["feasible"]) == ("full", True, False)  # 0.3 feasible first
+    assert best["top5_chains"] == [0, 2, 3, 4, 5] and best["within_limit"] == 5
+    assert best["top5_judged_digits"][:2] == [0, 0] and best["top5_zeros"] == 2 and best["zeros_within_limit"] == 2
+    assert best["zeros_all"] == 3 and 0 <= best["top5_spread_mean"] <= 1
+    assert over["top5_chains"] == [] and over["within_limit"] == 0
+    assert set(payload["importances"]) == {"objective", "zeros_within_limit"} and (tmp_path / "zeros.md").is_file()
