@@ -144,12 +144,13 @@ def ring_probe(samples: int = 512, seed: int = 0, kind: str = "flow") -> list[di
 
 
 @torch.no_grad()
-def half_turn_probe(samples: int = 256, angles: int = 2, seed: int = 0, kind: str = "flow") -> dict[str, dict]:
+def half_turn_probe(samples: int = 256, angles: int = 2, seed: int = 0, kind: str = "flow") -> dict[str, Any]:
     """Does the sampler tell a held-out digit at θ from the same digit at θ + π? Per class, over every held-out digit
     at `angles` random angles: the share of f(x) draws on the true half of the circle (|angle - θ| < π/2; 0.5 for a
     digit whose angle is ambiguous up to a half turn, as a calibrated sampler would give a half-turn-symmetric
     shape), the share of digits whose mean f(x) direction is within 45° of θ + π (read upside down), the spread,
-    and the digit's own half-turn asymmetry |x - rot180(x)| / |x| in pixels (0 for a half-turn-symmetric image)."""
+    and the digit's own half-turn asymmetry |x - rot180(x)| / |x| in pixels (0 for a half-turn-symmetric image);
+    and, over all digits, a reliability table of the half-turn call (confidence against accuracy)."""
     import math
 
     from cdm_dist.problems.digits import angle_of, base_digits, rotate, to_model_space
@@ -170,7 +171,18 @@ def half_turn_probe(samples: int = 256, angles: int = 2, seed: int = 0, kind: st
     true_half = (error.abs() < math.pi / 2).double().mean(1)  # (N,)
     flipped = (mean_error.abs() > 3 * math.pi / 4).double()  # (N,)
     spread = circular_spread(y)
-    return {
+    # calibration of the half-turn call: confidence = the share of draws within π/2 of the draws' mean direction,
+    # correct = that mean direction within π/2 of θ; a calibrated sampler's accuracy equals its confidence per bin
+    confidence = (wrap(angle_of(y) - (mean_error + theta.double())[:, None]).abs() < math.pi / 2).double().mean(1)
+    correct = (mean_error.abs() < math.pi / 2).double()
+    reliability = []
+    for low, high in ((0.5, 0.8), (0.8, 0.95), (0.95, 0.99), (0.99, 1.01)):
+        inside = (confidence >= low) & (confidence < high)
+        reliability.append({"confidence": f"[{low}, {min(high, 1.0)}{']' if high > 1 else ')'}",
+                            "digits": int(inside.sum()), "zeros": int((inside & (labels == 0)).sum()),
+                            "mean_confidence": float(confidence[inside].mean()) if inside.any() else None,
+                            "accuracy": float(correct[inside].mean()) if inside.any() else None})  # fmt: skip
+    by_class = {
         str(d): {"count": int((labels == d).sum()), "true_half_share": float(true_half[labels == d].mean()),
                  "read_upside_down": float(flipped[labels == d].mean()),
                  "spread_mean": float(spread[labels == d].mean()),
@@ -178,6 +190,7 @@ def half_turn_probe(samples: int = 256, angles: int = 2, seed: int = 0, kind: st
                  "half_turn_asymmetry": float(asymmetry[labels == d].mean())}
         for d in range(10)
     }  # fmt: skip
+    return by_class | {"reliability": reliability}
 
 
 def main(argv: list[str] | None = None) -> int:
