@@ -45,6 +45,7 @@ def _small_campaign(tmp_path, overrides):
         "method.eta": 0.5,
         "method.guidance_start": 0.25,
         "method.refine_steps": 2,
+        "method.dtype": "float64",  # the references tests compare with are float64 (the default is float32)
         "chains.count": 6,
         "chains.zeta": "[{kind: linear, scale: 3.0, final: 0.1}, {kind: rt, normalize: true}]",
         "resources.micro_batch": 2,

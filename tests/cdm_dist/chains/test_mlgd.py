@@ -19,7 +19,7 @@ from cdm_dist.chains.mlgd import (
 from cdm_dist.chains.targets import Target
 from cdm_dist.errors import InputError
 
-SMALL = MLGDConfig(num_steps=8, n_c=12, n_guess=2, target_batch=10, refine_steps=2)
+SMALL = MLGDConfig(num_steps=8, n_c=12, n_guess=2, target_batch=10, refine_steps=2, dtype="float64")  # exact refs
 ZETAS = [
     ZetaConfig(scale=1.0),
     ZetaConfig(kind="linear", scale=2.0, final=0.1),

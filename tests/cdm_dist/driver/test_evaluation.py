@@ -173,6 +173,7 @@ def campaign(tmp_path_factory):
         "method.n_c": 16,
         "method.target_batch": 16,
         "method.guidance_start": 0.25,
+        "method.dtype": "float64",  # compared below with a float64 computation
         "chains.count": 6,
         "chains.source": f"{{file: {tmp / 'source.npy'}, strengths: [0.5, 0.75]}}",
         "resources.micro_batch": 2,
