@@ -141,6 +141,7 @@ def analyse(
         "feasible": "the trial's median prior_fit within the study's limit (Optuna constraint)",
         "selection": "top 5 by held-out loss among the trial's chains within the prior_fit limit (as the bench)",
         "importances": importances(study, zeros),
+        "objective_vs_zeros_within_limit": _spearman([r["objective"] for r in rows], list(zeros.values())),
         "baselines": plain,
         "cdm_tune_summary": summary,
         "rows": rows,
@@ -171,9 +172,20 @@ def analyse(
         "Baselines (unguided chains, judged the same way):",
         markdown_table(baseline_rows, ["campaign", *columns[columns.index("within_limit"):]]),
         f"fANOVA importances: {json.dumps(payload['importances'])}",
+        f"objective vs 0s within the limit: {json.dumps(payload['objective_vs_zeros_within_limit'])}",
     ])  # fmt: skip
     write_report(payload, json_path, markdown)
     return payload
+
+
+def _spearman(a: list[float], b: list[float]) -> dict[str, float] | None:
+    """Spearman's rank correlation and its p-value (None below 3 pairs or when a side is constant)."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    result = spearmanr(a, b)
+    return {"spearman_rho": float(result.statistic), "p_value": float(result.pvalue), "trials": len(a)}
 
 
 def _plain(value: Any) -> Any:
