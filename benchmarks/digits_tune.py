@@ -27,7 +27,7 @@ from cdm_dist.driver.store import CampaignStore
 from cdm_dist.problems.builtins import digits_problem
 from cdm_dist.problems.digits import from_model_space
 from cdm_dist.problems.judge import judge_digits, load_judge
-from tuning.study import CAMPAIGN_DIR, CONSTRAINT, OUTCOME, PRIOR_FIT_LIMIT
+from tuning.study import CAMPAIGN_DIR, CONSTRAINT, OUTCOME, PRIOR_FIT_LIMIT, objective_words
 
 SPREAD_DRAWS = 500  # f(x*) draws per x* for its spread (as the bench)
 
@@ -102,6 +102,7 @@ def analyse(
     pictures: bool = True,
     baselines: tuple[Path, ...] = (),
     summary: dict[str, Any] | None = None,
+    other: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The study in `folder`, judged: a row per complete trial, importances, pictures beside json_path. Baselines:
     the study's own unguided chains (that set its limit) and any other campaign folders (e.g. the trials' seeds
@@ -137,16 +138,20 @@ def analyse(
             for t in study.trials
             if t.state != optuna.trial.TrialState.COMPLETE
         },
-        "objective": "mean held-out sliced W1 of a trial's 5 best chains (tune.objective topk_mean)",
+        "objective": objective_words(config) if config else None,
+        "loss": config.method.loss.name if config else None,
+        "dtype": config.method.dtype if config else None,
         "feasible": "the trial's median prior_fit within the study's limit (Optuna constraint)",
         "selection": "top 5 by held-out loss among the trial's chains within the prior_fit limit (as the bench)",
         "importances": importances(study, zeros),
         "objective_vs_zeros_within_limit": _spearman([r["objective"] for r in rows], list(zeros.values())),
         "baselines": plain,
         "cdm_tune_summary": summary,
+        "paired": paired(rows, other) if other else None,
         "rows": rows,
     }
     out = Path(json_path).parent if json_path else folder
+    stem = Path(json_path).stem if json_path else "digits_zeros_tune"  # the pictures' names start with the JSON's
     feasible = [r for r in rows if r["feasible"]]
     picks = {"best": feasible[0] if feasible else None,
              "most_zeros": max(rows, key=lambda r: (r["top5_zeros"], -r["objective"])) if rows else None}  # fmt: skip
@@ -158,9 +163,9 @@ def analyse(
         judged, confidence = judge_digits(judge, from_model_space(x))
         title = f"study {study.study_name}, trial {row['trial']} ({name}): top-5 x* within the prior_fit limit"
         payload[f"{name}_trial"] = row["trial"]
-        payload[f"{name}_grid_png"] = str(draw_grid(x, labels, out / f"digits_zeros_tune_{name}_top5.png", title,
+        payload[f"{name}_grid_png"] = str(draw_grid(x, labels, out / f"{stem}_{name}_top5.png", title,
                                                     judged, confidence))  # fmt: skip
-        circle = draw_circle(problem, x, "uniform", out / f"digits_zeros_tune_{name}_circle.png")
+        circle = draw_circle(problem, x, "uniform", out / f"{stem}_{name}_circle.png")
         payload[f"{name}_circle_png"] = str(circle)
     columns = ["trial", "objective", "feasible", *sorted({k for t in complete for k in t.params}), "within_limit",
                "zeros_within_limit", "judged_by_chain", "top5_judged_digits", "top5_zeros", "top5_loss_mean",
@@ -173,9 +178,28 @@ def analyse(
         markdown_table(baseline_rows, ["campaign", *columns[columns.index("within_limit"):]]),
         f"fANOVA importances: {json.dumps(payload['importances'])}",
         f"objective vs 0s within the limit: {json.dumps(payload['objective_vs_zeros_within_limit'])}",
+        f"paired trials: {json.dumps(payload['paired'])}",
     ])  # fmt: skip
     write_report(payload, json_path, markdown)
     return payload
+
+
+def paired(rows: list[dict[str, Any]], other: dict[str, Any]) -> dict[str, Any]:
+    """Trials with the same parameters in this study and another's analysis JSON (two studies with one TPE seed
+    share their first, random, trials): their 0s within the limit and in the top 5, summed over the pairs."""
+    knobs = lambda r: {k: v for k, v in r.items() if k.startswith(("chains.", "method."))}  # noqa: E731
+    theirs = {json.dumps(knobs(r), sort_keys=True): r for r in other["rows"]}
+    pairs = [(r, theirs[json.dumps(knobs(r), sort_keys=True)]) for r in rows if json.dumps(knobs(r), sort_keys=True)
+             in theirs]  # fmt: skip
+    return {
+        "other": other.get("study"),
+        "other_loss": other.get("loss"),
+        "trials": sorted(r["trial"] for r, _ in pairs),
+        "zeros_within_limit": [sum(r["zeros_within_limit"] for r, _ in pairs),
+                               sum(o["zeros_within_limit"] for _, o in pairs)],
+        "top5_zeros": [sum(r["top5_zeros"] for r, _ in pairs), sum(o["top5_zeros"] for _, o in pairs)],
+        "order": "[this study, the other]",
+    }  # fmt: skip
 
 
 def _spearman(a: list[float], b: list[float]) -> dict[str, float] | None:
@@ -198,10 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/results/digits_zeros_tune.json")
     parser.add_argument("--baseline", action="append", default=[], help="another campaign folder to judge")
     parser.add_argument("--summary", help="the study's `cdm tune --json` summary, kept in the output")
+    parser.add_argument("--compare", help="another study's analysis JSON: its trials with the same parameters")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     summary = json.loads(Path(args.summary).read_text()) if args.summary else None
-    payload = analyse(Path(args.folder), args.json, baselines=tuple(Path(b) for b in args.baseline), summary=summary)
+    other = json.loads(Path(args.compare).read_text()) if args.compare else None
+    baselines = tuple(Path(b) for b in args.baseline)
+    payload = analyse(Path(args.folder), args.json, baselines=baselines, summary=summary, other=other)
     print(json.dumps(payload["baselines"], indent=1))
     print(json.dumps(payload["importances"], indent=1))
     for row in payload["rows"]:
