@@ -143,12 +143,12 @@ def bench_ray(
             rows.append(_measure(config("resources.placement=colocated", "resources.replicas=1",
                                         f"resources.threads={cores}", f"resources.num_cpus={cores}"), tmp, problem,
                                  None))  # fmt: skip
-            if cores >= 2:
+            if cores >= 2 and not quick:
                 rows.append(_measure(config("resources.placement=colocated", f"resources.replicas={cores}"), tmp,
                                      problem, None))  # fmt: skip
             per_actor = max(1, cores // 2)
             for transport in ("tasks", "compiled"):
-                for in_flight in IN_FLIGHT:
+                for in_flight in IN_FLIGHT[:2] if quick else IN_FLIGHT:
                     split = config(
                         "resources.placement=split",
                         f"resources.transport={transport}",

@@ -16,7 +16,7 @@ def test_bench_faults_tune_quick_keeps_every_invariant(tmp_path):
     assert main(["bench", "faults", "--tune", "--quick", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     totals = payload["totals"]
-    assert [r["kill"] for r in payload["rows"]] == [1, 2, 3] and totals["kills"] == 3
+    assert [r["kill"] for r in payload["rows"]] == [1] and totals["kills"] == 1
     assert all(r["killed_after_s"] > 0 and r["phase"] in ("trials", "start-up", "finished study")
                for r in payload["rows"])  # fmt: skip
     # every restart exited 0 or was itself the next kill; none failed or hung
@@ -24,7 +24,7 @@ def test_bench_faults_tune_quick_keeps_every_invariant(tmp_path):
     assert all(leg["returncode"] == (-9 if leg["killed"] else 0) for leg in payload["legs"])
     assert totals["restarts_failed"] == totals["restarts_hung"] == 0 and totals["final_exit"] == 0
     # exactly N counted trials, all complete, N distinct parameter sets, the config as written among them
-    assert totals["counted"] == totals["complete"] == totals["distinct_params"] == totals["trials"] == 3
+    assert totals["counted"] == totals["complete"] == totals["distinct_params"] == totals["trials"] == 2
     assert totals["config_as_written_evaluated"] and totals["trial0_is_config_as_written"]
     assert totals["chains_stored_twice"] == 0 and totals["chains_missing"] == 0
     assert totals["ok"]
