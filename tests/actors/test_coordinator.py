@@ -60,6 +60,7 @@ _SMALL = [
     "method.eta=0.5",
     "method.guidance_start=0.25",
     "method.refine_steps=2",
+    "method.dtype=float64",  # as the small_campaign fixture
     "chains.count=6",
     "chains.zeta=[{kind: linear, scale: 3.0, final: 0.1}, {kind: rt, normalize: true}]",
     "resources.micro_batch=2",
@@ -203,7 +204,8 @@ def test_a_micro_batch_that_keeps_failing_on_a_live_actor_fails_only_its_chains(
 
 def test_repeated_actor_deaths_cost_no_retries_and_change_no_chain(ray_cluster, small_campaign, local_reference):
     """More kills than max_retries (1), fewer than max_restarts (4) per actor, at bad moments: mid-step, twice in a
-    row while the actor is still restarting, and during the final evaluation. Every chain completes as unfaulted."""
+    row while the actor is still restarting, and during the final evaluation (a sampler killed mid-campaign:
+    test_killing_an_actor_mid_campaign_loses_no_chain). Every chain completes as unfaulted."""
     config = small_campaign(
         resources__placement="split", resources__in_flight=2, resources__max_retries=1, resources__max_restarts=4
     )
@@ -222,13 +224,11 @@ def test_repeated_actor_deaths_cost_no_retries_and_change_no_chain(ray_cluster, 
             kill(prior, "prior-2")
             time.sleep(0.3)
             kill(prior, "prior-3")  # again, while it restarts
-        elif batch.index == 2 and chunk.step == 8 and "sampler-1" not in kills:
-            kill(sampler, "sampler-1")
         elif batch.index == 0 and chunk.step == 12 and "sampler-2" not in kills:
             kill(sampler, "sampler-2")  # its micro-batch is about to be evaluated on the sampler
 
     report = _run(config, executor, on_chunk=at_chunk)
-    assert len(kills) == 5 and not any(r.failed for r in report.rows)
+    assert len(kills) == 4 and not any(r.failed for r in report.rows)
     _assert_same_chains(report, local_reference)
 
 
