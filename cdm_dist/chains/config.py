@@ -71,7 +71,8 @@ class MLGDConfig(StrictModel):
     refine_lr: Positive = 0.02  # Adam's learning rate of the refine_steps
     eval_samples: Annotated[int, Field(ge=2)] | None = None  # samples of y and target of final_loss; null: 4 n_c
     eval_seed: int = 20260517  # seed of the held-out target draw shared by all chains (and of prior_fit)
-    dtype: Literal["float64", "float32"] = "float32"  # of the chain's maths (x, ζ_t, losses); weights keep theirs; float64 for exact references
+    # of the chain's maths (x, ζ_t, losses); weights keep theirs; float64 for exact references
+    dtype: Literal["float64", "float32"] = "float32"
 
     @model_validator(mode="after")
     def _consistent(self) -> MLGDConfig:
