@@ -118,20 +118,20 @@ def bench_cell(
     """chains/s of `batch` chains per batch, and of chains run one at a time (medians of repeats), with the largest
     difference between a chain's x_0 batched and alone, and the batched step's profile."""
 
-    def runner(seeds: range) -> GuidedChains:
+    def chains_of(seeds: range) -> GuidedChains:
         return _runner(problem, n_c, n_guess, seeds, dtype, grad, loss)
 
-    _run_steps(runner(range(batch)))  # warm-up
+    _run_steps(chains_of(range(batch)))  # warm-up
     singles = min(batch, 4)  # chains timed one at a time per repeat
     batched, single, difference = [], [], 0.0
     for r in range(repeats):
         seeds = range(r * batch, (r + 1) * batch)
-        seconds, x = _run_steps(runner(seeds))
+        seconds, x = _run_steps(chains_of(seeds))
         batched.append(seconds)
-        alone = [_run_steps(runner(seeds[k : k + 1])) for k in range(singles)]
+        alone = [_run_steps(chains_of(seeds[k : k + 1])) for k in range(singles)]
         single.append(statistics.mean(seconds for seconds, _ in alone))
         difference = max(difference, *(float((x[k] - x_k[0]).abs().max()) for k, (_, x_k) in enumerate(alone)))
-    runner = runner(range(batch))
+    runner = chains_of(range(batch))
     with profiled(runner) as profile:
         total, _ = _run_steps(runner)
     parts = {part: seconds / total for part, seconds in profile.seconds.items()}
