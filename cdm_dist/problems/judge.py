@@ -1,7 +1,7 @@
 """A digit judge of the project's own: a small rotation-robust CNN over the 16x16 rotated digits.
 
 The MLGD-F code judges its x* with a noise-robust MNIST classifier and a 0.7 confidence threshold (below it: no
-digit). This one is trained by `cdm train judge --problem digits` on scikit-learn's training digits at uniformly random
+digit). This one is trained by `cdm train judge --problem digits` on the training digits at uniformly random
 angles, with pixel noise and one-pixel shifts, so it names a digit whatever its rotation. Under rotation 6 and 9 are
 one shape: the judge splits its confidence between them, and the threshold then says "no digit".
 """
@@ -32,7 +32,7 @@ HELDOUT_ANGLES = 8  # held-out accuracy: every held-out digit at k * 45 degrees
 class JudgeConfig:
     """The judge's architecture: three 3x3 conv blocks, global average pooling, a linear head."""
 
-    channels: tuple[int, int, int] = (16, 32, 64)
+    channels: tuple[int, int, int] = (32, 64, 96)
     classes: int = 10
     size: int = 16
 
@@ -41,7 +41,7 @@ class JudgeConfig:
 class JudgeSettings:
     """Training knobs of the judge."""
 
-    steps: int = 3000
+    steps: int = 6000
     batch_size: int = 128
     lr: float = 3e-3
     noise: float = 0.1  # std of the Gaussian pixel noise added to training images ([0, 1] pixels)
@@ -134,7 +134,7 @@ def train_judge(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from cdm_dist.problems.digits import base_digits
+    from cdm_dist.problems.digits import DATA, base_digits
 
     if problem != "digits":
         raise InputError(f"--problem: a judge is trained for digits only; got {problem!r}")
@@ -166,7 +166,7 @@ def train_judge(
         "problem": problem,
         "model_class": type(judge).__name__,
         "parameters": sum(p.numel() for p in judge.parameters()),
-        "data": "sklearn load_digits, 12x12 in 16x16, every 10th digit held out; uniformly random rotations, "
+        "data": f"{DATA}; uniformly random rotations, "
         f"shifts of up to {settings.shift} px, pixel noise of std {settings.noise}",
         "objective": "cross-entropy over the 10 digits",
         "threshold": THRESHOLD,

@@ -86,12 +86,12 @@ def training_data(problem: str) -> TrainingData:
         text = f"fresh samples of the {problem} joint (cdm_dist.problems.builtins; joint seed 1 for 5D/10D) every step"
         return TrainingData(problem, (dim - 1,), 1, draw, draw, text)
     if problem == "digits":
-        from cdm_dist.problems.digits import SIZE, rotated_batch
+        from cdm_dist.problems.digits import DATA, SIZE, rotated_batch
 
         def digits(split: str) -> Draw:
             return lambda n, gen: rotated_batch(n, gen, split)
 
-        text = "sklearn load_digits, 12x12 in 16x16, every 10th digit held out, theta ~ U[0, 2pi) per draw"
+        text = f"{DATA}, theta ~ U[0, 2pi) per draw"
         return TrainingData(problem, (1, SIZE, SIZE), 2, digits("train"), digits("heldout"), text)
     if problem == "scribbles":
         from cdm_dist.problems import scribbles

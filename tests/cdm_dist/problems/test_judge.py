@@ -16,8 +16,8 @@ from cdm_dist.problems.judge import (
     train_judge,
 )
 
-ACCURACY_FLOOR = 0.85  # held-out digits at 8 rotations, plain argmax (6 and 9 look alike turned by 180 degrees)
-MERGED_FLOOR = 0.88  # the same with 6 and 9 one class
+ACCURACY_FLOOR = 0.88  # held-out digits at 8 rotations, plain argmax (6 and 9 look alike turned by 180 degrees)
+MERGED_FLOOR = 0.91  # the same with 6 and 9 one class
 ZERO_RECALL_FLOOR = 0.95  # held-out 0s the judge calls 0, at every rotation
 
 
@@ -28,7 +28,7 @@ def judge():
 
 def test_the_shipped_judge_names_rotated_held_out_digits_above_its_floors(judge):
     quality = heldout_accuracy(judge)
-    assert quality["images"] == 180 * 8
+    assert quality["images"] == 500 * 8
     assert quality["accuracy"] >= ACCURACY_FLOOR and quality["accuracy_6_9_merged"] >= MERGED_FLOOR
     assert quality["zero_recall"] >= ZERO_RECALL_FLOOR
     recorded = json.loads((shipped_judge() / "manifest.json").read_text())["quality"]
