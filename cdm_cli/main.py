@@ -446,6 +446,9 @@ def _run_servers(commands: dict[str, list[str]], ports: dict[int, str], host: st
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
+    # Ctrl-C too: a process started in the background by a shell inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt for it, so without this handler the servers would outlive a Ctrl-C sent to it.
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
         while True:  # until one server ends (then the others are stopped too) or we are told to stop
