@@ -70,7 +70,9 @@ def free_port():
 @pytest.fixture
 def http_service():
     """Start a command serving HTTP on 127.0.0.1 ('{port}' in it is replaced); returns the port once `path`
-    answers. Every service started is stopped at teardown."""
+    answers; `start.processes` lists what was started. `sigint_ignored`: started as a shell's background job is,
+    with SIGINT ignored. Every service started is stopped (its process group) at teardown."""
+    import signal
     import subprocess
     import time
     import urllib.error
@@ -80,13 +82,14 @@ def http_service():
 
     started = []
 
-    def start(command, path="/health"):
+    def start(command, path="/health", sigint_ignored=False):
         port = free_port()
         process = subprocess.Popen(
             [str(c).format(port=port) for c in command],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: the server's workers are stopped with it
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
         )
         started.append(process)
         for _ in range(240):
@@ -100,6 +103,7 @@ def http_service():
                 time.sleep(0.5)
         pytest.fail(f"{command[:4]} did not answer on port {port}")
 
+    start.processes = started
     yield start
     from cdm_dist.driver.processes import stop_process_group
 

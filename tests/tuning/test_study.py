@@ -176,14 +176,11 @@ def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path)
     assert [c.run_id for c in select(uri, None, 10, selected=True).candidates] == [chosen]
 
 
-def test_cdm_ui_serves_the_run_store_on_localhost_and_stops_on_ctrl_c(study_config, tmp_path, free_port):
-    """Started as a shell's background job is (SIGINT ignored, inherited), Ctrl-C still stops it and its server."""
+def test_cdm_ui_serves_the_run_store_on_localhost_and_stops_on_ctrl_c(study_config, http_service, free_port):
+    """Started as a shell's background job is (SIGINT ignored, inherited), Ctrl-C still stops it and its servers."""
     import signal
     import socket
-    import subprocess
     import sys
-    import time
-    import urllib.error
     import urllib.request
 
     from cdm_dist.driver.runner import run_campaign
@@ -192,25 +189,14 @@ def test_cdm_ui_serves_the_run_store_on_localhost_and_stops_on_ctrl_c(study_conf
 
     config = study_config(chains__count=2)  # a store with a campaign (`cdm ui` refuses one without)
     run_campaign(config, LocalExecutor(config), CampaignStore.create(config), progress=False)
-    port, dashboard = free_port(), free_port()
-    command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", config.tracking.uri, "--port", str(port),
+    dashboard = free_port()
+    command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", config.tracking.uri, "--port", "{port}",
                "--dashboard-port", str(dashboard)]  # fmt: skip
-    ui = subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read() == b"OK"
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert ui.poll() is None and time.monotonic() < deadline, "cdm ui did not answer"
-                time.sleep(0.5)
-        ui.send_signal(signal.SIGINT)
-        assert ui.wait(timeout=120) == 0
-    finally:
-        if ui.poll() is None:  # failed: SIGTERM stops its server too
-            ui.terminate()
-            ui.wait(timeout=120)
+    port = http_service(command, sigint_ignored=True)
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read() == b"OK"
+    (ui,) = http_service.processes
+    ui.send_signal(signal.SIGINT)
+    assert ui.wait(timeout=120) == 0
     for server in (port, dashboard):
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", server)) != 0  # its servers stopped with it
