@@ -27,6 +27,7 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 STUDIES = {"gmm5d": EXAMPLES / "tune_gmm5d.yaml", "digits": EXAMPLES / "tune_digits.yaml"}
 FRESH_SEED = 10_000  # evaluation chains never seen while tuning
 EVAL_SAMPLES = 1000  # one held-out sample size for default and tuned, whatever their n_c
+QUICK = ["method.num_steps=10", "chains.count=4", "method.n_c=16", "method.target_batch=16", "pictures=false"]
 
 
 def _evaluate(config: CampaignConfig, label: str, chains: int) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def _bench_problem(problem: str, root: str, trials: int, parallel: int, quick: b
     """One problem: evaluate the config as written, tune it at 1 and K parallel trials, evaluate the best."""
     overrides = [f"output={root}/{problem}", "tracking.enabled=false", "resources.executor=local"]
     if quick:
-        overrides += ["method.num_steps=10", "chains.count=4", "method.n_c=16", "method.target_batch=16"]
+        overrides += QUICK
     base = load_config(STUDIES[problem], overrides)
     if quick:  # keep the trials tiny: n_c stays fixed
         space = {path: spec for path, spec in base.tune.space.items() if path != "method.n_c"}
@@ -86,7 +87,7 @@ def _shared_study(root: Path, quick: bool) -> Path:
     overrides = [f"output={root}/study", "tracking.enabled=false", "resources.executor=local",
                  "tune.heartbeat_seconds=2", "tune.grace_seconds=6", "tune.prior_fit_limit=off"]  # fmt: skip
     if quick:
-        overrides += ["method.num_steps=10", "chains.count=4", "method.n_c=16", "method.target_batch=16"]
+        overrides += QUICK
     path = root / "shared.yaml"
     path.write_text(dump_config(load_config(STUDIES["gmm5d"], overrides)))
     return path

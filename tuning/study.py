@@ -374,6 +374,7 @@ class Tuner:
                     "chains.zeta": [{"scale": 0.0}],
                     "chains.zeta_grid": None,
                     "tracking.enabled": False,
+                    "pictures": False,  # read for its prior_fit only: its chains' pictures would go unseen
                     "output": str(self.folder),
                 },
                 "tune",
