@@ -1,8 +1,8 @@
 """Problem specs resolved where the models live: the registry of named problems, user factories, and the lazy
 per-part build that lets each worker construct only what its role needs.
 
-- Registered names: the built-in benchmarks (cdm_dist.problems.builtins registers its functions when imported, as
-  the package does) plus every entry point in the group `cdm_dist.problems` (a package declares
+- Registered names: the built-in benchmarks (cdm_dist.problems.builtins registers its functions when imported, on
+  the first look-up) plus every entry point in the group `cdm_dist.problems` (a package declares
   `[project.entry-points."cdm_dist.problems"] myproblem = "my_pkg.problems:make"`).
 - A registered function or a problem factory is called with its `args` (and `device=` when it takes one); it returns
   a CDMProblem, or a ProblemConfig of parts, which is then resolved part by part as well.
@@ -59,9 +59,17 @@ def builtin_problem(function: Recipe) -> Recipe:
     return function
 
 
+def builtin_problems() -> dict[str, Callable[..., Any]]:
+    """The built-ins: BUILTIN_PROBLEMS once cdm_dist.problems.builtins has registered them (imported here, as the
+    package no longer imports it eagerly)."""
+    import cdm_dist.problems.builtins  # noqa: F401  (its @builtin_problem decorators fill BUILTIN_PROBLEMS)
+
+    return BUILTIN_PROBLEMS
+
+
 def registered_problems() -> dict[str, Callable[..., Any] | str]:
     """Every registered problem name -> its function (built-ins) or "module:function" (installed entry points)."""
-    names: dict[str, Callable[..., Any] | str] = dict(BUILTIN_PROBLEMS)
+    names: dict[str, Callable[..., Any] | str] = dict(builtin_problems())
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         names.setdefault(entry.name, entry.value)
     return names
@@ -113,7 +121,7 @@ def validate_spec(spec: ProblemConfig, importable: bool = True) -> None:
         Target.from_file(target.file)  # a bad file is refused before any worker starts
     if not importable:
         return
-    if spec.kind == "name" and spec.name in BUILTIN_PROBLEMS:
+    if spec.kind == "name" and spec.name in builtin_problems():
         problem_recipe(spec)
     elif spec.kind != "parts":
         check_args(problem_function(spec)[0], spec.args, "problem")
