@@ -20,8 +20,10 @@ def samples_vs_target_png(y: torch.Tensor, target: torch.Tensor, title: str) -> 
     if y.shape[1] == 1:
         low, high = min(y.min(), target.min()), max(y.max(), target.max())
         bins = 50 if high > low else 1
-        ax.hist(target[:, 0], bins=bins, range=(low, high), density=True, alpha=0.5, label="target G")
-        ax.hist(y[:, 0], bins=bins, range=(low, high), density=True, alpha=0.5, label="P(Y | x*)")
+        # stepfilled: one polygon per histogram, drawn as the bars would look, not a patch per bin (faster)
+        shared = {"bins": bins, "range": (low, high), "density": True, "alpha": 0.5, "histtype": "stepfilled"}
+        ax.hist(target[:, 0], label="target G", **shared)
+        ax.hist(y[:, 0], label="P(Y | x*)", **shared)
         ax.set_xlabel("y")
     else:
         ax.scatter(target[:, 0], target[:, 1], s=3, alpha=0.4, label="target G")
