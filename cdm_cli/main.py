@@ -18,6 +18,16 @@ UI_BASE = "http://127.0.0.1:5000"  # where `cdm ui` serves with its defaults
 EXTRA_SET = "CDM_SET"  # ';'-separated KEY=VALUE applied after a command's own --set (tests shrink campaigns with it)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description="Conditional distribution matching (MLGD-F) at scale.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--optuna-storage", help="study journal file or RDB URL for optuna-dashboard "
                     "(default: the newest out/campaigns/study-*/optuna.journal)")  # fmt: skip
     ui.add_argument("--dashboard-port", type=int, default=8080, help="optuna-dashboard port")
+    ui.add_argument("--workers", type=_positive_int, help="the MLflow UI's worker processes (default: MLflow's, 4; "
+                    "1 starts sooner and serves one user well)")  # fmt: skip
 
     serve = commands.add_parser("serve", help="team services on 127.0.0.1: an MLflow tracking server on a "
                                 "database and optuna-dashboard on the study database")  # fmt: skip
@@ -353,6 +365,8 @@ def _ui(args: argparse.Namespace) -> int:
         raise InputError(f"--tracking-uri: no campaign in {preconditions.redacted(uri)} yet (cdm run CONFIG makes one)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port)]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
     commands = {f"MLflow UI on http://{args.host}:{args.port} over {preconditions.redacted(uri)}": command}
     dashboard = _optuna_dashboard_command(args)
     if dashboard is not None:

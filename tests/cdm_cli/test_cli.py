@@ -108,7 +108,7 @@ def test_resume_after_the_driver_was_killed(tmp_path):
     args = [
         "run",
         *("--executor", "local", "--quiet"),
-        *("--set", "method.num_steps=40", "--set", "method.n_c=128", "--set", "method.target_batch=128"),
+        *("--set", "method.num_steps=20", "--set", "method.n_c=32", "--set", "method.target_batch=32"),
         *("--set", "chains.count=12", "--set", "resources.micro_batch=2", "--set", f"tracking.uri={uri}"),
         *("--set", f"output={tmp_path / 'campaigns'}", "--set", f"tracking.artifact_location={tmp_path / 'art'}"),
     ]
@@ -128,7 +128,7 @@ def test_resume_after_the_driver_was_killed(tmp_path):
         if f"mb{index:05d}.pt" not in finished:
             checkpoint = folder / "checkpoints" / f"mb{index:05d}.pt"
             step = torch.load(checkpoint, weights_only=True)["step"].item() if checkpoint.is_file() else 0
-            remaining += 2 * (40 - step)
+            remaining += 2 * (20 - step)
     assert len(finished) < 6
     run_id = json.loads((folder / "tracking.json").read_text())["parent_run_id"]
 

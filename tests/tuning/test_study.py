@@ -176,32 +176,6 @@ def test_topk_selects_the_lowest_losses_and_exports_them(study_config, tmp_path)
     assert [c.run_id for c in select(uri, None, 10, selected=True).candidates] == [chosen]
 
 
-def test_cdm_ui_serves_the_run_store_on_localhost_and_stops_on_ctrl_c(study_config, http_service, free_port):
-    """Started as a shell's background job is (SIGINT ignored, inherited), Ctrl-C still stops it and its servers."""
-    import signal
-    import socket
-    import sys
-    import urllib.request
-
-    from cdm_dist.driver.runner import run_campaign
-    from cdm_dist.driver.store import CampaignStore
-    from cdm_dist.driver.worker import LocalExecutor
-
-    config = study_config(chains__count=2)  # a store with a campaign (`cdm ui` refuses one without)
-    run_campaign(config, LocalExecutor(config), CampaignStore.create(config), progress=False)
-    dashboard = free_port()
-    command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", config.tracking.uri, "--port", "{port}",
-               "--dashboard-port", str(dashboard)]  # fmt: skip
-    port = http_service(command, sigint_ignored=True)
-    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read() == b"OK"
-    (ui,) = http_service.processes
-    ui.send_signal(signal.SIGINT)
-    assert ui.wait(timeout=120) == 0
-    for server in (port, dashboard):
-        with socket.socket() as probe:
-            assert probe.connect_ex(("127.0.0.1", server)) != 0  # its servers stopped with it
-
-
 def test_tune_rejects_bad_input_with_status_2(tmp_path):
     from cdm_cli.main import main
 
@@ -254,16 +228,21 @@ def test_parallel_trials_share_one_ray_actor_pool_and_match_in_process_runs(ray_
 
 
 @pytest.mark.skipif(shutil.which("optuna-dashboard") is None, reason="optuna-dashboard is not installed")
-def test_cdm_ui_serves_the_study_in_optuna_dashboard_next_to_mlflow(study_config, http_service, free_port):
+def test_cdm_ui_serves_the_study_in_optuna_dashboard_next_to_mlflow_and_stops_on_ctrl_c(study_config, http_service,
+                                                                                       free_port):  # fmt: skip
+    """One `cdm ui` over a study's store: optuna-dashboard shows every trial as stored, the MLflow UI answers beside
+    it; started as a shell's background job is (SIGINT ignored, inherited), Ctrl-C still stops it and its servers."""
+    import signal
+    import socket
     import urllib.request
 
     config = study_config(chains__count=2)
     tuner = Tuner(config)
-    result = tuner.run(trials=2, parallel=1)
+    result = tuner.run(trials=2, parallel=1)  # its trials are campaigns in the store (`cdm ui` refuses one without)
     mlflow_port = free_port()
-    command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", config.tracking.uri]
+    command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", config.tracking.uri, "--workers", "1"]
     command += ["--port", mlflow_port, "--optuna-storage", tuner.storage_label, "--dashboard-port", "{port}"]
-    port = http_service(command, path="/api/studies")
+    port = http_service(command, path="/api/studies", sigint_ignored=True)
 
     def get(url):
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -288,6 +267,12 @@ def test_cdm_ui_serves_the_study_in_optuna_dashboard_next_to_mlflow(study_config
             time.sleep(0.5)
     else:
         pytest.fail("the MLflow UI did not answer")
+    (ui,) = http_service.processes
+    ui.send_signal(signal.SIGINT)
+    assert ui.wait(timeout=120) == 0
+    for server in (mlflow_port, port):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", server)) != 0  # its servers stopped with it
 
 
 def test_every_trial_is_scored_on_the_same_heldout_sample_size(study_config):

@@ -129,7 +129,8 @@ def cdm_ui(tmp_path):
         port = free_port()
         log = tmp_path / f"cdm_ui_{port}.txt"
         with log.open("w") as out:
-            command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", uri, "--port", str(port)]
+            command = [sys.executable, "-m", "cdm_cli.main", "ui", "--tracking-uri", uri, "--port", str(port),
+                       "--workers", "1"]  # fmt: skip
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         started.append(process)
         for _ in range(240):
