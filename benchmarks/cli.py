@@ -48,6 +48,8 @@ def add_bench_parser(commands: Any) -> None:
     digits.add_argument("--protocol", choices=["default", "paper"], default="default", help="paper: the MLGD-F "
                         "code's MNIST protocol (15 seeds, its steps per target, guidance off t < 250 on the uniform "
                         "target, sliced W1, a 6-step sampler)")  # fmt: skip
+    digits.add_argument("--grad", choices=["full", "identity"], help="override the protocol's gradient (default: "
+                        "identity; paper: full); issue 25's study: identity makes the paper protocol's 0s")  # fmt: skip
     digits.set_defaults(chains=None)  # 16, or the paper protocol's 15 seeds
 
     scribbles = benches.add_parser("scribbles", help="the paper's Exp. 2 at small scale: a scribble edited towards 4 "
@@ -241,7 +243,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
         targets = tuple(args.targets.split(","))
         bench_digits(args.json, targets, args.chains, args.quick, args.device, args.n_c, args.checkpoints,
-                     args.protocol)  # fmt: skip
+                     args.protocol, args.grad)  # fmt: skip
     elif args.bench == "scribbles":
         from benchmarks.scribbles import bench_scribbles
 

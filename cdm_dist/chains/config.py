@@ -50,6 +50,9 @@ class MLGDConfig(StrictModel):
 
     num_steps: Annotated[int, Field(ge=1)] = 100  # reverse diffusion steps over x (at most the prior's timesteps)
     eta: Fraction = 0.0  # DDIM's eta (reverse-step noise σ_t, Song et al. 2021): 0 = deterministic DDIM, 1 = DDPM
+    # eta of the unguided steps after the last guided one (the clean-up): fresh noise there lets the prior wash out
+    # what guidance left off its manifold; null: eta
+    cleanup_eta: Fraction | None = None
     n_c: Annotated[int, Field(ge=1)] = 250  # n_c: conditional samples y ~ f(x̂0, η) per chain, guess and step
     n_guess: Annotated[int, Field(ge=1)] = 3  # LGD guesses x̂0 + r_t ξ per step; the loss is -log mean exp(-L) of them
     # the guesses' radius r_t: step_beta r_t = β_t / sqrt(1 + β_t²) (MLGD-F code), or posterior

@@ -229,6 +229,19 @@ def guided_steps(config: MLGDConfig, schedule: DiffusionSchedule) -> list[bool]:
     return guided.tolist()
 
 
+def reverse_sigmas(
+    schedule: DiffusionSchedule, guided: list[bool], eta: float, cleanup_eta: float | None
+) -> list[float]:
+    """σ_t of each reverse step, (T,): DDIM's at eta, and at cleanup_eta on the unguided steps after the last guided
+    one."""
+    sigma = schedule.ddim_sigma(eta).tolist()
+    if cleanup_eta is None or not any(guided):
+        return sigma
+    last = max(i for i, on in enumerate(guided) if on)
+    cleanup = schedule.ddim_sigma(cleanup_eta).tolist()
+    return sigma[: last + 1] + cleanup[last + 1 :]
+
+
 class PriorSide:
     """The prior's half of the chain loop (MLGD-F Alg. 1): x_T, Tweedie's x̂0, and the guided reverse step."""
 
@@ -268,7 +281,7 @@ class PriorSide:
             self.radius = sched.smoothing_radius().tolist()
         else:
             self.radius = (config.guess_scale * torch.sqrt(1 - sched.alpha_bar)).tolist()
-        self.sigma = sched.ddim_sigma(config.eta).tolist()
+        self.sigma = reverse_sigmas(sched, self.guided, config.eta, config.cleanup_eta)
 
     def initial_state(self) -> ChainState:
         """x_T ~ N(0, I) from each chain's stream (or 0, as the MLGD-F code); an editing chain's x is the source

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from benchmarks.digits import (
+    HELDOUT_ROTATION_SEED,
     PAPER_FAST_STEPS,
     PAPER_SEEDS,
     bench_digits,
+    heldout_prior_fit,
     paper_settings,
     prior_fit_limit,
     top_within_limit,
@@ -52,20 +54,52 @@ def test_the_paper_example_is_the_bench_protocol_on_the_uniform_target():
     assert campaign.problem.args["digits_target"] == "uniform"
 
 
-def test_an_unknown_protocol_is_refused_by_name(tmp_path):
+def test_an_unknown_protocol_or_gradient_is_refused_by_name(tmp_path):
     with pytest.raises(InputError, match=r"^--protocol: unknown 'mnist'; expected one of \['default', 'paper'\]"):
         bench_digits(str(tmp_path / "d.json"), protocol="mnist")
+    with pytest.raises(InputError, match=r"^--grad: unknown 'tweedie'; expected full or identity"):
+        bench_digits(str(tmp_path / "d.json"), grad="tweedie")
+    assert not (tmp_path / "d.json").exists()
 
 
-def test_the_paper_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_path, tiny_checkpoints):
+def test_the_heldout_prior_fit_scores_each_rotated_heldout_digit_on_its_own(tiny_checkpoints):
+    """The limit's reference: every held-out digit at its seeded random rotation, scored as a batch, equals each digit
+    rotated and scored alone (prior_fit gives every row the same noise, so rows do not interact)."""
+    from cdm_dist.chains.priors import prior_fit
+    from cdm_dist.problems.builtins import digits_problem
+    from cdm_dist.problems.digits import base_digits, rotate, to_model_space
+
+    problem = digits_problem("uniform", tiny_checkpoints("digits"))
+    scores = heldout_prior_fit(problem, seed=3)
+    images, _ = base_digits("heldout")
+    assert scores.shape == (len(images),) and bool(scores.isfinite().all())
+    turns = torch.rand(len(images), generator=torch.Generator().manual_seed(HELDOUT_ROTATION_SEED))
+    for k in (0, 7, len(images) - 1):
+        alone = to_model_space(rotate(images[k : k + 1], 2 * math.pi * turns[k : k + 1]))
+        assert float(prior_fit(problem.prior, alone, 3)[0]) == pytest.approx(float(scores[k]), rel=1e-4)
+    assert float(heldout_prior_fit(problem, seed=4)[0]) != pytest.approx(float(scores[0]), rel=1e-4)  # seeded noise
+
+
+def test_the_paper_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_path, tiny_checkpoints, monkeypatch):
+    import benchmarks.digits as bench
+
+    scored = []  # the tiny prior's held-out scores, scaled so that its chains fall within the limit
+
+    def loose(problem, seed):
+        scored.append(10 * heldout_prior_fit(problem, seed))
+        return scored[-1]
+
+    monkeypatch.setattr(bench, "heldout_prior_fit", loose)
     out = tmp_path / "paper.json"
     folder = str(tiny_checkpoints("digits"))
-    payload = bench_digits(str(out), ("uniform",), 3, quick=True, checkpoints=folder, protocol="paper")
+    payload = bench_digits(str(out), ("uniform",), 3, quick=True, checkpoints=folder, protocol="paper", grad="identity")
     (row,) = payload["rows"]
     used = payload["settings"]["uniform"]
     assert used["mlgd"]["guidance_min_t"] == 250 and used["mlgd"]["loss"]["p"] == 1 and used["fast_steps"] == 6
+    assert used["mlgd"]["grad"] == row["grad"] == "identity"  # --grad overrides the protocol's full gradient
+    assert len(scored) == 1 and row["prior_fit_limit"] == pytest.approx(prior_fit_limit(scored[0]), rel=1e-12)
     assert row["chains"] == 3 and row["num_steps"] == 10 and len(row["top5_seeds"]) == 3 - row["chains_over_limit"]
-    assert row["top5_zeros"] == row["top5_judged_digits"].count(0)
+    assert row["top5_seeds"] and row["top5_zeros"] == row["top5_judged_digits"].count(0)
     judged = zip(row["top5_judged_digits"], row["top5_judge_confidence"], strict=True)
     assert all(c >= 0.7 for d, c in judged if d >= 0)  # a digit only at confidence >= 0.7
     assert (tmp_path / "digits_paper_uniform_top5.png").is_file() and out.with_suffix(".md").is_file()

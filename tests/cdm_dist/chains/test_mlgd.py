@@ -265,3 +265,22 @@ def test_a_timestep_window_that_leaves_no_step_guided_names_the_field(gmm2d):
     config = SMALL.model_copy(update={"guidance_min_t": 10**6})
     with pytest.raises(InputError, match=r"^method\.guidance_min_t: 1000000 leaves no step guided"):
         GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, Chains.make([1], ZETAS[0]), config)
+
+
+def test_cleanup_eta_adds_noise_only_to_the_unguided_steps_after_the_last_guided_one(gmm2d):
+    """cleanup_eta: σ_t is DDIM's at eta up to the last guided step and at cleanup_eta after it; the chain's states
+    up to that step are the same as without it, and its end differs (fresh noise)."""
+    chains = Chains.make([4, 9], ZETAS[:2])
+    base = SMALL.model_copy(update={"guidance_stop": 5 / SMALL.num_steps})  # steps 0..4 guided
+    clean = base.model_copy(update={"cleanup_eta": 1.0})
+    schedule = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, base).prior_side.schedule
+    runner = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, clean)
+    ddim, ddpm = schedule.ddim_sigma(0.0).tolist(), schedule.ddim_sigma(1.0).tolist()
+    assert runner.prior_side.sigma == ddim[:5] + ddpm[5:] and all(s > 0 for s in ddpm[5:-1])
+    plain = GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, base)
+    states, plain_states = list(runner.states()), list(plain.states())
+    for a, b in zip(states[:5], plain_states[:5], strict=True):  # after steps 0..4 (the guided ones): the same x
+        torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    assert not torch.allclose(states[5].x, plain_states[5].x)  # step 5 (the first clean-up step) adds noise
+    unguided = SMALL.model_copy(update={"guidance": False, "cleanup_eta": 1.0})  # no guided step: nothing to clean
+    assert GuidedChains(gmm2d.prior, gmm2d.fast_sampler, gmm2d.target, chains, unguided).prior_side.sigma == ddim
