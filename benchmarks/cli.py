@@ -45,11 +45,10 @@ def add_bench_parser(commands: Any) -> None:
     _bench_arguments(digits, chains=16)
     digits.add_argument("--targets", default="uniform,bimodal,unimodal")
     digits.add_argument("--checkpoints", help="folder with prior/ and sampler/ (default: the shipped digits models)")
-    digits.add_argument("--protocol", choices=["default", "paper"], default="default", help="paper: the MLGD-F "
-                        "code's MNIST protocol (15 seeds, its steps per target, guidance off t < 250 on the uniform "
-                        "target, sliced W1, a 6-step sampler)")  # fmt: skip
-    digits.add_argument("--grad", choices=["full", "identity"], help="override the protocol's gradient (default: "
-                        "identity; paper: full); issue 25's study: identity makes the paper protocol's 0s")  # fmt: skip
+    digits.add_argument("--protocol", choices=["default", "paper", "study"], default="default", help="paper: the "
+                        "MLGD-F code's MNIST protocol (15 seeds, its steps per target, guidance off t < 250 on the "
+                        "uniform target, sliced W1, a 6-step sampler); study: it with issue 25's study's changes "
+                        "(identity gradient; uniform: guidance to t = 100, zeta 0.2, stochastic clean-up)")  # fmt: skip
     digits.set_defaults(chains=None)  # 16, or the paper protocol's 15 seeds
 
     scribbles = benches.add_parser("scribbles", help="the paper's Exp. 2 at small scale: a scribble edited towards 4 "
@@ -243,7 +242,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
         targets = tuple(args.targets.split(","))
         bench_digits(args.json, targets, args.chains, args.quick, args.device, args.n_c, args.checkpoints,
-                     args.protocol, args.grad)  # fmt: skip
+                     args.protocol)  # fmt: skip
     elif args.bench == "scribbles":
         from benchmarks.scribbles import bench_scribbles
 

@@ -41,7 +41,7 @@ def settings(quick: bool, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfi
     return config, ZetaConfig(kind="linear", scale=0.3, final=0.1, normalize=True)
 
 
-PROTOCOLS = ("default", "paper")
+PROTOCOLS = ("default", "paper", "study")
 PAPER_SEEDS = 15  # chains per target in the MLGD-F code's MNIST runs; the top 5 by final loss are reported
 PAPER_STEPS = {"uniform": 290, "bimodal": 125, "unimodal": 130}  # its DDIM steps per target
 PAPER_MIN_T = {"uniform": 250}  # guidance off for t < 250 on the uniform target: the last steps only clean up
@@ -66,6 +66,20 @@ def paper_settings(kind: str, quick: bool = False, n_c: int | None = None) -> tu
     )
     zeta = PAPER_ZETA.model_copy(update={"scale": PAPER_ZETA.scale * PAPER_ZETA_FACTOR.get(kind, 1.0)})
     return config, zeta
+
+
+STUDY_ZETA_SCALE = {"uniform": 0.2}  # issue 25's study: the uniform target's step length in pixels ...
+STUDY_MIN_T = {"uniform": 100}  # ... and guidance down to t = 100, then a stochastic clean-up (cleanup_eta 1)
+
+
+def study_settings(kind: str, quick: bool = False, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfig]:
+    """The paper protocol with what issue 25's study found makes the uniform target's 0s: the identity gradient (the
+    full one leads to cross-shaped non-digits), and on the uniform target guidance down to t = 100, ζ 0.2, then the
+    unguided steps with fresh noise (cleanup_eta 1) so the prior washes out what guidance left off its manifold."""
+    config, zeta = paper_settings(kind, quick, n_c)
+    window = {"guidance_min_t": STUDY_MIN_T[kind]} if kind in STUDY_MIN_T else {}
+    config = config.model_copy(update={"grad": "identity", "cleanup_eta": 1.0, **window})
+    return config, zeta.model_copy(update={"scale": STUDY_ZETA_SCALE.get(kind, zeta.scale)})
 
 
 def top_within_limit(
@@ -198,35 +212,31 @@ def bench_digits(
     n_c: int | None = None,
     checkpoints: str | None = None,
     protocol: str = "default",
-    grad: str | None = None,
 ) -> dict[str, Any]:
     """Per target: guided chains and, on the same seeds, unguided ones; the top-5 by held-out loss among the x*
     within the prior_fit limit (held-out digits' 95% quantile), judged by the project's digit judge, pictured.
     Protocol 'default': 100 steps, ζ cycled over a grid, identity gradient, MMD; 'paper': the MLGD-F code's
-    MNIST protocol (`paper_settings`); grad overrides the protocol's gradient."""
+    MNIST protocol (`paper_settings`); 'study': it with issue 25's study's changes (`study_settings`)."""
     if protocol not in PROTOCOLS:
         raise InputError(f"--protocol: unknown {protocol!r}; expected one of {list(PROTOCOLS)}")
-    if grad not in (None, "full", "identity"):
-        raise InputError(f"--grad: unknown {grad!r}; expected full or identity")
     from cdm_dist.problems.judge import judge_digits, load_judge
 
     bench_start = time.perf_counter()
     dev = torch.device(device)
-    paper = protocol == "paper"
+    paper = protocol in ("paper", "study")  # the study's protocol is the paper's with a few settings changed
     chains = chains or (PAPER_SEEDS if paper else 16)
     judge = load_judge()
     out = Path(json_path).parent if json_path else Path("out/bench_digits")
     out.mkdir(parents=True, exist_ok=True)
-    prefix = "digits_paper" if paper else "digits"
+    prefix = f"digits_{protocol}" if paper else "digits"
     rows, used, payload, heldout = [], {}, {}, None
     for kind in tqdm(targets, desc="bench digits", unit="target"):
         if paper:
-            config, zeta = paper_settings(kind, quick, n_c)
+            config, zeta = (study_settings if protocol == "study" else paper_settings)(kind, quick, n_c)
             schedules = [zeta] * chains
         else:
             config, zeta = settings(quick, n_c)
             schedules = chain_schedules(zeta, chains)
-        config = config.model_copy(update={"grad": grad or config.grad})
         fast_steps = PAPER_FAST_STEPS if paper else None
         used[kind] = {"mlgd": config.model_dump(mode="json"), "zeta": [z.model_dump() for z in schedules[:6]],
                       "fast_steps": fast_steps or 8}  # fmt: skip

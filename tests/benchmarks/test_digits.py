@@ -12,6 +12,7 @@ from benchmarks.digits import (
     heldout_prior_fit,
     paper_settings,
     prior_fit_limit,
+    study_settings,
     top_within_limit,
 )
 from cdm_dist.errors import InputError
@@ -44,21 +45,30 @@ def test_the_paper_protocol_per_target(kind, steps, min_t, scale):
     assert config.grad == "full" and zeta.normalize
 
 
-def test_the_paper_example_is_the_bench_protocol_on_the_uniform_target():
+@pytest.mark.parametrize("kind", ["uniform", "bimodal", "unimodal"])
+def test_the_study_protocol_is_the_paper_protocol_with_the_studys_changes(kind):
+    paper, paper_zeta = paper_settings(kind)
+    study, study_zeta = study_settings(kind)
+    changed = {"grad": "identity", "cleanup_eta": 1.0} | ({"guidance_min_t": 100} if kind == "uniform" else {})
+    assert study == paper.model_copy(update=changed)
+    assert study_zeta == paper_zeta.model_copy(update={"scale": 0.2 if kind == "uniform" else paper_zeta.scale})
+
+
+@pytest.mark.parametrize(("example", "protocol"), [("digits_paper.yaml", paper_settings),
+                                                  ("digits_study.yaml", study_settings)])  # fmt: skip
+def test_the_examples_are_the_bench_protocols_on_the_uniform_target(example, protocol):
     from cdm_dist.driver.campaign import load_config
 
-    campaign = load_config(Path(__file__).resolve().parents[2] / "examples" / "digits_paper.yaml")
-    config, zeta = paper_settings("uniform")
+    campaign = load_config(Path(__file__).resolve().parents[2] / "examples" / example)
+    config, zeta = protocol("uniform")
     assert campaign.method.mlgd() == config and campaign.chains.zeta == [zeta]
     assert campaign.chains.count == PAPER_SEEDS and campaign.problem.args["fast_steps"] == PAPER_FAST_STEPS
     assert campaign.problem.args["digits_target"] == "uniform"
 
 
-def test_an_unknown_protocol_or_gradient_is_refused_by_name(tmp_path):
-    with pytest.raises(InputError, match=r"^--protocol: unknown 'mnist'; expected one of \['default', 'paper'\]"):
+def test_an_unknown_protocol_is_refused_by_name(tmp_path):
+    with pytest.raises(InputError, match=r"^--protocol: unknown 'mnist'; expected one of \['default', 'paper', 'st"):
         bench_digits(str(tmp_path / "d.json"), protocol="mnist")
-    with pytest.raises(InputError, match=r"^--grad: unknown 'tweedie'; expected full or identity"):
-        bench_digits(str(tmp_path / "d.json"), grad="tweedie")
     assert not (tmp_path / "d.json").exists()
 
 
@@ -80,7 +90,7 @@ def test_the_heldout_prior_fit_scores_each_rotated_heldout_digit_on_its_own(tiny
     assert float(heldout_prior_fit(problem, seed=4)[0]) != pytest.approx(float(scores[0]), rel=1e-4)  # seeded noise
 
 
-def test_the_paper_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_path, tiny_checkpoints, monkeypatch):
+def test_the_study_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_path, tiny_checkpoints, monkeypatch):
     import benchmarks.digits as bench
 
     scored = []  # the tiny prior's held-out scores, scaled so that its chains fall within the limit
@@ -92,17 +102,18 @@ def test_the_paper_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_pat
     monkeypatch.setattr(bench, "heldout_prior_fit", loose)
     out = tmp_path / "paper.json"
     folder = str(tiny_checkpoints("digits"))
-    payload = bench_digits(str(out), ("uniform",), 3, quick=True, checkpoints=folder, protocol="paper", grad="identity")
+    payload = bench_digits(str(out), ("uniform",), 3, quick=True, checkpoints=folder, protocol="study")
     (row,) = payload["rows"]
     used = payload["settings"]["uniform"]
-    assert used["mlgd"]["guidance_min_t"] == 250 and used["mlgd"]["loss"]["p"] == 1 and used["fast_steps"] == 6
-    assert used["mlgd"]["grad"] == row["grad"] == "identity"  # --grad overrides the protocol's full gradient
+    assert used["mlgd"]["guidance_min_t"] == 100 and used["mlgd"]["loss"]["p"] == 1 and used["fast_steps"] == 6
+    assert used["mlgd"]["grad"] == row["grad"] == "identity" and used["mlgd"]["cleanup_eta"] == 1.0
+    assert used["zeta"][0]["scale"] == 0.2
     assert len(scored) == 1 and row["prior_fit_limit"] == pytest.approx(prior_fit_limit(scored[0]), rel=1e-12)
     assert row["chains"] == 3 and row["num_steps"] == 10 and len(row["top5_seeds"]) == 3 - row["chains_over_limit"]
     assert row["top5_seeds"] and row["top5_zeros"] == row["top5_judged_digits"].count(0)
     judged = zip(row["top5_judged_digits"], row["top5_judge_confidence"], strict=True)
     assert all(c >= 0.7 for d, c in judged if d >= 0)  # a digit only at confidence >= 0.7
-    assert (tmp_path / "digits_paper_uniform_top5.png").is_file() and out.with_suffix(".md").is_file()
+    assert (tmp_path / "digits_study_uniform_top5.png").is_file() and out.with_suffix(".md").is_file()
 
 
 def test_the_zeros_study_judges_each_trials_top_5_within_the_study_limit(tmp_path):
