@@ -78,13 +78,16 @@ def _settings(quick: bool) -> list[str]:
     ]  # fmt: skip
 
 
-def _leg(root: Path, args: list[str], seed: int, kills: int, log: Path, kill_at_steps: int | None) -> dict[str, Any]:
+def _leg(
+    root: Path, args: list[str], seed: int, kills: int, log: Path, kill_at_steps: int | None, address: str | None
+) -> dict[str, Any]:
     """One `cdm run` in a child process (its own session) with `kills` actor kills; SIGKILLed once the chain-steps
-    in its log reach kill_at_steps."""
+    in its log reach kill_at_steps. It starts a local Ray, or joins the one at `address` (RAY_ADDRESS)."""
     command = [sys.executable, "-c", CHAOS, str(seed), str(kills), str(log), *args]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ({"RAY_ADDRESS": address} if address else {})
     tic = time.perf_counter()
     process = subprocess.Popen(command, cwd=root, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     killed = False
     while kill_at_steps is not None and process.poll() is None:
         if _events(log)[1] >= kill_at_steps:
@@ -134,8 +137,11 @@ def _mlflow_complete(uri: str, experiment: str, chains: int) -> int:
     return complete
 
 
-def bench_faults(json_path: str | None, repeats: int = 5, kills: int = 3, quick: bool = False) -> dict[str, Any]:
-    """Every repeat against the unfaulted campaign; JSON + markdown."""
+def bench_faults(
+    json_path: str | None, repeats: int = 5, kills: int = 3, quick: bool = False, address: str | None = None
+) -> dict[str, Any]:
+    """Every repeat against the unfaulted campaign; JSON + markdown. Each `cdm run` starts its own local Ray, or
+    joins the cluster at `address` (the tests' session Ray: a killed driver's actors die with its job)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -146,7 +152,7 @@ def bench_faults(json_path: str | None, repeats: int = 5, kills: int = 3, quick:
                     f"tracking.artifact_location={root / name}-art", f"tracking.experiment={name}"]  # fmt: skip
             return ["run", "--quiet", "--json", str(root / f"{name}.json"), *[a for s in sets for a in ("--set", s)]]
 
-        reference = _leg(root, args("reference"), 0, 0, root / "reference.log", None)
+        reference = _leg(root, args("reference"), 0, 0, root / "reference.log", None, address)
         if reference["returncode"] != 0:
             raise RuntimeError(f"the unfaulted campaign failed: {reference['stderr'][-2000:]}")
         clean_steps = _events(root / "reference.log")[1]
@@ -156,11 +162,11 @@ def bench_faults(json_path: str | None, repeats: int = 5, kills: int = 3, quick:
             rng = random.Random(repeat)
             name = f"faulted{repeat}"
             kill_at = int(rng.uniform(0.2, 0.8) * clean_steps)
-            first = _leg(root, args(name), repeat, kills, root / f"{name}.log", kill_at)
+            first = _leg(root, args(name), repeat, kills, root / f"{name}.log", kill_at, address)
             first_steps = _events(root / f"{name}.log")[1]
             (folder,) = (root / name).iterdir()
             second = _leg(root, ["run", "--resume", str(folder), "--quiet", "--json", str(root / f"{name}.json")],
-                          1000 + repeat, kills, root / f"{name}.log", None)  # fmt: skip
+                          1000 + repeat, kills, root / f"{name}.log", None, address)  # fmt: skip
             actor_kills, steps = _events(root / f"{name}.log")
             got = json.loads((root / f"{name}.json").read_text()) if second["returncode"] == 0 else None
             rows.append(

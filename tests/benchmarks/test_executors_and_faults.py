@@ -27,10 +27,11 @@ def test_bench_ray_reports_every_executor_and_transport(ray_cluster, tmp_path):
     assert out.with_suffix(".md").read_text().startswith("| problem | executor | transport |")
 
 
-def test_bench_faults_loses_and_changes_no_chain(tmp_path):
+def test_bench_faults_loses_and_changes_no_chain(ray_cluster, tmp_path):
     from benchmarks.faults import bench_faults
 
-    payload = bench_faults(str(tmp_path / "faults.json"), repeats=1, kills=1, quick=True)
+    address = ray_cluster.get_runtime_context().gcs_address  # each `cdm run` joins the session's Ray
+    payload = bench_faults(str(tmp_path / "faults.json"), repeats=1, kills=1, quick=True, address=address)
     (row,) = payload["rows"]
     totals = payload["totals"]
     assert row["driver_killed"] and row["resume_returncode"] == 0

@@ -139,7 +139,8 @@ def test_a_campaign_tracks_to_an_mlflow_server(small_campaign, tmp_path, http_se
 
     port = http_service(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", "{port}",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "srv")]
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "srv"),
+         "--workers", "1"]  # one worker comes up sooner (MLflow's default 4 on 2 cores)
     )  # fmt: skip
     config = small_campaign(tracking__enabled=True, tracking__uri=f"http://127.0.0.1:{port}", chains__count=2)
     report = _run(config)
