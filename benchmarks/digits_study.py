@@ -1,10 +1,13 @@
 """What makes 0s appear on the uniform digits target: a hand-run grid around the paper protocol (issue 25).
 
-`python -m benchmarks.digits_study --json benchmarks/results/digits_zeros_study.json [--cells a,b] [--seeds 15]`
+`python -m benchmarks.digits_study --json benchmarks/results/digits_zeros_study.json [--cells a,b] [--seeds 15]
+[--scales 0.1,0.3,1.0]`
 
-Each cell changes one setting of `paper_settings("uniform")`; every cell runs the same seeds at three step lengths
+Each cell changes settings of `paper_settings("uniform")`; every cell runs the same seeds at each step length
 (per-chain ζ schedules in one batch). Per cell and step length: the judge's 0s among the top 5 by held-out loss within
-the prior_fit limit (the unguided chains' 95% quantile) and among all chains within it, the f(x*) spread and prior_fit.
+the prior_fit limit (the held-out digits' 95% quantile, as `cdm bench digits`; cells run before issue 25's study used
+the unguided chains' 95% quantile, each row records its limit) and among all chains within it, the f(x*) spread and
+prior_fit.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from benchmarks.digits import (
     PAPER_FAST_STEPS,
     circular_spread,
+    heldout_prior_fit,
     paper_settings,
     prior_fit_limit,
     top_within_limit,
@@ -46,18 +50,25 @@ def cells() -> dict[str, dict[str, Any]]:
         "sw2": {"loss": paper_settings("uniform")[0].loss.model_copy(update={"p": 2})},
         "window_100": {"guidance_min_t": 100},
         "unguided": {"guidance": False},  # the prior alone on the same seeds: the 0s it makes by itself
+        # following the study's finding that grad matters for 0s (all with the identity gradient):
+        "identity_window_100": {"grad": "identity", "guidance_min_t": 100},
+        "identity_cleanup": {"grad": "identity", "cleanup_eta": 1.0},  # fresh noise after the t >= 250 window
+        "identity_cleanup_03": {"grad": "identity", "cleanup_eta": 0.3},
+        "identity_eta_1": {"grad": "identity", "eta": 1.0},  # DDPM noise at every step
+        "study": {"grad": "identity", "guidance_min_t": 100, "cleanup_eta": 1.0},  # `--protocol study`'s settings
     }
 
 
-def run_cell(config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, unguided_fit: torch.Tensor) -> list[dict]:
+def run_cell(
+    config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, limit: float, scales: tuple[float, ...] = SCALES
+) -> list[dict]:
     """One cell: every seed at every step length; a row per step length."""
     problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
-    scales = SCALES if config.guidance else (0.0,)
+    scales = scales if config.guidance else (0.0,)
     schedules = [zeta.model_copy(update={"scale": s}) for s in scales for _ in range(seeds)]
     start = time.perf_counter()
     result = run_method(problem, "mlgd_f", Chains.make(list(range(seeds)) * len(scales), schedules), config)
     seconds = time.perf_counter() - start
-    limit = prior_fit_limit(unguided_fit)
     labels, _ = judge_digits(judge, from_model_space(result.x.float()))
     with torch.no_grad():
         eta = torch.randn((len(result.x), 500, 2), generator=torch.Generator().manual_seed(0))
@@ -72,6 +83,7 @@ def run_cell(config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, ungui
         rows.append(
             {
                 "scale": scale,
+                "seeds": seeds,
                 "top5_judged": [judged[i] for i in top.tolist()],
                 "top5_zeros": [judged[i] for i in top.tolist()].count(0),
                 "zeros_within_limit": sum(judged[i] == 0 for i in within),
@@ -198,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/results/digits_zeros_study.json")
     parser.add_argument("--cells", default=",".join(cells()))
     parser.add_argument("--seeds", type=int, default=15)
+    parser.add_argument("--scales", default=",".join(map(str, SCALES)), help="ζ step lengths in pixels, per cell")
     args = parser.parse_args(argv)
+    scales = tuple(float(s) for s in args.scales.split(","))
     torch.set_num_threads(1)
     judge = load_judge()
     base, zeta = paper_settings("uniform")
@@ -211,15 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     done["half_turn"] = half_turn_probe()  # does the sampler tell a digit at θ from θ + π?
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(done, indent=1) + "\n")
-    unguided: dict[int, torch.Tensor] = {}
+    limit = prior_fit_limit(heldout_prior_fit(digits_problem("uniform", fast_steps=PAPER_FAST_STEPS), base.eval_seed))
     for name in [c for c in args.cells.split(",") if c]:
         config = base.model_copy(update=cells()[name])
         config = MLGDConfig.model_validate(config.model_dump())  # validated again after the update
-        if config.num_steps not in unguided:
-            problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
-            plain = run_method(problem, "mlgd_f", Chains.make(range(args.seeds), ZetaConfig(scale=0.0)), config)
-            unguided[config.num_steps] = plain.metrics["prior_fit"].cpu()
-        rows = run_cell(config, zeta, args.seeds, judge, unguided[config.num_steps])
+        rows = run_cell(config, zeta, args.seeds, judge, limit, scales)
         done[name] = {"changes": {k: str(v) for k, v in cells()[name].items()}, "rows": rows}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(done, indent=1) + "\n")
