@@ -64,7 +64,8 @@ async def _page(url, width, height, script, ready, shot):
     import aiohttp  # Ray's dependency
 
     port = free_port()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helpers may still write in the profile as the folder is removed: that cleanup is not under test
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         command = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}"]
         command += [f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"]
         browser = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
