@@ -175,8 +175,12 @@ def mixture_icdf_1d(
     tol: float = 1e-12,
     max_iter: int = 200,
 ) -> torch.Tensor:
-    """Solve F(y) = u by bracketed Newton (bisection fallback), u (..., N) in (0, 1) -> y (..., N); no gradient."""
+    """Solve F(y) = u by bracketed Newton (bisection fallback), u (..., N) in (0, 1) -> y (..., N); no gradient.
+
+    A point stops once |F(y) - u| <= tol (or two ulps of the dtype), or once its step moves y by no more than two ulps:
+    in float32, F's rounding error is far above 1e-12, so the residual test alone would run to max_iter."""
     shape = u.shape
+    eps = torch.finfo(u.dtype).eps
     n_comp = log_weights.shape[-1]
     # One row per point: (P,) values with (P, K) parameters.
     log_w = log_weights.unsqueeze(-2).expand(*shape, n_comp).reshape(-1, n_comp)
@@ -196,7 +200,7 @@ def mixture_icdf_1d(
     for _ in range(max_iter):
         ya, lwa, mua, ua = y[active], log_w[active], mu[active], u[active]
         residual = mixture_cdf_1d(ya[:, None], lwa, mua, stds)[:, 0] - ua
-        done = residual.abs() <= tol
+        done = residual.abs() <= max(tol, 2 * eps)
         if bool(done.all()):
             break
         lo_a = torch.where(residual < 0, ya, lo[active])
@@ -205,7 +209,8 @@ def mixture_icdf_1d(
         step = torch.where((newton > lo_a) & (newton < hi_a), newton, 0.5 * (lo_a + hi_a))
         step = torch.where(done, ya, step)
         y[active], lo[active], hi[active] = step, lo_a, hi_a
-        keep = ~done & (hi_a - lo_a > 1e-15 * (1 + ya.abs()))
+        scale = 2 * eps * ya.abs().clamp_min(1e-3)  # two ulps of y (of 1e-3 near 0)
+        keep = ~done & ((step - ya).abs() > scale) & (hi_a - lo_a > scale)
         active = active[keep]
         if active.numel() == 0:
             break

@@ -89,6 +89,25 @@ def test_inverse_cdf_solves_the_cdf():
     assert (mixture_cdf_1d(y, log_w, means[..., 0], stds) - u).abs().max() < 1e-11
 
 
+def test_inverse_cdf_in_float32_stops_at_float32_precision(monkeypatch):
+    """In float32 |F(y) - u| never reaches 1e-12: the solver must stop on its step size, not run to max_iter."""
+    import cdm_dist.chains.mixtures as mixtures
+
+    joint, _ = joint_2d()
+    cond = joint.condition([0], [1])
+    log_w, means = cond.at(torch.tensor([[-5.0], [0.3], [6.0], [-9.0]], dtype=torch.float64))
+    stds = cond.covs_y[:, 0, 0].sqrt()
+    u = torch.rand(4, 500, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(mixtures, "mixture_cdf_1d", lambda *a: calls.append(1) or mixture_cdf_1d(*a))
+    u, log_w, mu, stds = (t.float() for t in (u, log_w, means[..., 0], stds))
+    y = mixtures.mixture_icdf_1d(u, log_w, mu, stds)
+    assert y.dtype == torch.float32
+    residual = mixture_cdf_1d(*(t.double() for t in (y, log_w, mu, stds))) - u.double()  # the same numbers, in float64
+    assert residual.abs().max() < 4 * torch.finfo(torch.float32).eps  # solved to float32's precision
+    assert len(calls) < 30  # iterations; max_iter is 200
+
+
 def test_inverse_cdf_gradient_matches_finite_differences():
     joint, _ = joint_2d()
     cond = joint.condition([0], [1])
