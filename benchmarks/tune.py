@@ -93,11 +93,18 @@ def _shared_study(root: Path, quick: bool) -> Path:
     return path
 
 
+# The killed row's trials last seconds: a trial shorter than the moment between seeing it RUNNING and the SIGKILL
+# would end first, leaving no dead trial to retry.
+SLOW_TRIALS = ["method.num_steps=100", "method.n_c=256", "method.target_batch=256"]
+
+
 def _processes_row(path: Path, url: str, trials: int, processes: int, kill: bool, logs: Path) -> dict[str, Any]:
-    """`processes` cdm tune processes on one study at once (one SIGKILLed once two are mid-trial, if `kill`)."""
+    """`processes` cdm tune processes on one study at once (one SIGKILLed once two are mid-trial, if `kill`, its
+    trials made slow: SLOW_TRIALS)."""
     import optuna
 
     command = [sys.executable, "-m", "cdm_cli.main", "tune", str(path), "--trials", str(trials), "--storage", url]
+    command += [f"--set={setting}" for setting in SLOW_TRIALS] if kill else []
     name = load_config(path).name
     tic = time.perf_counter()
     with open(logs / f"p{processes}{'-kill' if kill else ''}.log", "w") as log:

@@ -18,7 +18,8 @@ def gmm2d():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session: 2 CPUs and 2 logical GPUs (for pinning checks; torch stays on CPU)."""
+    """One local Ray for the whole session (each xdist worker is one): 2 CPUs and 2 logical GPUs (for pinning checks;
+    torch stays on CPU)."""
     import ray
 
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -31,8 +32,9 @@ def token_cluster(tmp_path_factory):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))} | {"HOME": str(home)}
     ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     command = [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-               "--node-ip-address=127.0.0.1", f"--temp-dir={tmp_path_factory.mktemp('ray-tmp')}"]  # fmt: skip
+               "--node-ip-address=127.0.0.1", f"--temp-dir={temp}"]  # fmt: skip
     log = home / "ray-start.log"
     with log.open("w") as out:
         head = subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
@@ -55,6 +57,7 @@ def token_cluster(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _run(tmp_path, address, env):
