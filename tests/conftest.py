@@ -34,6 +34,25 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def short_tmp():
+    """A function making a new folder under /tmp with a short path (Ray's socket paths under it must fit in 107
+    bytes, which a worker's basetemp can exceed); all are removed at the session's end."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    made = []
+
+    def make():
+        made.append(Path(tempfile.mkdtemp(prefix="cdm", dir="/tmp")))
+        return made[-1]
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory):
     """An empty MLflow SQLite store whose tables cdm made (client_for), made once: a new store's migrations take
     seconds, so tracked test campaigns start from a copy of this one (MLflow meets it as an up-to-date store)."""

@@ -181,6 +181,7 @@ def mixture_icdf_1d(
     in float32, F's rounding error is far above 1e-12, so the residual test alone would run to max_iter."""
     shape = u.shape
     eps = torch.finfo(u.dtype).eps
+    tol = max(tol, 2 * eps)  # float32 cannot reach 1e-12
     n_comp = log_weights.shape[-1]
     # One row per point: (P,) values with (P, K) parameters.
     log_w = log_weights.unsqueeze(-2).expand(*shape, n_comp).reshape(-1, n_comp)
@@ -200,7 +201,7 @@ def mixture_icdf_1d(
     for _ in range(max_iter):
         ya, lwa, mua, ua = y[active], log_w[active], mu[active], u[active]
         residual = mixture_cdf_1d(ya[:, None], lwa, mua, stds)[:, 0] - ua
-        done = residual.abs() <= max(tol, 2 * eps)
+        done = residual.abs() <= tol
         if bool(done.all()):
             break
         lo_a = torch.where(residual < 0, ya, lo[active])

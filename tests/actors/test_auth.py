@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -23,7 +22,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def token_cluster(tmp_path_factory):
+def token_cluster(tmp_path_factory, short_tmp):
     """A real head node in its own process group, whose home holds Ray's token file (so `ray start` turns token
     authentication on); stopped by killing that group (never `ray stop`, which would stop every Ray here)."""
     home = tmp_path_factory.mktemp("head-home")
@@ -32,7 +31,7 @@ def token_cluster(tmp_path_factory):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))} | {"HOME": str(home)}
     ray = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    temp = short_tmp()
     command = [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                "--node-ip-address=127.0.0.1", f"--temp-dir={temp}"]  # fmt: skip
     log = home / "ray-start.log"
@@ -57,7 +56,6 @@ def token_cluster(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _run(tmp_path, address, env):

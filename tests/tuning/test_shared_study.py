@@ -12,6 +12,7 @@ from collections import Counter
 import optuna
 import pytest
 
+from benchmarks.tune import SLOW_TRIALS
 from cdm_dist.driver.campaign import dump_config, load_config
 from cdm_dist.driver.tracking import client_for
 from cdm_dist.errors import InputError
@@ -86,7 +87,7 @@ def test_a_killed_process_trial_is_retried_once_and_the_other_process_is_untouch
 ):
     config, start = shared_config
     url = postgres_server("killed")
-    slow = ["method.num_steps=100", "method.n_c=256", "method.target_batch=256"]  # trials of seconds
+    slow = SLOW_TRIALS  # trials of seconds
 
     def running_in(process):
         return [t for t in _trials(config, url) if t.state == optuna.trial.TrialState.RUNNING

@@ -180,7 +180,9 @@ cluster.shutdown()
     assert time.perf_counter() - tic < 120  # not the placement group's timeout
 
 
-def test_a_local_ray_started_by_cdm_keeps_token_authentication_no_dashboard_no_metrics_and_a_private_folder():
+def test_a_local_ray_started_by_cdm_keeps_token_authentication_no_dashboard_no_metrics_and_a_private_folder(
+    short_tmp,
+):
     """No HTTP server of the cluster's processes answers /metrics (Ray's three Prometheus exporters are off), and
     the session folder (logs, sockets, runtime_resources, all 0777 by Ray) lies in a folder only this user can
     enter."""
@@ -210,15 +212,10 @@ print("RESULT", json.dumps({"token": is_token_auth_enabled(), "dashboard": 8265 
 ray.shutdown()
 """
     import os
-    import shutil
-    import tempfile
 
-    base = tempfile.mkdtemp(prefix="cdm", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    base = str(short_tmp())
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"TMPDIR": base}
-    try:
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     result = json.loads(out.stdout.split("RESULT", 1)[1])
     assert {k: result[k] for k in ("token", "dashboard", "metrics", "env")} == {
         "token": True, "dashboard": False, "metrics": [], "env": False
@@ -227,25 +224,20 @@ ray.shutdown()
     assert private in result["private"] and result["session"].startswith(f"{private}/r/session_")
 
 
-def test_ray_files_go_in_a_private_folder_whose_socket_paths_fit(tmp_path):
+def test_ray_files_go_in_a_private_folder_whose_socket_paths_fit(tmp_path, short_tmp):
     import os
-    import shutil
-    import tempfile
 
     from actors.coordinator import SOCKET_PATH_MAX, private_temp_dir
     from cdm_dist.errors import InputError
 
-    short = Path(tempfile.mkdtemp(prefix="cdm", dir="/tmp"))  # Ray's socket paths fit under it
-    try:
-        (short / "mine").mkdir()
-        folder = private_temp_dir(str(short / "mine"))
-        mode = oct(folder.parent.stat().st_mode & 0o777)
-        (short / "taken").mkdir()
-        (short / "taken" / f"cdm-ray-{os.getuid()}").symlink_to(tmp_path)
-        with pytest.raises(InputError, match="not a folder of this user's"):
-            private_temp_dir(str(short / "taken"))
-    finally:
-        shutil.rmtree(short)
+    short = short_tmp()  # Ray's socket paths fit under it
+    (short / "mine").mkdir()
+    folder = private_temp_dir(str(short / "mine"))
+    mode = oct(folder.parent.stat().st_mode & 0o777)
+    (short / "taken").mkdir()
+    (short / "taken" / f"cdm-ray-{os.getuid()}").symlink_to(tmp_path)
+    with pytest.raises(InputError, match="not a folder of this user's"):
+        private_temp_dir(str(short / "taken"))
     assert folder == short / "mine" / f"cdm-ray-{os.getuid()}" / "r" and mode == "0o700"
     long = tmp_path / ("x" * SOCKET_PATH_MAX)
     assert private_temp_dir(str(long)).parent.parent == Path("/tmp")  # they would not fit under it
