@@ -20,7 +20,6 @@ from cdm_dist.chains.priors import prior_fit
 from cdm_dist.driver.methods import run_method
 from cdm_dist.errors import InputError
 from cdm_dist.models.spec import CDMProblem
-from cdm_dist.problems.builtins import digits_problem
 from cdm_dist.problems.digits import (
     angle_of,
     base_digits,
@@ -29,6 +28,7 @@ from cdm_dist.problems.digits import (
     target_angles,
     to_model_space,
 )
+from cdm_dist.problems.shipped import digits_problem
 
 
 def settings(quick: bool, n_c: int | None = None) -> tuple[MLGDConfig, ZetaConfig]:

@@ -24,9 +24,9 @@ from benchmarks.digits import circular_spread, draw_circle, draw_grid, nearest_d
 from benchmarks.report import markdown_table, write_report
 from cdm_dist.driver.campaign import load_config
 from cdm_dist.driver.store import CampaignStore
-from cdm_dist.problems.builtins import digits_problem
 from cdm_dist.problems.digits import from_model_space
 from cdm_dist.problems.judge import judge_digits, load_judge
+from cdm_dist.problems.shipped import digits_problem
 from tuning.study import CAMPAIGN_DIR, CONSTRAINT, OUTCOME, PRIOR_FIT_LIMIT, objective_words
 
 SPREAD_DRAWS = 500  # f(x*) draws per x* for its spread (as the bench)

@@ -18,7 +18,7 @@ from cdm_dist.chains.allocator import keep_large_allocations
 from cdm_dist.chains.config import MLGDConfig, ZetaConfig
 from cdm_dist.chains.losses import MMDLoss
 from cdm_dist.chains.mlgd import Chains, GuidedChains
-from cdm_dist.problems.builtins import learned_gmm_problem
+from cdm_dist.problems.shipped import learned_gmm_problem
 
 GRAD = "identity"
 PARTS = ("denoiser", "sampler", "loss_forward", "target_block", "backward", "rng", "ddim_step")

@@ -16,7 +16,8 @@ from cdm_dist.chains.config import MLGDConfig, ZetaConfig
 from cdm_dist.chains.mlgd import Chains
 from cdm_dist.chains.profiling import track_peak_memory
 from cdm_dist.driver.methods import METHODS, run_method
-from cdm_dist.problems.builtins import gmm_problem, learned_gmm_problem
+from cdm_dist.problems.builtins import gmm_problem
+from cdm_dist.problems.shipped import learned_gmm_problem
 
 SUCCESS_L2 = 0.01
 REFERENCE = Path(__file__).resolve().parent / "reference" / "gmm_2d_cond_1d.json"  # the published figures

@@ -14,7 +14,7 @@ from benchmarks.gmm import SUCCESS_L2, settings
 from benchmarks.report import environment, markdown_table, write_report
 from cdm_dist.chains.mlgd import Chains
 from cdm_dist.driver.methods import run_method
-from cdm_dist.problems.builtins import learned_gmm_problem
+from cdm_dist.problems.shipped import learned_gmm_problem
 
 DTYPES = ("float32", "float64")
 

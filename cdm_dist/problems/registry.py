@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -49,20 +49,11 @@ from cdm_dist.models.spec import (
 )
 
 ENTRY_POINT_GROUP = "cdm_dist.problems"
-BUILTIN_PROBLEMS: dict[str, Callable[..., Any]] = {}  # name -> function, filled by @builtin_problem
-Recipe = TypeVar("Recipe", bound=Callable[..., Any])
-
-
-def builtin_problem(function: Recipe) -> Recipe:
-    """Register a built-in problem under its function's name (a decorator)."""
-    BUILTIN_PROBLEMS[function.__name__] = function
-    return function
 
 
 def builtin_problems() -> dict[str, Callable[..., Any]]:
-    """The built-ins: BUILTIN_PROBLEMS once cdm_dist.problems.builtins has registered them (imported here, as the
-    package no longer imports it eagerly)."""
-    import cdm_dist.problems.builtins  # noqa: F401  (its @builtin_problem decorators fill BUILTIN_PROBLEMS)
+    """The built-ins, name -> recipe (cdm_dist.problems.builtins, imported at the first look-up: it is not light)."""
+    from cdm_dist.problems.builtins import BUILTIN_PROBLEMS
 
     return BUILTIN_PROBLEMS
 

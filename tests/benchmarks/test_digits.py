@@ -76,8 +76,8 @@ def test_the_heldout_prior_fit_scores_each_rotated_heldout_digit_on_its_own(tiny
     """The limit's reference: every held-out digit at its seeded random rotation, scored as a batch, equals each digit
     rotated and scored alone (prior_fit gives every row the same noise, so rows do not interact)."""
     from cdm_dist.chains.priors import prior_fit
-    from cdm_dist.problems.builtins import digits_problem
     from cdm_dist.problems.digits import base_digits, rotate, to_model_space
+    from cdm_dist.problems.shipped import digits_problem
 
     problem = digits_problem("uniform", tiny_checkpoints("digits"))
     scores = heldout_prior_fit(problem, seed=3)

@@ -41,8 +41,8 @@ def test_prior_fit_of_a_row_does_not_depend_on_the_other_rows():
 
 
 def test_the_shipped_digits_prior_scores_digits_far_below_noise():
-    from cdm_dist.problems.builtins import digits_problem
     from cdm_dist.problems.digits import rotated_batch
+    from cdm_dist.problems.shipped import digits_problem
 
     prior = digits_problem("uniform").prior
     digits, _ = rotated_batch(16, torch.Generator().manual_seed(0), split="heldout")  # (16, 1, 16, 16) in [-1, 1]

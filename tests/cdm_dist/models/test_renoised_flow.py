@@ -61,7 +61,7 @@ def test_the_renoised_sampler_takes_one_draw_per_step_and_one_step_is_euler():
 
 
 def test_the_digits_consistency_kind_is_the_shipped_flow_renoised_over_6_steps():
-    from cdm_dist.problems.builtins import digits_problem
+    from cdm_dist.problems.shipped import digits_problem
 
     sampler = digits_problem("uniform", sampler_kind="consistency").fast_sampler
     assert (sampler.num_steps, sampler.renoise, sampler.noise_shape) == (6, True, (6, 2))

@@ -64,7 +64,7 @@ def test_unknown_problem_is_named():
 def test_learned_mixture_problem_keeps_the_exact_target_and_metrics(tiny_checkpoints):
     from cdm_dist.models.adapters import DiffusersPrior
     from cdm_dist.models.learned import FlowSampler
-    from cdm_dist.problems.builtins import learned_gmm_problem
+    from cdm_dist.problems.shipped import learned_gmm_problem
 
     exact = gmm_problem("gmm5d")
     learned = learned_gmm_problem("gmm5d", tiny_checkpoints("gmm5d"), fast_steps=3, full_chain_steps=9)
@@ -79,7 +79,7 @@ def test_learned_mixture_problem_keeps_the_exact_target_and_metrics(tiny_checkpo
 
 
 def test_learned_problems_reject_the_wrong_checkpoints(tiny_checkpoints, tmp_path):
-    from cdm_dist.problems.builtins import digits_problem, learned_gmm_problem
+    from cdm_dist.problems.shipped import digits_problem, learned_gmm_problem
 
     with pytest.raises(InputError, match="does not hold models for gmm2d"):
         learned_gmm_problem("gmm2d", tiny_checkpoints("gmm5d"))
@@ -90,7 +90,7 @@ def test_learned_problems_reject_the_wrong_checkpoints(tiny_checkpoints, tmp_pat
 
 
 def test_digits_problem_has_image_chains_and_circle_targets(tiny_checkpoints):
-    from cdm_dist.problems.builtins import digits_problem
+    from cdm_dist.problems.shipped import digits_problem
 
     problem = digits_problem("unimodal", tiny_checkpoints("digits"), target_size=300)
     assert problem.prior.event_shape == (1, 16, 16) and problem.fast_sampler.y_dim == 2
@@ -106,7 +106,8 @@ def test_the_one_step_sampler_is_a_config_choice(name):
     flow. Both are the shipped files, recorded by sha256 in the problem's params."""
     from cdm_dist.models.learned import FlowSampler
     from cdm_dist.models.manifest import read_manifest
-    from cdm_dist.problems.builtins import SHIPPED_CHECKPOINTS, digits_problem, learned_gmm_problem
+    from cdm_dist.problems.builtins import SHIPPED_CHECKPOINTS
+    from cdm_dist.problems.shipped import digits_problem, learned_gmm_problem
 
     make = (lambda **k: digits_problem(**k)) if name == "digits" else (lambda **k: learned_gmm_problem(name, **k))
     flow, one_step = make(), make(sampler_kind="one_step")
