@@ -1,6 +1,7 @@
 """What makes 0s appear on the uniform digits target: a hand-run grid around the paper protocol (issue 25).
 
 `python -m benchmarks.digits_study --json benchmarks/results/digits_zeros_study.json [--cells a,b] [--seeds 15]
+[--first-seed 0]
 [--scales 0.1,0.3,1.0]`
 
 Each cell changes settings of `paper_settings("uniform")`; every cell runs the same seeds at each step length
@@ -32,11 +33,12 @@ from cdm_dist.chains.config import MLGDConfig, ZetaConfig
 from cdm_dist.chains.losses import MMDLoss
 from cdm_dist.chains.mlgd import Chains
 from cdm_dist.driver.methods import run_method
-from cdm_dist.problems.builtins import digits_problem
 from cdm_dist.problems.digits import from_model_space
 from cdm_dist.problems.judge import judge_digits, load_judge
+from cdm_dist.problems.shipped import digits_problem
 
 SCALES = (0.1, 0.3, 1.0)  # ζ step lengths in pixels (linear schedule, final ratio 0.1), per chain
+STUDY = {"grad": "identity", "guidance_min_t": 100, "cleanup_eta": 1.0}  # the first round's changes
 
 
 def cells() -> dict[str, dict[str, Any]]:
@@ -55,19 +57,33 @@ def cells() -> dict[str, dict[str, Any]]:
         "identity_cleanup": {"grad": "identity", "cleanup_eta": 1.0},  # fresh noise after the t >= 250 window
         "identity_cleanup_03": {"grad": "identity", "cleanup_eta": 0.3},
         "identity_eta_1": {"grad": "identity", "eta": 1.0},  # DDPM noise at every step
-        "study": {"grad": "identity", "guidance_min_t": 100, "cleanup_eta": 1.0},  # `--protocol study`'s settings
+        "study": STUDY,  # the first round's `--protocol study`
+        # around `study` (issue 25, second round): the guidance's noise, its loss and its window; study_mmd is
+        # `--protocol study` since
+        "study_nc256": STUDY | {"n_c": 256},
+        "study_nguess3": STUDY | {"n_guess": 3},
+        "study_mmd": STUDY | {"loss": MMDLoss()},
+        "study_window_50": STUDY | {"guidance_min_t": 50},
+        "study_start_01": STUDY | {"guidance_start": 0.1},
     }
 
 
 def run_cell(
-    config: MLGDConfig, zeta: ZetaConfig, seeds: int, judge: Any, limit: float, scales: tuple[float, ...] = SCALES
+    config: MLGDConfig,
+    zeta: ZetaConfig,
+    seeds: int,
+    judge: Any,
+    limit: float,
+    scales: tuple[float, ...] = SCALES,
+    first_seed: int = 0,
 ) -> list[dict]:
     """One cell: every seed at every step length; a row per step length."""
     problem = digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
     scales = scales if config.guidance else (0.0,)
     schedules = [zeta.model_copy(update={"scale": s}) for s in scales for _ in range(seeds)]
     start = time.perf_counter()
-    result = run_method(problem, "mlgd_f", Chains.make(list(range(seeds)) * len(scales), schedules), config)
+    chains = Chains.make(list(range(first_seed, first_seed + seeds)) * len(scales), schedules)
+    result = run_method(problem, "mlgd_f", chains, config)
     seconds = time.perf_counter() - start
     labels, _ = judge_digits(judge, from_model_space(result.x.float()))
     with torch.no_grad():
@@ -84,6 +100,7 @@ def run_cell(
             {
                 "scale": scale,
                 "seeds": seeds,
+                "first_seed": first_seed,
                 "top5_judged": [judged[i] for i in top.tolist()],
                 "top5_zeros": [judged[i] for i in top.tolist()].count(0),
                 "zeros_within_limit": sum(judged[i] == 0 for i in within),
@@ -210,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/results/digits_zeros_study.json")
     parser.add_argument("--cells", default=",".join(cells()))
     parser.add_argument("--seeds", type=int, default=15)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     parser.add_argument("--scales", default=",".join(map(str, SCALES)), help="ζ step lengths in pixels, per cell")
     args = parser.parse_args(argv)
     scales = tuple(float(s) for s in args.scales.split(","))
@@ -229,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [c for c in args.cells.split(",") if c]:
         config = base.model_copy(update=cells()[name])
         config = MLGDConfig.model_validate(config.model_dump())  # validated again after the update
-        rows = run_cell(config, zeta, args.seeds, judge, limit, scales)
+        rows = run_cell(config, zeta, args.seeds, judge, limit, scales, args.first_seed)
         done[name] = {"changes": {k: str(v) for k, v in cells()[name].items()}, "rows": rows}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(done, indent=1) + "\n")

@@ -15,6 +15,7 @@ from benchmarks.digits import (
     study_settings,
     top_within_limit,
 )
+from cdm_dist.chains.losses import MMDLoss
 from cdm_dist.errors import InputError
 
 
@@ -49,7 +50,8 @@ def test_the_paper_protocol_per_target(kind, steps, min_t, scale):
 def test_the_study_protocol_is_the_paper_protocol_with_the_studys_changes(kind):
     paper, paper_zeta = paper_settings(kind)
     study, study_zeta = study_settings(kind)
-    changed = {"grad": "identity", "cleanup_eta": 1.0} | ({"guidance_min_t": 100} if kind == "uniform" else {})
+    uniform = {"guidance_min_t": 100, "loss": MMDLoss()} if kind == "uniform" else {}
+    changed = {"grad": "identity", "cleanup_eta": 1.0} | uniform
     assert study == paper.model_copy(update=changed)
     assert study_zeta == paper_zeta.model_copy(update={"scale": 0.2 if kind == "uniform" else paper_zeta.scale})
 
@@ -105,7 +107,7 @@ def test_the_study_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_pat
     payload = bench_digits(str(out), ("uniform",), 3, quick=True, checkpoints=folder, protocol="study")
     (row,) = payload["rows"]
     used = payload["settings"]["uniform"]
-    assert used["mlgd"]["guidance_min_t"] == 100 and used["mlgd"]["loss"]["p"] == 1 and used["fast_steps"] == 6
+    assert used["mlgd"]["guidance_min_t"] == 100 and used["mlgd"]["loss"]["name"] == "mmd" and used["fast_steps"] == 6
     assert used["mlgd"]["grad"] == row["grad"] == "identity" and used["mlgd"]["cleanup_eta"] == 1.0
     assert used["zeta"][0]["scale"] == 0.2
     assert len(scored) == 1 and row["prior_fit_limit"] == pytest.approx(prior_fit_limit(scored[0]), rel=1e-12)
