@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from cdm_dist.errors import InputError
 
-Scheduler = DDPMScheduler | DDIMScheduler
 NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t (N, *event), timestep) -> eps (N, *event)
 
 
@@ -22,6 +24,8 @@ def make_scheduler(
     prediction_type: str = "epsilon",
 ) -> Scheduler:
     """A diffusers scheduler with clipping off (our data are not images in [-1, 1])."""
+    from diffusers import DDIMScheduler, DDPMScheduler  # not at import: diffusers costs every process ~2 s of CPU
+
     classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
     if kind not in classes:
         raise ValueError(f"scheduler kind: unknown {kind!r}; expected one of {sorted(classes)}")
@@ -32,6 +36,31 @@ def make_scheduler(
         prediction_type=prediction_type,
         timestep_spacing=timestep_spacing,
     )
+
+
+class CosineScheduler:
+    """make_scheduler()'s grid without diffusers, for the exact mixture models (whose workers then never import it):
+    ᾱ_t of the 'squaredcos_cap_v2' betas (Nichol & Dhariwal 2021, β capped at 0.999) in float32, and 'trailing'
+    timesteps, as diffusers computes them; only what DiffusionSchedule and the priors read."""
+
+    def __init__(self, num_train_timesteps: int = 1000) -> None:
+        n = num_train_timesteps
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
+        self.config = SimpleNamespace(num_train_timesteps=n, prediction_type="epsilon", timestep_spacing="trailing")
+        self.alphas_cumprod = torch.cumprod(1.0 - torch.tensor(betas, dtype=torch.float32), dim=0)  # (n,)
+        self.timesteps = torch.arange(n - 1, -1, -1)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """The 'trailing' grid: n - 1 down to about n / steps - 1, every n / steps training steps."""
+        n = self.config.num_train_timesteps
+        self.timesteps = torch.from_numpy(np.round(np.arange(n, 0, -n / num_inference_steps)).astype(np.int64) - 1)
+
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    Scheduler = DDPMScheduler | DDIMScheduler | CosineScheduler
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
-from cdm_dist.chains.diffusion import DiffusionSchedule, Scheduler, make_scheduler, tweedie_x0
+from cdm_dist.chains.diffusion import CosineScheduler, DiffusionSchedule, tweedie_x0
 from cdm_dist.chains.mixtures import GaussianMixture, mixture_score
 from cdm_dist.chains.rng import Stream, chain_normal
+
+if TYPE_CHECKING:
+    from cdm_dist.chains.diffusion import Scheduler
 
 PRIOR_FIT_LEVELS = (0.01, 0.05, 0.1, 0.2)  # noise levels, as fractions of the training timesteps
 
@@ -58,7 +62,7 @@ class GaussianMixturePrior(DiffusionPrior):
     """The exact prior of a Gaussian mixture: ε̂ = -sqrt(1-ᾱ_t) ∇ log p_t(x_t), p_t the noised mixture."""
 
     def __init__(self, mixture: GaussianMixture, scheduler: Scheduler | None = None) -> None:
-        super().__init__(scheduler or make_scheduler(num_train_timesteps=100), (mixture.dim,))
+        super().__init__(scheduler or CosineScheduler(num_train_timesteps=100), (mixture.dim,))
         self.mixture = mixture.to(torch.float64)
         self._tables: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
-from cdm_dist.chains.diffusion import DiffusionSchedule, Scheduler, ddim_sample, make_scheduler
+from cdm_dist.chains.diffusion import CosineScheduler, DiffusionSchedule, ddim_sample
 from cdm_dist.chains.mixtures import ConditionalMixture, mixture_icdf_1d_reparam, mixture_score
 from cdm_dist.errors import InputError
+
+if TYPE_CHECKING:
+    from cdm_dist.chains.diffusion import Scheduler
 
 
 class ConditionalSampler(ABC):
@@ -62,7 +66,7 @@ class MixtureDiffusionSampler(ConditionalSampler):
         self.noise_shape = (conditional.y_dim,)
         self.x_shape = (conditional.x_dim,)
         self.schedule = DiffusionSchedule.from_scheduler(
-            scheduler or make_scheduler(num_train_timesteps=100), num_steps
+            scheduler or CosineScheduler(num_train_timesteps=100), num_steps
         )
         self._per_step = [self._noised(float(ab)) for ab in self.schedule.alpha_bar]
 

@@ -2,7 +2,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from cdm_dist.chains.diffusion import DiffusionSchedule, ddim_sample, ddim_step, make_scheduler, tweedie_x0
+from cdm_dist.chains.diffusion import (
+    CosineScheduler,
+    DiffusionSchedule,
+    ddim_sample,
+    ddim_step,
+    make_scheduler,
+    tweedie_x0,
+)
 from cdm_dist.chains.mixtures import GaussianMixture
 from cdm_dist.chains.priors import GaussianMixturePrior
 
@@ -83,3 +90,27 @@ def test_bad_schedule_inputs_are_named():
         make_scheduler("euler")
     with pytest.raises(ValueError, match="num_steps"):
         DiffusionSchedule.from_scheduler(make_scheduler(num_train_timesteps=100), 101)
+
+
+@pytest.mark.parametrize("train_steps", [100, 1000])
+def test_the_cosine_scheduler_is_diffusers_grid_without_diffusers(train_steps):
+    """CosineScheduler against diffusers' own DDPMScheduler (the reference): the same float32 ᾱ_t, bit for bit, and
+    the same 'trailing' timesteps for every number of inference steps."""
+    ours, theirs = CosineScheduler(train_steps), make_scheduler(num_train_timesteps=train_steps)
+    assert ours.alphas_cumprod.dtype == torch.float32 and torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
+    for steps in range(1, train_steps + 1):
+        a, b = DiffusionSchedule.from_scheduler(ours, steps), DiffusionSchedule.from_scheduler(theirs, steps)
+        assert a.timesteps == b.timesteps and torch.equal(a.alpha_bar, b.alpha_bar)
+        assert torch.equal(a.alpha_bar_prev, b.alpha_bar_prev)
+
+
+def test_the_chains_and_the_actors_import_no_diffusers():
+    """The exact problems' workers never import diffusers (about 2 s of CPU at each process's start); learned models
+    import it where they load."""
+    import subprocess
+    import sys
+
+    modules = "actors.coordinator, cdm_dist.driver.runner, cdm_dist.driver.worker, cdm_dist.problems.builtins"
+    code = f"import sys, {modules}; print(sorted(m for m in ('diffusers', 'torch._dynamo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
