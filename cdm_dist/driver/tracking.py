@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 import uuid
@@ -64,7 +65,7 @@ def quiet_store_logs() -> None:
 def client_for(uri: str) -> Any:
     """An MlflowClient on the store at uri (relative SQLite paths resolved, a database's connect timeout set). A
     SQLite store is first opened under a file lock: processes that meet a new file at once would otherwise race to
-    create (or migrate) its tables."""
+    create (or migrate) its tables. A new one is made aside and renamed into place (make_sqlite_store)."""
     import fcntl
 
     from mlflow.tracking import MlflowClient
@@ -73,11 +74,27 @@ def client_for(uri: str) -> Any:
     uri = with_connect_timeout(resolve_uri(uri))
     if not uri.startswith("sqlite:///") or uri in _READY:
         return MlflowClient(tracking_uri=uri)
-    with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+    path = Path(uri.removeprefix("sqlite:///"))
+    with open(f"{path}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        client = MlflowClient(tracking_uri=uri)  # opens the store: makes or migrates its tables
+        if not path.is_file() or path.stat().st_size == 0:
+            make_sqlite_store(path)
+        client = MlflowClient(tracking_uri=uri)  # opens the store: migrates an older MLflow's tables
     _READY.add(uri)
     return client
+
+
+def make_sqlite_store(path: Path) -> None:
+    """A new SQLite store's tables made in a file beside `path`, then renamed to it: a process killed while MLflow
+    makes them (a dozen migrations) leaves no half-made store, whose next opening would fail ("table _alembic_tmp_…
+    already exists"). Called under client_for's lock, so any file a killed maker left is stale and removed."""
+    from mlflow.tracking import MlflowClient
+
+    for stale in path.parent.glob(f".{path.name}.*.new"):
+        stale.unlink(missing_ok=True)
+    made = path.with_name(f".{path.name}.{uuid.uuid4().hex}.new")  # a new name: MLflow caches a store per URI
+    MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments()  # makes every table and the Default experiment
+    os.replace(made, path)
 
 
 def reader(uri: str) -> Any:

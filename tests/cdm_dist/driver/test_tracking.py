@@ -94,3 +94,28 @@ def test_system_metrics_need_a_store_every_node_can_write(small_campaign, monkey
         RayExecutor._check_metrics_store(SimpleNamespace(config=config))
     server = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": "http://mlflow:5000"})})
     RayExecutor._check_metrics_store(SimpleNamespace(config=server))  # a server: every node can reach it
+
+
+def test_a_maker_killed_mid_way_leaves_no_half_made_store(tmp_path, monkeypatch):
+    """A new SQLite store is made beside its path and renamed in: a maker interrupted before the rename leaves nothing
+    at the path (a half-made store would fail every later opening), and the next opening removes what it left and
+    makes the store whole."""
+    import os
+
+    import cdm_dist.driver.tracking as tracking
+
+    path = tmp_path / "mlflow.db"
+    real_replace = os.replace
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the maker stops after MLflow made the tables, before the rename
+
+    monkeypatch.setattr(tracking.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.make_sqlite_store(path)
+    (left,) = tmp_path.glob(".mlflow.db.*.new")
+    assert not path.exists() and left.stat().st_size > 0
+    monkeypatch.setattr(tracking.os, "replace", real_replace)
+    client = client_for(f"sqlite:///{path}")
+    assert [e.name for e in client.search_experiments()] == ["Default"] and path.stat().st_size > 0
+    assert not list(tmp_path.glob(".mlflow.db.*.new"))
