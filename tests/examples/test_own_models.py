@@ -1,5 +1,5 @@
-"""examples/own_models, as its README runs it: train the user's prior, `cdm check`, `cdm run` on a local Ray (the
-package reaches the actors through runtime_env only), `cdm tune` and `cdm topk`; small settings.
+"""examples/own_models, as its README runs it: train the user's prior, `cdm check`, `cdm run` on Ray (the session's;
+the package reaches the actors through runtime_env only), `cdm tune` and `cdm topk`; small settings.
 
 The copy's package goes by a name of its own (PACKAGE), so a user who followed the README (and pip-installed
 own_models) gets the same results: no installed copy can stand in for the one under test."""
@@ -41,15 +41,17 @@ def _cdm(folder, *args, timeout=300, env=None):
     return subprocess.run(["cdm", *args], cwd=folder, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_check_then_run_on_ray_with_the_package_shipped_by_runtime_env(example):
+def test_check_then_run_on_ray_with_the_package_shipped_by_runtime_env(example, ray_cluster):
     check = _cdm(example, "check", "campaign.yaml", "--executor", "local", "--json", "check.json", *SMALL,
                  "--set", "resources.runtime_env=null")  # fmt: skip
     assert check.returncode == 2 and f"No module named '{PACKAGE}'" in check.stderr  # not importable here
-    check = _cdm(example, "check", "campaign.yaml", "--json", "check.json", *SMALL)
+    # on Ray: the session's, joined as a user joins a cluster (a local Ray that cdm starts: test_preconditions)
+    ray = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    check = _cdm(example, "check", "campaign.yaml", "--json", "check.json", *SMALL, env=ray)
     assert check.returncode == 0, check.stderr[-2000:]
     report = json.loads((example / "check.json").read_text())
     assert report["workers"][0]["parts"]["prior"]["parameters"] > 10_000  # the user's PointDenoiser
-    run = _cdm(example, "run", "campaign.yaml", "--json", "run.json", "--quiet", *SMALL)
+    run = _cdm(example, "run", "campaign.yaml", "--json", "run.json", "--quiet", *SMALL, env=ray)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((example / "run.json").read_text())
     assert summary["chains_ok"] == 4 and summary["executor"] == "ray_colocated"
