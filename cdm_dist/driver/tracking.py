@@ -90,7 +90,7 @@ def make_sqlite_store(path: Path) -> None:
     already exists"). Called under client_for's lock, so any file a killed maker left is stale and removed."""
     from mlflow.tracking import MlflowClient
 
-    for stale in path.parent.glob(f".{path.name}.*.new"):
+    for stale in path.parent.glob(f".{path.name}.*.new*"):  # with any journal SQLite left beside it
         stale.unlink(missing_ok=True)
     made = path.with_name(f".{path.name}.{uuid.uuid4().hex}.new")  # a new name: MLflow caches a store per URI
     MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments()  # makes every table and the Default experiment
