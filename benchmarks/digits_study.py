@@ -1,8 +1,7 @@
 """What makes 0s appear on the uniform digits target: a hand-run grid around the paper protocol (issue 25).
 
 `python -m benchmarks.digits_study --json benchmarks/results/digits_zeros_study.json [--cells a,b] [--seeds 15]
-[--first-seed 0]
-[--scales 0.1,0.3,1.0]`
+[--first-seed 0] [--scales 0.1,0.3,1.0]`
 
 Each cell changes settings of `paper_settings("uniform")`; every cell runs the same seeds at each step length
 (per-chain ζ schedules in one batch). Per cell and step length: the judge's 0s among the top 5 by held-out loss within
@@ -59,7 +58,7 @@ def cells() -> dict[str, dict[str, Any]]:
         "identity_eta_1": {"grad": "identity", "eta": 1.0},  # DDPM noise at every step
         "study": STUDY,  # the first round's `--protocol study`
         # around `study` (issue 25, second round): the guidance's noise, its loss and its window; study_mmd is
-        # `--protocol study` since
+        # `--protocol study`'s uniform target since that round
         "study_nc256": STUDY | {"n_c": 256},
         "study_nguess3": STUDY | {"n_guess": 3},
         "study_mmd": STUDY | {"loss": MMDLoss()},
@@ -222,6 +221,13 @@ def half_turn_probe(samples: int = 256, angles: int = 2, seed: int = 0, kind: st
     return by_class | {"reliability": reliability}
 
 
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A cell's rows after a run: the new ones replace those of the same step length and seeds, the others stay."""
+    key = lambda row: (row["scale"], row["seeds"], row.get("first_seed", 0))  # noqa: E731
+    fresh = {key(row) for row in new}
+    return [row for row in old if key(row) not in fresh] + new
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="benchmarks/results/digits_zeros_study.json")
@@ -248,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         config = base.model_copy(update=cells()[name])
         config = MLGDConfig.model_validate(config.model_dump())  # validated again after the update
         rows = run_cell(config, zeta, args.seeds, judge, limit, scales, args.first_seed)
+        rows = merge_rows(done.get(name, {}).get("rows", []), rows)
         done[name] = {"changes": {k: str(v) for k, v in cells()[name].items()}, "rows": rows}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(done, indent=1) + "\n")

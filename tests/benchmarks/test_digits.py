@@ -162,3 +162,13 @@ def test_the_zeros_study_judges_each_trials_top_5_within_the_study_limit(tmp_pat
     assert best["zeros_all"] == 3 and 0 <= best["top5_spread_mean"] <= 1
     assert over["top5_chains"] == [] and over["within_limit"] == 0
     assert set(payload["importances"]) == {"objective", "zeros_within_limit"} and (tmp_path / "zeros.md").is_file()
+
+
+def test_a_study_run_replaces_only_its_own_rows_of_a_cell():
+    from benchmarks.digits_study import merge_rows
+
+    old = [{"scale": 0.2, "seeds": 32, "top5_zeros": 3}, {"scale": 0.3, "seeds": 32, "top5_zeros": 3},
+           {"scale": 0.2, "seeds": 64, "first_seed": 64, "top5_zeros": 0}]  # fmt: skip
+    new = [{"scale": 0.2, "seeds": 32, "first_seed": 0, "top5_zeros": 4}]
+    assert merge_rows(old, new) == [old[1], old[2], new[0]]
+    assert merge_rows([], new) == new and merge_rows(old, []) == old
