@@ -275,9 +275,11 @@ def train(
     progress: bool = True,
     kind: str = "flow",
     teacher: str | Path | None = None,
+    data: TrainingData | None = None,
 ) -> dict[str, Any]:
     """Train one model with accelerate and EMA; save it (safetensors + config) with its manifest, and return that.
-    A sampler is a rectified flow (`kind` flow) or the one-step distillation of a teacher flow (`one_step`)."""
+    A sampler is a rectified flow (`kind` flow) or the one-step distillation of a teacher flow (`one_step`); `data`
+    replaces the problem's own (x, y) draws (an augmented set, say)."""
     from accelerate import Accelerator
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
@@ -292,7 +294,7 @@ def train(
         raise InputError(f"--kind: {kind!r} is not a {role} kind; expected flow, or one_step for a sampler")
     if teacher is not None and kind != "one_step":
         raise InputError("--teacher: only for --kind one_step")
-    data = training_data(problem)
+    data = data or training_data(problem)
     settings = settings or settings_for(problem, role, kind)
     if steps is not None:
         if steps < 1:
