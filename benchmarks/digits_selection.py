@@ -1,7 +1,7 @@
 """Issue 25, third round: is it the search, the selection or the sampler that keeps 0s out of the uniform top 5?
 
 `python -m benchmarks.digits_selection --json benchmarks/results/digits_selection.json [--seeds 128]
-[--sampler shipped|blurred]`
+[--sampler shipped|blurred|kernel] [--loss mmd|multiscale]`
 
 One batch of `--protocol study` uniform chains (seeds 0..seeds-1, all x* kept), then:
 - **selection**: the top 5 of each block of 64 seeds (within the prior_fit limit) under other ranking criteria than
@@ -13,12 +13,14 @@ One batch of `--protocol study` uniform chains (seeds 0..seeds-1, all x* kept), 
   the sampler's spread;
 - `--sampler blurred`: the chains with a flow sampler trained on blurred and noisy digits as well (trained into
   `out/digits_selection/blurred_sampler` when missing, 3-7 min), to see whether a sampler that reads Tweedie-like
-  inputs better makes the guidance find 0s.
+  inputs better makes the guidance find 0s; `--sampler kernel`: the chains with the data's kernel P(θ | x) as f
+  (a faithful, if coarse, sampler); `--loss multiscale`: MMD² over five bandwidths, which sees 4-fold symmetry.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -38,7 +40,7 @@ from benchmarks.digits import (
     top_within_limit,
 )
 from cdm_dist.chains.diffusion import ddim_step_from_x0
-from cdm_dist.chains.losses import MMDLoss
+from cdm_dist.chains.losses import LossConfig, MMDLoss
 from cdm_dist.chains.mlgd import Chains
 from cdm_dist.chains.priors import DiffusionPrior
 from cdm_dist.chains.samplers import ConditionalSampler
@@ -53,6 +55,7 @@ ANGLES = 72  # the kernel posterior's angle grid (5°)
 BANDWIDTHS = (0.75, 1.0, 1.25, 1.5, 2.0)  # pixel-space kernel widths s tried for the data's P(θ | x)
 SDEDIT_T = (50, 100, 200)  # SDEdit re-noising timesteps (of 1000)
 SMOOTHING = (0.1, 0.2)  # input-noise std of the smoothed sampler, in the [-1, 1] pixel scale
+MULTISCALE = (0.05, 0.1, 0.25, 0.5, 1.0)  # `--loss multiscale`: MMD² kernels at these fractions of the median
 EVAL_SAMPLES = 512  # y draws per x* (and target draws) of every re-ranking criterion
 
 
@@ -99,6 +102,26 @@ def pick_bandwidth(templates: torch.Tensor, theta: torch.Tensor, seed: int = 0) 
     return float(min(nll, key=nll.get)), nll
 
 
+class KernelAngleSampler(ConditionalSampler):
+    """f(x, η) from the data's kernel P(θ | x) (`angle_posterior`): θ by the inverse CDF of its piecewise-constant
+    density at u = Φ(η), y = (cos θ, sin θ); differentiable in x through the bin probabilities."""
+
+    def __init__(self, templates: torch.Tensor, s: float) -> None:
+        self.templates, self.s = templates, s
+        self.y_dim, self.noise_shape, self.x_shape = 2, (1,), (1, 16, 16)
+
+    def sample(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        p = angle_posterior(x.float(), self.templates, self.s)  # (B, A)
+        width = 2 * math.pi / p.shape[1]
+        cdf = p.cumsum(-1)  # (B, A)
+        u = torch.special.ndtr(eta[..., 0].float()).clamp(1e-6, 1 - 1e-6)  # (B, n)
+        bins = torch.searchsorted(cdf.detach().contiguous(), u.contiguous()).clamp(max=p.shape[1] - 1)  # (B, n)
+        mass = p.gather(1, bins)  # (B, n)
+        before = cdf.gather(1, bins) - mass
+        theta = (bins + ((u - before) / mass).clamp(0, 1)) * width  # (B, n)
+        return torch.stack([theta.cos(), theta.sin()], -1).to(x.dtype)
+
+
 # -- re-ranking criteria ---------------------------------------------------------------------------------------
 
 
@@ -134,9 +157,9 @@ def sample_f(sampler: ConditionalSampler, x: torch.Tensor, seed: int, sigma: flo
     return sampler.sample(noisy.flatten(0, 1), eta).reshape(b, EVAL_SAMPLES, -1).double()
 
 
-def criteria(problem: CDMProblem, one_step: CDMProblem, x: torch.Tensor, final_loss: torch.Tensor):
+def criteria(problem: CDMProblem, one_step: CDMProblem, x: torch.Tensor, final_loss: torch.Tensor, spec: LossConfig):
     """Ranking scores (B,) of the x* (lower is better), by name."""
-    loss = MMDLoss().build()  # the study protocol's uniform loss
+    loss = spec.build()  # the chains' own loss
     small = MMDLoss(multipliers=[0.05, 0.1]).build()  # a tenth of the median bandwidth: higher circular harmonics
     target = target_samples("uniform", EVAL_SAMPLES, 12345)
     y = sample_f(problem.fast_sampler, x, seed=1)
@@ -212,12 +235,19 @@ def top5_rows(scores: torch.Tensor, fit: torch.Tensor, limit: float, labels: lis
     return rows
 
 
-def run(seeds: int, sampler: str, out: Path) -> dict[str, Any]:
+def run(seeds: int, sampler: str, out: Path, loss: str = "mmd") -> dict[str, Any]:
     """The chains, the re-rankings and the data's P(θ | x) (see the module's docstring)."""
     checkpoints = blurred_checkpoints(out / "blurred_sampler") if sampler == "blurred" else None
     config, zeta = study_settings("uniform")
+    if loss == "multiscale":
+        config = config.model_copy(update={"loss": MMDLoss(multipliers=list(MULTISCALE))})
     problem = digits_problem("uniform", checkpoints, fast_steps=PAPER_FAST_STEPS)
     shipped = problem if checkpoints is None else digits_problem("uniform", fast_steps=PAPER_FAST_STEPS)
+    templates, theta = rotated_templates(base_digits("train")[0])
+    s, nll = pick_bandwidth(templates, theta)
+    if sampler == "kernel":  # every 3rd training digit at 36 angles: the chains' f, cheap enough for the CPU
+        few, few_theta = rotated_templates(base_digits("train")[0][::3], angles=36)
+        problem = dataclasses.replace(problem, fast_sampler=KernelAngleSampler(few, pick_bandwidth(few, few_theta)[0]))
     start = time.perf_counter()
     result = run_method(problem, "mlgd_f", Chains.make(range(seeds), zeta), config)
     chain_seconds = time.perf_counter() - start
@@ -227,11 +257,8 @@ def run(seeds: int, sampler: str, out: Path) -> dict[str, Any]:
     within = [i for i in range(len(x)) if not fit[i] > limit]
     spread = circular_spread(sample_f(shipped.fast_sampler, x, seed=0))  # (B,): the shipped f, as the bench
     one_step = digits_problem("uniform", sampler_kind="one_step")
-    scores = criteria(problem, one_step, x, result.final_loss.cpu())
+    scores = criteria(problem, one_step, x, result.final_loss.cpu(), config.loss)
     selection = {name: top5_rows(score, fit, limit, labels, spread) for name, score in scores.items()}
-
-    templates, theta = rotated_templates(base_digits("train")[0])
-    s, nll = pick_bandwidth(templates, theta)
     moments = posterior_moments(angle_posterior(x, templates, s), theta)  # (B, 3)
     images, classes = base_digits("heldout")
     gen = torch.Generator().manual_seed(1)
@@ -250,6 +277,7 @@ def run(seeds: int, sampler: str, out: Path) -> dict[str, Any]:
 
     return {
         "sampler": sampler,
+        "loss": config.loss.model_dump(mode="json"),
         "seeds": seeds,
         "chain_seconds": chain_seconds,
         "prior_fit_limit": limit,
@@ -302,12 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="benchmarks/results/digits_selection.json")
     parser.add_argument("--seeds", type=int, default=128)
-    parser.add_argument("--sampler", choices=("shipped", "blurred"), default="shipped")
+    parser.add_argument("--sampler", choices=("shipped", "blurred", "kernel"), default="shipped")
+    parser.add_argument(
+        "--loss", choices=("mmd", "multiscale"), default="mmd", help="the study's MMD², or 5 bandwidths"
+    )
     parser.add_argument("--out", default="out/digits_selection", help="where the blurred sampler is trained")
     args = parser.parse_args(argv)
     path = Path(args.json)
     payload = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-    payload["runs"][args.sampler] = run(args.seeds, args.sampler, Path(args.out))
+    name = args.sampler if args.loss == "mmd" else f"{args.sampler}, multiscale MMD²"
+    payload["runs"][name] = run(args.seeds, args.sampler, Path(args.out), args.loss)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     path.with_suffix(".md").write_text(report(payload))

@@ -1,8 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from benchmarks.digits_selection import (
+    KernelAngleSampler,
     angle_posterior,
     blurred_digits_data,
     gaussian_blur,
@@ -104,3 +106,31 @@ def test_top5_rows_rank_each_block_of_64_seeds_on_its_own():
     assert [r["seeds"] for r in rows] == ["0-63", "64-69"]
     assert rows[0]["top5_seeds"] == [63, 62, 61, 60, 59] and rows[0]["top5_zeros"] == 3
     assert rows[1]["top5_seeds"] == [68, 67, 66, 65, 64] and rows[1]["top5_judged"] == [3, 0, 3, 0, 3]
+
+
+def test_the_kernel_sampler_inverts_the_posteriors_cdf_and_is_differentiable():
+    gen = torch.Generator().manual_seed(2)
+    templates = 0.05 * torch.randn(3, 4, 256, generator=gen)
+    sampler = KernelAngleSampler(templates, s=0.5)
+    x = 0.05 * torch.randn(2, 1, 16, 16, generator=gen)
+    eta = torch.randn(2, 6, 1, generator=gen)
+    y = sampler.sample(x, eta)
+    p = angle_posterior(x, templates, 0.5).double()
+    for b in range(2):
+        for j in range(6):
+            u = 0.5 * (1 + math.erf(float(eta[b, j, 0]) / math.sqrt(2)))
+            below = 0.0
+            for a in range(4):  # the bin whose CDF interval holds u, and u's place in it
+                if u <= below + float(p[b, a]) or a == 3:
+                    theta = (a + (u - below) / float(p[b, a])) * math.pi / 2
+                    break
+                below += float(p[b, a])
+            assert abs(float(y[b, j, 0]) - math.cos(theta)) < 1e-4 and abs(float(y[b, j, 1]) - math.sin(theta)) < 1e-4
+    # d mean(cos θ) / dx against a central difference along a random direction
+    x64 = x.clone().requires_grad_(True)
+    sampler.sample(x64, eta)[..., 0].mean().backward()
+    direction = torch.randn(x.shape, generator=gen)
+    h = 1e-2
+    plus = sampler.sample(x + h * direction, eta)[..., 0].mean()
+    minus = sampler.sample(x - h * direction, eta)[..., 0].mean()
+    assert float((x64.grad * direction).sum()) == pytest.approx(float(plus - minus) / (2 * h), rel=2e-2, abs=1e-4)
