@@ -59,8 +59,8 @@ coordinator.RayExecutor.execute = chaotic
 on_chunk = runner.CampaignDriver.on_chunk
 
 def counted(self, batch, chunk):
-    note(steps=len(batch.chains) * chunk.losses.shape[1])  # computed: counted before the driver keeps it, so a kill
-    on_chunk(self, batch, chunk)  # between the two costs a recount on resume, never a step run but not counted
+    note(steps=len(batch.chains) * chunk.losses.shape[1])  # counted once computed, before the driver keeps the
+    on_chunk(self, batch, chunk)  # chunk: a kill between the two re-runs it on resume, counted twice, never zero times
     working.set()
 
 runner.CampaignDriver.on_chunk = counted

@@ -287,6 +287,8 @@ def train(
     if role not in ROLES:
         raise InputError(f"role: unknown {role!r}; expected one of {list(ROLES)}")
     if problem == "scribbles" and role == "sampler":
+        if data is not None:
+            raise InputError("data: the scribbles generator trains on its own draws; other data is not taken")
         from cdm_dist.problems.scribbles_training import train_sampler
 
         return train_sampler(Path(out), steps, seed, tiny, command or " ".join(sys.argv), progress)

@@ -168,3 +168,11 @@ def test_an_oracle_that_knows_x0_scores_zero_prior_loss(prediction_type):
     gen = torch.Generator().manual_seed(0)
     assert float(prior_loss(oracle(prediction_type), alphas, x0, gen, prediction_type)) < 1e-20
     assert float(prior_loss(oracle(other), alphas, x0, torch.Generator().manual_seed(0), prediction_type)) > 0.1
+
+
+def test_the_scribbles_generator_refuses_other_training_data(tmp_path):
+    from cdm_dist.errors import InputError
+
+    with pytest.raises(InputError, match="data: the scribbles generator"):
+        train("sampler", "scribbles", tmp_path / "s", data=training_data("digits"))
+    assert not (tmp_path / "s").exists()
