@@ -134,12 +134,19 @@ def circular_spread(y: torch.Tensor) -> torch.Tensor:
     return torch.stack([theta.cos().mean(-1), theta.sin().mean(-1)]).norm(dim=0)
 
 
+def rotated_copies(images: torch.Tensor, angles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image (N, 1, H, W) in [0, 1] at `angles` evenly spaced rotations: pixels (N, A, H*W), θ (A,)."""
+    theta = torch.tensor([2 * math.pi * k / angles for k in range(angles)])
+    turned = [rotate(images, theta[k].expand(len(images))) for k in range(angles)]
+    return torch.stack(turned, 1).flatten(2), theta
+
+
 @cache
 def _rotated_training_digits(angles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every training digit at `angles` evenly spaced rotations: pixels (angles * N, 256), labels (angles * N,)."""
     images, labels = base_digits("train")
-    turned = [rotate(images, torch.full((len(images),), 2 * math.pi * k / angles)) for k in range(angles)]
-    return torch.cat(turned).flatten(1), labels.repeat(angles)
+    bank, _ = rotated_copies(images, angles)  # (N, A, 256)
+    return bank.transpose(0, 1).reshape(-1, bank.shape[-1]), labels.repeat(angles)
 
 
 def nearest_digits(x: torch.Tensor, angles: int = 36) -> tuple[list[int], list[float]]:

@@ -36,6 +36,7 @@ from benchmarks.digits import (
     circular_spread,
     heldout_prior_fit,
     prior_fit_limit,
+    rotated_copies,
     study_settings,
     top_within_limit,
 )
@@ -64,9 +65,8 @@ EVAL_SAMPLES = 512  # y draws per x* (and target draws) of every re-ranking crit
 
 def rotated_templates(images: torch.Tensor, angles: int = ANGLES) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image (N, 1, H, W) in [0, 1] at `angles` evenly spaced angles, in model space: (N, A, H*W), θ (A,)."""
-    theta = torch.arange(angles, dtype=torch.float32) * (2 * math.pi / angles)
-    turned = [to_model_space(rotate(images, theta[a].expand(len(images)))) for a in range(angles)]
-    return torch.stack(turned, 1).flatten(2), theta
+    bank, theta = rotated_copies(images, angles)
+    return to_model_space(bank), theta
 
 
 def angle_posterior(x: torch.Tensor, templates: torch.Tensor, s: float, chunk: int = 64) -> torch.Tensor:
@@ -132,9 +132,9 @@ def sdedit_variations(prior: DiffusionPrior, x: torch.Tensor, t: int, draws: int
     schedule = prior.schedule(steps)
     start = next(i for i, step in enumerate(schedule.timesteps) if step <= t)
     gen = torch.Generator().manual_seed(seed)
+    a = float(schedule.alpha_bar[start])
     out = []
     for _ in range(draws):
-        a = float(schedule.alpha_bar[start])
         z = a**0.5 * x + (1 - a) ** 0.5 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
         for i in range(start, len(schedule)):
             eps, x0 = prior.denoise(z, schedule.timesteps[i])
