@@ -95,6 +95,15 @@ def top_within_limit(
     return ok[torch.argsort(final_loss[ok], stable=True)[:k]]
 
 
+BLOCK = 64  # seeds per block when a run's top 5 is also reported per block: the bench's --chains 64
+
+
+def block_tops(final_loss: torch.Tensor, prior_fit: torch.Tensor, limit: float | None, block: int = BLOCK):
+    """top_within_limit of each block of `block` consecutive seeds, as indices into the whole batch."""
+    return [top_within_limit(final_loss[first : first + block], prior_fit[first : first + block], limit) + first
+            for first in range(0, len(final_loss), block)]  # fmt: skip
+
+
 def prior_fit_limit(prior_fit: torch.Tensor) -> float:
     """A prior_fit limit: the 95% quantile of reference scores (B,) (`cdm tune`'s "auto" limit: unguided chains')."""
     return float(torch.nanquantile(prior_fit.double(), 0.95))
@@ -264,6 +273,10 @@ def bench_digits(
         order = top_within_limit(guided.final_loss.cpu(), fit, limit)
         order_unguided = top_within_limit(unguided.final_loss.cpu(), unguided.metrics["prior_fit"].cpu(), None)
         x_top = guided.x[order].detach().cpu()
+        judged_all, _ = judge_digits(judge, from_model_space(guided.x.detach().float().cpu()))  # every chain's x*
+        over = ((fit > limit) & fit.isfinite()).tolist()
+        within = [d for d, off in zip(judged_all, over, strict=True) if not off]
+        by_block = [[judged_all[i] for i in top.tolist()] for top in block_tops(guided.final_loss.cpu(), fit, limit)]
         labels, distances, judged, confidence, spread = [], [], [], [], []
         grid = circle = None  # no pictures when no chain is within the limit
         if len(x_top):
@@ -295,6 +308,9 @@ def bench_digits(
                 "top5_judged_digits": judged,
                 "top5_judge_confidence": [round(c, 3) for c in confidence],
                 "top5_zeros": judged.count(0),
+                "zeros_within_limit": within.count(0),
+                "judged_within_limit": {str(d): within.count(d) for d in sorted(set(within))},
+                "top5_judged_by_block": by_block if chains > BLOCK else None,  # blocks of 64 seeds
                 "top5_nearest_digits": labels,
                 "top5_nearest_zeros": labels.count(0),
                 "top5_nearest_distance_mean": mean(distances),

@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dashboard-port", type=int, default=8080, help="optuna-dashboard port")
 
     train = commands.add_parser("train", help="train a problem's learned prior or fast sampler (accelerate, EMA)")
-    train.add_argument("role", choices=["prior", "sampler", "judge"], help="judge: the digits judge (a rotation-"
-                       "robust CNN, cdm_dist/problems/judge.py)")  # fmt: skip
+    train.add_argument("role", choices=["prior", "sampler", "judge", "reader"], help="judge: the digits judge (a "
+                       "rotation-robust CNN, cdm_dist/problems/judge.py); reader: the upright-digit classifier that "
+                       "labels the digits sampler's training data")  # fmt: skip
     train.add_argument("--problem", required=True, help="a built-in problem (gmm2d, gmm5d, gmm10d, digits, scribbles)")
     train.add_argument("--out", required=True, help="new checkpoint folder (config, safetensors, manifest.json)")
     train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the problem's)")
@@ -528,11 +529,11 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     settings = None
     training_data(args.problem)  # an unknown problem fails before anything is built
     command = shlex.join(["cdm", *(sys.argv[1:] if argv is None else argv)])
-    if args.role == "judge":
+    if args.role in ("judge", "reader"):
         from cdm_dist.problems.judge import train_judge
 
-        manifest = train_judge(args.problem, args.out, args.steps, args.seed, command)
-        print(f"judge for {args.problem}: final training loss {manifest['final_training_loss']:.5f}; {args.out}")
+        manifest = train_judge(args.problem, args.out, args.steps, args.seed, command, role=args.role)
+        print(f"{args.role} for {args.problem}: final training loss {manifest['final_training_loss']:.5f}; {args.out}")
         print(json.dumps(manifest["quality"], indent=1))
         return 0
     if args.mixed_precision:

@@ -25,4 +25,8 @@ for problem in ${problems[*]}; do
   if [[ $problem == digits && ! -f "$out/digits/judge/manifest.json" ]]; then
     cdm train judge --problem digits --out "$out/digits/judge" --seed 0  # the digit judge of `cdm bench digits`
   fi
+  if [[ $problem == digits && ! -f "$out/digits/reader/manifest.json" ]]; then
+    # the upright reader; the digits sampler's readable labels come from the shipped one (this command's output)
+    cdm train reader --problem digits --out "$out/digits/reader" --seed 0
+  fi
 done

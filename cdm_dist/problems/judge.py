@@ -4,6 +4,10 @@ The MLGD-F code judges its x* with a noise-robust MNIST classifier and a 0.7 con
 digit). This one is trained by `cdm train judge --problem digits` on the training digits at uniformly random
 angles, with pixel noise and one-pixel shifts, so it names a digit whatever its rotation. Under rotation 6 and 9 are
 one shape: the judge splits its confidence between them, and the threshold then says "no digit".
+
+The same network trained on *upright* digits (turned by at most 10 degrees, as the MLGD-F code's MNIST classifier) is
+the digits' **reader** (`cdm train reader --problem digits`): it says at which quarter turns a digit still reads as a
+digit, which is what the angle Y means in that code's training data (`cdm_dist.problems.digits.readable_turns`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,11 @@ class JudgeSettings:
     lr: float = 3e-3
     noise: float = 0.1  # std of the Gaussian pixel noise added to training images ([0, 1] pixels)
     shift: int = 1  # random shifts of up to this many pixels
+    rotation: float = 180.0  # training views turned by up to this many degrees either way (180: any angle)
+
+
+# the judge's knobs, and the reader's: upright digits (the MLGD-F classifier's RandomRotation(10)), no pixel noise
+ROLE_SETTINGS = {"judge": JudgeSettings(), "reader": JudgeSettings(steps=1500, noise=0.0, rotation=10.0)}
 
 
 class DigitJudge(nn.Module):
@@ -88,11 +97,16 @@ def judge_digits(
 
 
 def augment(images: torch.Tensor, settings: JudgeSettings, gen: torch.Generator) -> torch.Tensor:
-    """Training views of upright digits (N, 1, 16, 16): a uniformly random rotation, a small shift, pixel noise."""
+    """Training views of upright digits (N, 1, 16, 16): a random rotation (uniform within settings.rotation degrees
+    either way), a small shift, pixel noise."""
     from cdm_dist.problems.digits import rotate
 
     n = len(images)
-    turned = rotate(images, 2 * math.pi * torch.rand(n, generator=gen))
+    if settings.rotation >= 180:  # any angle (drawn as the shipped judge was, so its command reproduces it)
+        theta = 2 * math.pi * torch.rand(n, generator=gen)
+    else:
+        theta = math.radians(settings.rotation) * (2 * torch.rand(n, generator=gen) - 1)
+    turned = rotate(images, theta)
     dx, dy = (torch.randint(-settings.shift, settings.shift + 1, (2,), generator=gen)).tolist()
     shifted = torch.roll(turned, shifts=(dy, dx), dims=(-2, -1))
     return shifted + settings.noise * torch.randn(shifted.shape, generator=gen)
@@ -128,17 +142,21 @@ def train_judge(
     seed: int = 0,
     command: str | None = None,
     progress: bool = True,
+    role: str = "judge",
 ) -> dict[str, Any]:
-    """Train the digit judge (cross-entropy on augmented training digits, Adam, cosine decay) and write its folder:
-    config.json, model.safetensors and manifest.json (held-out accuracy, sha256 of the weights, the command)."""
+    """Train the digit judge, or the upright reader (`role`), by cross-entropy on augmented training digits (Adam,
+    cosine decay) and write its folder: config.json, model.safetensors and manifest.json (held-out quality, sha256
+    of the weights, the command)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from cdm_dist.problems.digits import DATA, base_digits
 
     if problem != "digits":
-        raise InputError(f"--problem: a judge is trained for digits only; got {problem!r}")
-    settings = JudgeSettings() if steps is None else JudgeSettings(steps=steps)
+        raise InputError(f"--problem: a {role} is trained for digits only; got {problem!r}")
+    if role not in ROLE_SETTINGS:
+        raise InputError(f"role: unknown {role!r}; expected one of {list(ROLE_SETTINGS)}")
+    settings = ROLE_SETTINGS[role] if steps is None else replace(ROLE_SETTINGS[role], steps=steps)
     if settings.steps < 1:
         raise InputError(f"--steps: must be >= 1; got {settings.steps}")
     torch.manual_seed(seed)
@@ -148,7 +166,7 @@ def train_judge(
     optimizer = torch.optim.Adam(judge.parameters(), lr=settings.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
     start, recent = time.perf_counter(), []
-    for _ in tqdm(range(settings.steps), desc="train judge digits", disable=not progress, mininterval=1.0):
+    for _ in tqdm(range(settings.steps), desc=f"train {role} digits", disable=not progress, mininterval=1.0):
         pick = torch.randint(len(images), (settings.batch_size,), generator=gen)
         loss = nn.functional.cross_entropy(judge(augment(images[pick], settings, gen)), labels[pick])
         optimizer.zero_grad()
@@ -161,21 +179,21 @@ def train_judge(
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, out / WEIGHTS)
     (out / "config.json").write_text(json.dumps(asdict(judge.config), indent=1) + "\n")
+    turns = "uniformly random rotations" if settings.rotation >= 180 else f"rotations within ±{settings.rotation:g}°"
     manifest = {
-        "role": "judge",
+        "role": role,
         "problem": problem,
         "model_class": type(judge).__name__,
         "parameters": sum(p.numel() for p in judge.parameters()),
-        "data": f"{DATA}; uniformly random rotations, "
-        f"shifts of up to {settings.shift} px, pixel noise of std {settings.noise}",
+        "data": f"{DATA}; {turns}, shifts of up to {settings.shift} px, pixel noise of std {settings.noise}",
         "objective": "cross-entropy over the 10 digits",
-        "threshold": THRESHOLD,
+        "threshold": THRESHOLD if role == "judge" else None,
         "steps": settings.steps,
         "seed": seed,
         "settings": asdict(settings),
         "final_training_loss": sum(recent) / len(recent),
         "train_seconds": time.perf_counter() - start,
-        "quality": heldout_accuracy(judge),
+        "quality": heldout_accuracy(judge) if role == "judge" else reader_quality(judge),
         "weights_sha256": sha256(out / WEIGHTS),
         "command": command or " ".join(sys.argv),
         "versions": {"torch": torch.__version__},
@@ -184,20 +202,39 @@ def train_judge(
     return manifest
 
 
-def shipped_judge() -> Path:
-    """The shipped digits judge's folder."""
-    return Path(__file__).resolve().parent.parent / "checkpoints" / "digits" / "judge"
+@torch.no_grad()
+def reader_quality(reader: DigitJudge) -> dict[str, Any]:
+    """The reader on the held-out digits: upright accuracy, and per quarter turn the share of each class that still
+    reads as a digit (any digit, at the readable confidence), the share of the angle labels it adds."""
+    from cdm_dist.problems.digits import base_digits, readable_turns
+
+    images, labels = base_digits("heldout")
+    readable = readable_turns(reader, images)  # (N, 4)
+    shares = {
+        f"readable_at_{90 * k}_deg_by_class": [round(float(readable[labels == d, k].float().mean()), 3) for d in
+                                               range(10)] for k in range(1, 4)}  # fmt: skip
+    return {
+        "upright_accuracy": float((reader(images).argmax(-1) == labels).float().mean()),
+        **shares,
+        "mean_readable_turns": float(readable.float().sum(1).mean()),
+        "images": len(images),
+    }
 
 
-def load_judge(folder: str | Path | None = None) -> DigitJudge:
-    """A judge folder (default: the shipped one), its weights checked against the manifest's sha256."""
+def shipped_judge(role: str = "judge") -> Path:
+    """The shipped digits judge's folder, or the reader's."""
+    return Path(__file__).resolve().parent.parent / "checkpoints" / "digits" / role
+
+
+def load_judge(folder: str | Path | None = None, role: str = "judge") -> DigitJudge:
+    """A judge (or reader) folder, default the shipped one, its weights checked against the manifest's sha256."""
     from safetensors.torch import load_file
 
-    folder = Path(folder) if folder is not None else shipped_judge()
+    folder = Path(folder) if folder is not None else shipped_judge(role)
     manifest = read_manifest(folder)
-    if manifest.get("role") != "judge":
-        raise InputError(f"judge: {folder} is not a judge checkpoint (role {manifest.get('role')!r})")
-    verify_manifest(folder, folder / WEIGHTS, "judge")
+    if manifest.get("role") != role:
+        raise InputError(f"{role}: {folder} is not a {role} checkpoint (role {manifest.get('role')!r})")
+    verify_manifest(folder, folder / WEIGHTS, role)
     config = json.loads((folder / "config.json").read_text())
     judge = DigitJudge(JudgeConfig(**{**config, "channels": tuple(config["channels"])}))
     judge.load_state_dict(load_file(folder / WEIGHTS))

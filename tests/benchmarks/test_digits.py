@@ -113,6 +113,9 @@ def test_the_study_protocol_bench_runs_its_settings_and_judges_its_top_5(tmp_pat
     assert len(scored) == 1 and row["prior_fit_limit"] == pytest.approx(prior_fit_limit(scored[0]), rel=1e-12)
     assert row["chains"] == 3 and row["num_steps"] == 10 and len(row["top5_seeds"]) == 3 - row["chains_over_limit"]
     assert row["top5_seeds"] and row["top5_zeros"] == row["top5_judged_digits"].count(0)
+    assert sum(row["judged_within_limit"].values()) == 3 - row["chains_over_limit"]  # every chain within, judged
+    assert row["zeros_within_limit"] == row["judged_within_limit"].get("0", 0) >= row["top5_zeros"]
+    assert row["top5_judged_by_block"] is None  # one block
     judged = zip(row["top5_judged_digits"], row["top5_judge_confidence"], strict=True)
     assert all(c >= 0.7 for d, c in judged if d >= 0)  # a digit only at confidence >= 0.7
     assert (tmp_path / "digits_study_uniform_top5.png").is_file() and out.with_suffix(".md").is_file()
@@ -172,3 +175,17 @@ def test_a_study_run_replaces_only_its_own_rows_of_a_cell():
     new = [{"scale": 0.2, "seeds": 32, "first_seed": 0, "top5_zeros": 4}]
     assert merge_rows(old, new) == [old[1], old[2], new[0]]
     assert merge_rows([], new) == new and merge_rows(old, []) == old
+
+
+def test_block_tops_are_each_blocks_own_top_5_within_the_limit():
+    """Against a plain loop: per block of 4 seeds, the lowest losses among the chains within the limit."""
+    from benchmarks.digits import block_tops
+
+    loss = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 8.0, 0.5, 7.0, 4.0, 6.0])
+    fit = torch.tensor([0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, float("nan"), 0.1])  # seed 1 over, 8 unscored
+    tops = [t.tolist() for t in block_tops(loss, fit, limit=0.5, block=4)]
+    expected = []
+    for first in range(0, 10, 4):
+        ok = [i for i in range(first, min(first + 4, 10)) if not fit[i] > 0.5]
+        expected.append(sorted(ok, key=lambda i: float(loss[i]))[:5])
+    assert tops == expected == [[3, 2, 0], [6, 7, 5, 4], [8, 9]]

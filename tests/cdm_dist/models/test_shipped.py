@@ -17,7 +17,11 @@ PROBLEMS = ["gmm2d", "gmm5d", "gmm10d", "digits"]
 W1_MEAN_BOUND = 0.35
 W1_X_STAR_BOUND = 0.35
 PRIOR_MMD_BOUND = {"gmm2d": 0.005, "gmm5d": 0.005, "gmm10d": 0.005, "digits": 0.01}
-DIGITS_ANGLE_BOUND_DEG = 18.0  # centred MNIST: 11.0 (8 steps), 13.0 (one step); a 1 or a round 0 has no one angle
+# Digits: error to the nearest readable label, 16.7° (8 steps) and 18.3° (one step), a draw between two labels is
+# far from both; the share of draws at a readable turn other than the rotation, 0.33 and 0.32 (the labels' own share
+# 0.52), where the sampler trained on the rotations alone puts 0.19 (the half turns a 1 or a 0 leaves open).
+DIGITS_ANGLE_BOUND_DEG = 25.0
+DIGITS_EXTRA_TURN_FLOOR = 0.25
 
 
 def test_every_checkpoint_has_a_manifest_that_matches_its_weights():
@@ -95,11 +99,12 @@ def test_mixture_priors_denoise_like_the_exact_prior_at_every_noise_level(proble
 
 
 @pytest.mark.parametrize(("role", "steps"), [("sampler", 8), ("sampler_one_step", 1)])
-def test_digits_sampler_reads_the_rotation_angle(role, steps):
+def test_digits_sampler_reads_the_angles_at_which_a_digit_reads_as_one(role, steps):
     sampler = load_sampler(SHIPPED_CHECKPOINTS / "digits" / role, steps)
     gen = torch.Generator().manual_seed(3)
-    quality = digits_sampler_quality(sampler.model, training_data("digits"), gen, 500, flow_steps=(steps,))
+    quality = digits_sampler_quality(sampler.model, gen, 1000, flow_steps=(steps,))
     assert quality[f"median_abs_angle_error_deg_{steps}_steps"] < DIGITS_ANGLE_BOUND_DEG
+    assert quality[f"extra_turn_share_{steps}_steps"] > DIGITS_EXTRA_TURN_FLOOR
 
 
 def test_the_digits_prior_predicts_v_so_its_x0_is_sane_at_high_noise():

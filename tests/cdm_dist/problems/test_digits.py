@@ -5,11 +5,15 @@ import torch
 
 from cdm_dist.errors import InputError
 from cdm_dist.problems.digits import (
+    QUARTER_TURNS,
     angle_of,
     base_digits,
     centre_of_mass,
     centre_of_mass_centred,
     from_model_space,
+    readable_quarters,
+    readable_rotated_batch,
+    readable_turns,
     rotate,
     rotated_batch,
     target_angles,
@@ -79,6 +83,49 @@ def test_rotated_batch_labels_are_the_rotation_angles():
     distances = torch.cdist(upright.flatten(1), images.flatten(1)).min(dim=1).values
     typical = torch.cdist(images[:64].flatten(1), images[64:128].flatten(1)).mean()
     assert float(distances.max()) < 0.35 * float(typical)
+
+
+class TopRightReader(torch.nn.Module):
+    """Names digit 0 at probability ~1 when an image's ink sits in its top-right quadrant; else unsure (0.1 each)."""
+
+    def forward(self, images):
+        top_right = images[:, 0, :8, 8:].sum((1, 2)) > images[:, 0].sum((1, 2)) / 2
+        logits = torch.zeros(len(images), 10)
+        logits[:, 0] = torch.where(top_right, 20.0, 0.0)
+        return logits
+
+
+def test_a_turn_is_readable_when_the_digit_turned_back_by_it_reads_as_a_digit():
+    """Ink in one quadrant; the reader reads ink top right. Turned back by a quarter turn (clockwise), top left
+    goes top right; by a half turn bottom left does; by three quarters (a quarter anticlockwise) bottom right does."""
+    images = torch.zeros(4, 1, 16, 16)
+    images[0, 0, 2:6, 2:6] = 1  # top left
+    images[1, 0, 2:6, 10:14] = 1  # top right
+    images[2, 0, 10:14, 2:6] = 1  # bottom left
+    images[3, 0, 10:14, 10:14] = 1  # bottom right
+    expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(readable_turns(TopRightReader(), images), expected)  # column 0, its own angle, always
+
+
+def test_readable_batch_labels_are_the_rotation_plus_a_readable_turn():
+    """Undo each label's angle: the image is then a training digit turned back by one of its readable turns (not
+    always by none), as the MLGD-F code's training pairs."""
+    x, y = readable_rotated_batch(256, torch.Generator().manual_seed(0))
+    assert x.shape == (256, 1, 16, 16) and y.shape == (256, 2)
+    torch.testing.assert_close(y.norm(dim=1), torch.ones(256))
+    upright = rotate(from_model_space(x), -angle_of(y)).flatten(1)
+    images, _ = base_digits("train")
+    digit, quarter = readable_quarters("train").nonzero(as_tuple=True)
+    bank = rotate(images[digit], -torch.tensor(QUARTER_TURNS)[quarter]).flatten(1)  # every readable (digit, turn)
+    typical = torch.cdist(images[:64].flatten(1), images[64:128].flatten(1)).mean()
+    assert float(torch.cdist(upright, bank).min(1).values.max()) < 0.35 * float(typical)
+    to_own_angle = torch.cdist(upright, images.flatten(1)).min(1).values  # labelled with the rotation itself
+    assert 0.1 < float((to_own_angle > 0.35 * typical).float().mean()) < 0.6
+
+
+def test_readable_quarters_always_keep_the_digits_own_angle():
+    readable = readable_quarters("heldout")
+    assert readable.shape == (500, 4) and bool(readable[:, 0].all())
 
 
 def test_targets_have_the_stated_shapes_on_the_circle():

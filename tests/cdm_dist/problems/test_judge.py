@@ -12,6 +12,7 @@ from cdm_dist.problems.judge import (
     heldout_accuracy,
     judge_digits,
     load_judge,
+    reader_quality,
     shipped_judge,
     train_judge,
 )
@@ -19,6 +20,7 @@ from cdm_dist.problems.judge import (
 ACCURACY_FLOOR = 0.88  # held-out digits at 8 rotations, plain argmax (6 and 9 look alike turned by 180 degrees)
 MERGED_FLOOR = 0.91  # the same with 6 and 9 one class
 ZERO_RECALL_FLOOR = 0.95  # held-out 0s the judge calls 0, at every rotation
+READER_UPRIGHT_FLOOR = 0.95  # held-out upright digits the reader names right (measured: its manifest)
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +90,40 @@ def test_a_judge_whose_weights_changed_is_refused(tmp_path):
 def test_a_judge_is_trained_for_digits_only(tmp_path):
     with pytest.raises(InputError, match=r"^--problem: a judge is trained for digits only; got 'gmm2d'"):
         train_judge("gmm2d", tmp_path / "judge", steps=1, progress=False)
+
+
+def assert_reader_quality_equal(measured, recorded):
+    """Reader quality dicts alike: floats to 1e-6, per-class shares to one held-out digit in 50 (a borderline
+    confidence may fall either side of the line on another CPU)."""
+    assert measured.keys() == recorded.keys()
+    for key, value in measured.items():
+        if isinstance(value, list):
+            assert value == pytest.approx(recorded[key], abs=0.021), key
+        else:
+            assert value == pytest.approx(recorded[key], abs=1e-6, nan_ok=True), key
+
+
+def test_the_shipped_reader_reads_upright_digits_and_only_0s_read_at_every_quarter_turn():
+    """The digits that read as a digit at all four quarter turns, the ones a uniform angle target asks for, are
+    nearly all 0s: that is what the sampler's readable labels teach it."""
+    from cdm_dist.problems.digits import base_digits, readable_quarters
+
+    reader = load_judge(role="reader")
+    quality = reader_quality(reader)
+    assert quality["upright_accuracy"] >= READER_UPRIGHT_FLOOR
+    manifest = json.loads((shipped_judge("reader") / "manifest.json").read_text())
+    assert manifest["role"] == "reader" and manifest["command"].startswith("cdm train reader --problem digits")
+    assert_reader_quality_equal(quality, manifest["quality"])
+    _, labels = base_digits("train")
+    every_turn = readable_quarters("train").all(1)
+    assert int(every_turn.sum()) >= 20 and float((labels[every_turn] == 0).float().mean()) >= 0.75
+
+
+def test_a_trained_reader_round_trips_and_is_not_taken_for_a_judge(tmp_path):
+    manifest = train_judge("digits", tmp_path / "reader", steps=2, progress=False, role="reader")
+    assert manifest["settings"]["rotation"] == 10.0 and manifest["threshold"] is None
+    assert_reader_quality_equal(reader_quality(load_judge(tmp_path / "reader", role="reader")), manifest["quality"])
+    with pytest.raises(InputError, match="not a judge checkpoint"):
+        load_judge(tmp_path / "reader")
+    with pytest.raises(InputError, match="role: unknown 'critic'"):
+        train_judge("digits", tmp_path / "critic", steps=2, progress=False, role="critic")

@@ -64,6 +64,23 @@ def test_digits_models_train_and_load(tiny_checkpoints):
     assert y.shape == (2, 3, 2) and torch.isfinite(y).all()
     manifest = json.loads((folder / "sampler" / "manifest.json").read_text())
     assert "median_abs_angle_error_deg_4_steps" in manifest["quality"]
+    assert "quarter turn" in manifest["data"] and "reader" in manifest["data"]  # the readable labels
+    assert "quarter turn" not in json.loads((folder / "prior" / "manifest.json").read_text())["data"]
+
+
+def test_only_the_digits_sampler_learns_readable_labels():
+    """The digits sampler's pairs: some labels are the rotation plus a quarter turn; its prior and other problems
+    keep the problem's own pairs."""
+    from cdm_dist.problems.digits import readable_rotated_batch
+    from cdm_dist.problems.training import sampler_data
+
+    assert sampler_data("gmm5d").description == training_data("gmm5d").description
+    readable, plain = sampler_data("digits"), training_data("digits")
+    assert readable.description.startswith(plain.description) and readable.x_shape == plain.x_shape
+    for draw, split in ((readable.draw, "train"), (readable.heldout, "heldout")):
+        x, y = draw(64, torch.Generator().manual_seed(1))
+        x_ref, y_ref = readable_rotated_batch(64, torch.Generator().manual_seed(1), split)
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
 @pytest.mark.parametrize(
