@@ -9,7 +9,8 @@ What the fast sampler learns is the MLGD-F code's P(Y | X): the angles at which 
 pairs (its AugmentedMNISTDataset) label each digit with its rotation, and also with that rotation plus each quarter
 turn at which an upright-digit classifier still reads the turned digit as some digit, confidently: a 0 reads as a
 digit at every quarter turn, a 1 or an 8 at a half turn, a 6 turned by a half is a 9. That is why a uniform angle
-target asks for 0s. `readable_turns` is that test with the project's own reader (`cdm train reader`).
+target asks for 0s. `readable_turns` is that test with the project's own reader (`cdm train reader`;
+`cdm_dist.problems.judge.readable_quarters` under the shipped one).
 """
 
 from __future__ import annotations
@@ -130,21 +131,14 @@ def readable_turns(
     return torch.stack([torch.ones(len(images), dtype=torch.bool), *(p > confidence for p in probs)], dim=1)
 
 
-@cache
-def readable_quarters(split: str = "train") -> torch.Tensor:
-    """readable_turns of every digit of a split under the shipped reader, (N, 4) bool (cached: read-only)."""
-    from cdm_dist.problems.judge import load_judge
-
-    return readable_turns(load_judge(role="reader"), base_digits(split)[0])
-
-
 def readable_rotated_batch(
-    n: int, generator: torch.Generator, split: str = "train"
+    n: int, generator: torch.Generator, readable: torch.Tensor, split: str = "train"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random (digit, readable turn) pairs at random angles: x (n, 1, 16, 16) in [-1, 1] the digit rotated by
-    theta, y = (cos, sin) of theta + turn (n, 2): the MLGD-F code's training pairs for the conditional sampler."""
+    """n random (digit, readable turn) pairs at random angles, readable (N, 4) the split's readable_turns: x (n, 1,
+    16, 16) in [-1, 1] the digit rotated by theta, y = (cos, sin) of theta + turn (n, 2): the MLGD-F code's training
+    pairs for the conditional sampler."""
     images, _ = base_digits(split)
-    digit, quarter = readable_quarters(split).nonzero(as_tuple=True)  # (M,), (M,): one pair per readable turn
+    digit, quarter = readable.nonzero(as_tuple=True)  # (M,), (M,): one pair per readable turn
     pick = torch.randint(len(digit), (n,), generator=generator)
     theta = 2 * math.pi * torch.rand(n, generator=generator)
     x = to_model_space(rotate(images[digit[pick]], theta))

@@ -17,6 +17,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,14 @@ def reader_quality(reader: DigitJudge) -> dict[str, Any]:
         "mean_readable_turns": float(readable.float().sum(1).mean()),
         "images": len(images),
     }
+
+
+@cache
+def readable_quarters(split: str = "train") -> torch.Tensor:
+    """readable_turns of every digit of a split under the shipped reader, (N, 4) bool (cached: read-only)."""
+    from cdm_dist.problems.digits import base_digits, readable_turns
+
+    return readable_turns(load_judge(role="reader"), base_digits(split)[0])
 
 
 def shipped_judge(role: str = "judge") -> Path:

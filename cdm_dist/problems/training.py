@@ -116,9 +116,10 @@ def sampler_data(problem: str) -> TrainingData:
     if problem != "digits":
         return data
     from cdm_dist.problems.digits import READABLE_CONFIDENCE, readable_rotated_batch
+    from cdm_dist.problems.judge import readable_quarters
 
     def readable(split: str) -> Draw:
-        return lambda n, gen: readable_rotated_batch(n, gen, split)
+        return lambda n, gen: readable_rotated_batch(n, gen, readable_quarters(split), split)
 
     text = (f"{data.description}; y also theta + each quarter turn at which the shipped reader "
             f"(checkpoints/digits/reader) names a digit at > {READABLE_CONFIDENCE} in the turned digit")  # fmt: skip
@@ -541,7 +542,8 @@ def digits_sampler_quality(
     """One draw per held-out digit at a random angle theta, for several Euler step counts: the angular error to the
     nearest of its labels (theta plus each readable quarter turn, `readable_quarters`), and, over the digits with
     more than one label, the share of draws within 30° of a label other than theta, beside the labels' own share."""
-    from cdm_dist.problems.digits import QUARTER_TURNS, angle_of, base_digits, readable_quarters, rotate, to_model_space
+    from cdm_dist.problems.digits import QUARTER_TURNS, angle_of, base_digits, rotate, to_model_space
+    from cdm_dist.problems.judge import readable_quarters
 
     images, _ = base_digits("heldout")
     pick = torch.randint(len(images), (n,), generator=gen)

@@ -11,7 +11,6 @@ from cdm_dist.problems.digits import (
     centre_of_mass,
     centre_of_mass_centred,
     from_model_space,
-    readable_quarters,
     readable_rotated_batch,
     readable_turns,
     rotate,
@@ -19,6 +18,7 @@ from cdm_dist.problems.digits import (
     target_angles,
     target_samples,
 )
+from cdm_dist.problems.judge import readable_quarters
 
 
 def test_splits_partition_the_mnist_subset():
@@ -110,7 +110,7 @@ def test_a_turn_is_readable_when_the_digit_turned_back_by_it_reads_as_a_digit():
 def test_readable_batch_labels_are_the_rotation_plus_a_readable_turn():
     """Undo each label's angle: the image is then a training digit turned back by one of its readable turns (not
     always by none), as the MLGD-F code's training pairs."""
-    x, y = readable_rotated_batch(256, torch.Generator().manual_seed(0))
+    x, y = readable_rotated_batch(256, torch.Generator().manual_seed(0), readable_quarters("train"))
     assert x.shape == (256, 1, 16, 16) and y.shape == (256, 2)
     torch.testing.assert_close(y.norm(dim=1), torch.ones(256))
     upright = rotate(from_model_space(x), -angle_of(y)).flatten(1)

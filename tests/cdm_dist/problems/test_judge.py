@@ -12,6 +12,7 @@ from cdm_dist.problems.judge import (
     heldout_accuracy,
     judge_digits,
     load_judge,
+    readable_quarters,
     reader_quality,
     shipped_judge,
     train_judge,
@@ -106,7 +107,7 @@ def assert_reader_quality_equal(measured, recorded):
 def test_the_shipped_reader_reads_upright_digits_and_only_0s_read_at_every_quarter_turn():
     """The digits that read as a digit at all four quarter turns, the ones a uniform angle target asks for, are
     nearly all 0s: that is what the sampler's readable labels teach it."""
-    from cdm_dist.problems.digits import base_digits, readable_quarters
+    from cdm_dist.problems.digits import base_digits
 
     reader = load_judge(role="reader")
     quality = reader_quality(reader)

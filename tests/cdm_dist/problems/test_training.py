@@ -72,6 +72,7 @@ def test_only_the_digits_sampler_learns_readable_labels():
     """The digits sampler's pairs: some labels are the rotation plus a quarter turn; its prior and other problems
     keep the problem's own pairs."""
     from cdm_dist.problems.digits import readable_rotated_batch
+    from cdm_dist.problems.judge import readable_quarters
     from cdm_dist.problems.training import sampler_data
 
     assert sampler_data("gmm5d").description == training_data("gmm5d").description
@@ -79,7 +80,7 @@ def test_only_the_digits_sampler_learns_readable_labels():
     assert readable.description.startswith(plain.description) and readable.x_shape == plain.x_shape
     for draw, split in ((readable.draw, "train"), (readable.heldout, "heldout")):
         x, y = draw(64, torch.Generator().manual_seed(1))
-        x_ref, y_ref = readable_rotated_batch(64, torch.Generator().manual_seed(1), split)
+        x_ref, y_ref = readable_rotated_batch(64, torch.Generator().manual_seed(1), readable_quarters(split), split)
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
