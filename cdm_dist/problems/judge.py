@@ -160,6 +160,9 @@ def train_judge(
     settings = ROLE_SETTINGS[role] if steps is None else replace(ROLE_SETTINGS[role], steps=steps)
     if settings.steps < 1:
         raise InputError(f"--steps: must be >= 1; got {settings.steps}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out: {out} exists and is not empty; choose a new folder")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images, labels = base_digits("train")
@@ -176,7 +179,6 @@ def train_judge(
         schedule.step()
         recent = [*recent[-199:], float(loss.detach())]
     judge.eval()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, out / WEIGHTS)
     (out / "config.json").write_text(json.dumps(asdict(judge.config), indent=1) + "\n")

@@ -98,9 +98,10 @@ def test_cdm_train_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, 
     assert not out.exists()
 
 
-def test_cdm_train_refuses_a_non_empty_folder(tmp_path, capsys):
+@pytest.mark.parametrize(("role", "problem"), [("prior", "gmm2d"), ("judge", "digits"), ("reader", "digits")])
+def test_cdm_train_refuses_a_non_empty_folder(tmp_path, capsys, role, problem):
     (tmp_path / "keep.txt").write_text("mine")
-    assert main(["train", "prior", "--problem", "gmm2d", "--out", str(tmp_path), "--tiny", "--steps", "1"]) == 2
+    assert main(["train", role, "--problem", problem, "--out", str(tmp_path), "--tiny", "--steps", "1"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
