@@ -273,7 +273,7 @@ def bench_digits(
         order = top_within_limit(guided.final_loss.cpu(), fit, limit)
         order_unguided = top_within_limit(unguided.final_loss.cpu(), unguided.metrics["prior_fit"].cpu(), None)
         x_top = guided.x[order].detach().cpu()
-        judged_all, _ = judge_digits(judge, from_model_space(guided.x.detach().float().cpu()))  # every chain's x*
+        judged_all, confidence_all = judge_digits(judge, from_model_space(guided.x.detach().float().cpu()))
         over = ((fit > limit) & fit.isfinite()).tolist()
         within = [d for d, off in zip(judged_all, over, strict=True) if not off]
         by_block = [[judged_all[i] for i in top.tolist()] for top in block_tops(guided.final_loss.cpu(), fit, limit)]
@@ -281,7 +281,7 @@ def bench_digits(
         grid = circle = None  # no pictures when no chain is within the limit
         if len(x_top):
             labels, distances = nearest_digits(x_top)
-            judged, confidence = judge_digits(judge, from_model_space(x_top))
+            judged, confidence = [judged_all[i] for i in order.tolist()], [confidence_all[i] for i in order.tolist()]
             with torch.no_grad():  # f(x*) of each top-5 x*: 500 draws of the fast sampler, fixed noise
                 eta = torch.randn(
                     (len(x_top), 500, *problem.fast_sampler.noise_shape), generator=torch.Generator().manual_seed(0)

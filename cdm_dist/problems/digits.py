@@ -111,12 +111,11 @@ def angle_of(y: torch.Tensor) -> torch.Tensor:
 
 
 def rotated_batch(n: int, generator: torch.Generator, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """n random digits at random angles: x (n, 1, 16, 16) in [-1, 1], y = (cos, sin) (n, 2)."""
-    images, _ = base_digits(split)
-    index = torch.randint(len(images), (n,), generator=generator)
-    theta = 2 * math.pi * torch.rand(n, generator=generator)
-    x = to_model_space(rotate(images[index], theta))
-    return x, torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+    """n random digits at random angles: x (n, 1, 16, 16) in [-1, 1], y = (cos, sin) of the rotation (n, 2):
+    readable_rotated_batch with every digit labelled by its own angle only."""
+    own_angle = torch.zeros(len(base_digits(split)[0]), len(QUARTER_TURNS), dtype=torch.bool)
+    own_angle[:, 0] = True
+    return readable_rotated_batch(n, generator, own_angle, split)
 
 
 @torch.no_grad()
